@@ -1,0 +1,3 @@
+from entrypoint.train import main
+
+main()

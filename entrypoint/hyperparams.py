@@ -1,0 +1,136 @@
+"""The hyperparameter schema: one Pydantic model that the launcher validates before
+submitting and the job validates again on arrival, so both sides agree on every field.
+
+SageMaker hyperparameters are a flat string map, so nested sections travel as dotted
+keys (`lora.r`), each value JSON-encoded; `flatten` and `unflatten` are the two ends.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Strict):
+    id: str = Field(min_length=1, description="hub id, s3:// prefix or local directory")
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class Columns(Strict):
+    prompt: str = "prompt"
+    response: str = "response"
+    system: str | None = None
+    messages: str = "messages"
+    text: str = "text"
+
+
+class DataSpec(Strict):
+    train: str = Field(min_length=1)
+    validation: str | None = None
+    validation_split: float = Field(0.0, ge=0.0, lt=0.5)
+    format: Literal["instruction", "chat", "text"] = "instruction"
+    columns: Columns = Columns()
+    system_prompt: str | None = None
+
+    @field_validator("train", "validation")
+    @classmethod
+    def _known_scheme(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v and not v.startswith(("s3://", "hf://")):
+            raise ValueError("must be a local file, an s3:// URI or an hf:// dataset")
+        return v
+
+
+class LoraSpec(Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Literal["auto", "all-linear"] | list[str] = "auto"
+
+
+class TrainingSpec(Strict):
+    epochs: int = Field(1, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    per_device_batch_size: int = Field(1, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(4, ge=1, le=4096)
+    max_seq_length: int = Field(2048, ge=16, le=131072)
+    packing: bool = Field(
+        True,
+        description="pack examples into rows of max_seq_length with per-example positions "
+        "(no padding, no attention across examples)",
+    )
+    gradient_checkpointing: bool = True
+    optimizer: Literal["auto", "paged_adamw_8bit", "adamw_torch"] = "auto"
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(200, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    seed: int = 42
+
+
+class Hyperparameters(Strict):
+    """What the training job needs; the launcher adds AWS and compute settings around it."""
+
+    model: ModelSpec
+    data: DataSpec
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    # Chosen by the launcher's plan: ddp runs one process per GPU (torchrun), model_parallel
+    # spreads one copy of the model over the instance's GPUs, single uses one device.
+    strategy: Literal["auto", "ddp", "model_parallel", "single"] = "auto"
+
+    @model_validator(mode="after")
+    def _columns_present(self) -> Hyperparameters:
+        if self.data.format == "instruction" and self.data.columns.prompt == self.data.columns.response:
+            raise ValueError("data.columns: prompt and response must name different columns")
+        return self
+
+
+def flatten(params: Hyperparameters) -> dict[str, Any]:
+    """Nested model -> {"lora.r": 16, ...}; lists and scalars stay whole."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif value is not None:
+            out[prefix] = value
+
+    walk("", params.model_dump(mode="json"))
+    return out
+
+
+def unflatten(flat: dict[str, Any], encoded: bool = True) -> dict[str, Any]:
+    """{"lora.r": "16"} -> {"lora": {"r": 16}}. In hyperparameters.json every value is
+    JSON-encoded (the Estimator json.dumps each one); in SM_HPS they are already decoded.
+    SageMaker's own `sagemaker_*` keys are dropped."""
+    nested: dict[str, Any] = {}
+    for key, raw in flat.items():
+        if key.startswith("sagemaker_"):
+            continue
+        value = raw
+        if encoded and isinstance(raw, str):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested

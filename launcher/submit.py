@@ -1,0 +1,341 @@
+"""Submitting a training job: the one module that talks to the SageMaker SDK (v2).
+
+SageMaker SDK v2 reaches its end of support in July 2027; when it goes, this file is
+the one to port (to `ModelTrainer`). The SDK is imported inside functions: `import
+sagemaker` costs seconds, and `--help` / `validate` must not pay it.
+
+v2 quirks handled here (each verified against sagemaker 2.257):
+- it builds the STS endpoint itself and ignores AWS_ENDPOINT_URL, so we always hand it
+  an explicit bucket and never let it look one up;
+- telemetry is opted out through the session's sagemaker_config;
+- `debugger_hook_config=False, disable_profiler=True` keep it from adding rules;
+- multi-GPU is `distribution={"torch_distributed": {"enabled": True}}` (a `torchrun`
+  key is silently ignored);
+- `disable_output_compression=True` writes the adapter files as they are, no model.tar.gz;
+- code and data are uploaded by us to content-addressed keys, and the Estimator gets an
+  s3:// source_dir, so it uploads nothing itself (and `--dry-run` sends nothing).
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from entrypoint.hyperparams import flatten
+from entrypoint.progress import METRIC_DEFINITIONS
+from launcher import __version__
+from launcher.aws import client, session, split_s3, translated
+from launcher.config import JobConfig
+from launcher.errors import AWSError, ConfigError
+from launcher.instances import catalog
+
+# The newest HF PyTorch training image SageMaker SDK v2 knows (2.8.0 / transformers 4.56.2).
+PYTORCH_VERSION = "2.8.0"
+TRANSFORMERS_VERSION = "4.56.2"
+PY_VERSION = "py312"
+ENTRY_SCRIPT = "sm_qlora_entry.py"
+# bitsandbytes is not pinned in the HF image; the training toolkit pip-installs this file.
+REQUIREMENTS = "bitsandbytes==0.50.2\n"
+SECRET_ENV = "SM_QLORA_HF_TOKEN_SECRET"
+REDACTED = "***redacted***"
+SENSITIVE = ("TOKEN", "SECRET_VALUE", "PASSWORD", "API_KEY", "ACCESS_KEY")
+
+os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+
+
+def _quiet_sdk_logging() -> None:
+    """The SDK logs INFO to stdout unless its logger already has a handler; stdout is for
+    results (`--output json` must be one object), so send its warnings to stderr."""
+    sm_logger = logging.getLogger("sagemaker")
+    if not sm_logger.handlers:
+        sm_logger.addHandler(logging.StreamHandler(sys.stderr))
+    sm_logger.setLevel(logging.WARNING)
+    logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
+
+
+def job_name_for(base: str) -> str:
+    return f"{base}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_tarball() -> bytes:
+    """entrypoint/ as a package, a one-line script that runs it, and requirements.txt,
+    packed byte-for-byte reproducibly (sorted, zero mtimes) so its hash names it."""
+    pkg = Path(__file__).resolve().parent.parent / "entrypoint"
+    files: dict[str, bytes] = {
+        ENTRY_SCRIPT: b"from entrypoint.train import main\n\nmain()\n",
+        "requirements.txt": REQUIREMENTS.encode(),
+    }
+    for path in sorted(pkg.rglob("*.py")):
+        files[f"entrypoint/{path.relative_to(pkg).as_posix()}"] = path.read_bytes()
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in sorted(files):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(files[name]), 0, 0o644
+            tar.addfile(info, io.BytesIO(files[name]))
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0) as gz:
+        gz.write(raw.getvalue())
+    return out.getvalue()
+
+
+class Uploads:
+    """Content-addressed uploads under `output.s3_uri/uploads/<sha256[:16]>/<name>`: the
+    same bytes are uploaded once, however many jobs use them."""
+
+    def __init__(self, cfg: JobConfig, dry_run: bool):
+        self.prefix = f"{cfg.output.s3_uri}/uploads"
+        self.dry_run = dry_run
+        self.cfg = cfg
+        self.uploaded: list[str] = []
+
+    def _s3(self):
+        return client("s3", self.cfg.aws.region, self.cfg.aws.profile)
+
+    def _exists(self, uri: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            self._s3().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def file(self, path: Path) -> str:
+        uri = f"{self.prefix}/{sha256_file(path)[:16]}/{path.name}"
+        if not self.dry_run and not self._exists(uri):
+            bucket, key = split_s3(uri)
+            self._s3().upload_file(str(path), bucket, key)
+            self.uploaded.append(uri)
+        return uri
+
+    def blob(self, data: bytes, name: str) -> str:
+        uri = f"{self.prefix}/{hashlib.sha256(data).hexdigest()[:16]}/{name}"
+        if not self.dry_run and not self._exists(uri):
+            bucket, key = split_s3(uri)
+            self._s3().put_object(Bucket=bucket, Key=key, Body=data)
+            self.uploaded.append(uri)
+        return uri
+
+    def directory(self, path: Path) -> str:
+        """A local model directory: hashed over names and contents, uploaded file by file."""
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.relative_to(path).as_posix().encode() + b"\0" + sha256_file(p).encode())
+        uri = f"{self.prefix}/{h.hexdigest()[:16]}/{path.name}"
+        marker = f"{uri}/.sm-qlora-complete"
+        if not self.dry_run and not self._exists(marker):
+            for p in files:
+                bucket, key = split_s3(f"{uri}/{p.relative_to(path).as_posix()}")
+                self._s3().upload_file(str(p), bucket, key)
+            self.blob_at(marker, b"")
+            self.uploaded.append(uri)
+        return uri
+
+    def blob_at(self, uri: str, data: bytes) -> None:
+        bucket, key = split_s3(uri)
+        self._s3().put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def resolve_strategy(cfg: JobConfig) -> tuple[str, dict | None]:
+    """Which parallelism the job uses and the Estimator `distribution` for it."""
+    from launcher.plan import choose_strategy
+
+    strategy = choose_strategy(cfg)
+    inst = catalog().get(cfg.compute.instance_type)
+    multi = inst.gpu_count > 1 or cfg.compute.instance_count > 1
+    if strategy == "ddp" and multi:
+        return strategy, {"torch_distributed": {"enabled": True}}
+    return strategy, None
+
+
+def redact(obj: Any) -> Any:
+    """Blank every value whose key looks like a secret (defence in depth: the token is
+    never put in the request in the first place)."""
+    if isinstance(obj, dict):
+        return {k: (REDACTED if any(s in str(k).upper() for s in SENSITIVE) and isinstance(v, str) else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def _estimator(cfg: JobConfig, *, sm_session, source_dir: str, hyperparameters: dict, distribution,
+               checkpoint_s3_uri: str, tags: list[dict]):
+    _quiet_sdk_logging()
+    from sagemaker.huggingface import HuggingFace
+
+    c = cfg.compute
+    image = {"image_uri": c.image_uri} if c.image_uri else {
+        "transformers_version": TRANSFORMERS_VERSION, "pytorch_version": PYTORCH_VERSION, "py_version": PY_VERSION}
+    environment = {"SM_QLORA_LAUNCHER_VERSION": __version__, "PYTHONUNBUFFERED": "1"}
+    if cfg.aws.hf_token_secret:
+        environment[SECRET_ENV] = cfg.aws.hf_token_secret  # the ARN, not the token
+    max_run = int(c.max_run_hours * 3600)
+    kwargs: dict[str, Any] = {}
+    if c.spot:
+        kwargs.update(use_spot_instances=True, max_wait=int((c.max_wait_hours or c.max_run_hours) * 3600))
+    if distribution:
+        kwargs["distribution"] = distribution
+    return HuggingFace(
+        entry_point=ENTRY_SCRIPT,
+        source_dir=source_dir,
+        role=cfg.aws.role,
+        instance_type=c.instance_type,
+        instance_count=c.instance_count,
+        volume_size=c.volume_size_gb,
+        max_run=max_run,
+        hyperparameters=hyperparameters,
+        environment=environment,
+        output_path=f"{cfg.output.s3_uri}/jobs",
+        code_location=f"{cfg.output.s3_uri}/code",
+        checkpoint_s3_uri=checkpoint_s3_uri,
+        checkpoint_local_path="/opt/ml/checkpoints",
+        metric_definitions=METRIC_DEFINITIONS,
+        tags=tags,
+        debugger_hook_config=False,
+        disable_profiler=True,
+        disable_output_compression=True,
+        sagemaker_session=sm_session,
+        **image,
+        **kwargs,
+    )
+
+
+def _sm_session(cfg: JobConfig, boto_sess):
+    _quiet_sdk_logging()
+    import sagemaker
+
+    bucket, _ = split_s3(cfg.output.s3_uri)
+    return sagemaker.Session(
+        boto_session=boto_sess,
+        default_bucket=bucket,  # never let v2 derive one through STS
+        sagemaker_config={"SchemaVersion": "1.0",
+                          "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}},
+    )
+
+
+class _DryRun:
+    """Captures CreateTrainingJob's parameters, answers it with a made-up ARN, and refuses
+    every other call: with it in place, nothing leaves this machine."""
+
+    def __init__(self):
+        self.request: dict | None = None
+
+    def register(self, events) -> None:
+        events.register("before-parameter-build.sagemaker.CreateTrainingJob", self.capture)
+        events.register("before-call.*.*", self.answer)
+
+    def capture(self, params, **kwargs):
+        self.request = copy.deepcopy(params)
+
+    def answer(self, model, **kwargs):
+        if model.name == "CreateTrainingJob":
+            from botocore.awsrequest import AWSResponse
+
+            name = (self.request or {}).get("TrainingJobName", "dry-run")
+            return (AWSResponse("dry-run", 200, {}, None),
+                    {"TrainingJobArn": f"arn:aws:sagemaker:dry-run:000000000000:training-job/{name}"})
+        raise RuntimeError(f"dry run: refusing to send {model.name}")
+
+
+def previous_checkpoint_uri(cfg: JobConfig, job: str) -> str:
+    sm = client("sagemaker", cfg.aws.region, cfg.aws.profile)
+    with translated(f"describe {job}"):
+        desc = sm.describe_training_job(TrainingJobName=job)
+    uri = desc.get("CheckpointConfig", {}).get("S3Uri")
+    if not uri:
+        raise ConfigError([("--resume", f"job {job} has no checkpoint S3 URI to resume from")])
+    return uri
+
+
+def submit(cfg: JobConfig, *, dry_run: bool = False, resume: str | None = None) -> dict[str, Any]:
+    """Upload what is local, build the Estimator and create the training job.
+
+    Returns {"job_name", "request" (dry run only), "uploaded", "checkpoint_s3_uri", ...}.
+    """
+    if cfg.aws.hf_token_env:
+        raise ConfigError([("aws.hf_token_env", "is for local runs; a SageMaker job reads the token from "
+                            "aws.hf_token_secret (a Secrets Manager ARN), so it never shows in DescribeTrainingJob")])
+    name = job_name_for(cfg.job_name)
+    uploads = Uploads(cfg, dry_run)
+    hp = cfg.hyperparameters()
+    strategy, distribution = resolve_strategy(cfg)
+    hp.strategy = strategy
+    inputs: dict[str, str] = {}
+    with translated("upload inputs to S3"):
+        for channel in ("train", "validation"):
+            value = getattr(hp.data, channel)
+            if value is None or value.startswith("hf://"):
+                continue
+            uri = value if value.startswith("s3://") else uploads.file(Path(value))
+            inputs[channel] = uri
+            setattr(hp.data, channel, uri)  # the job sees where its data came from, not a laptop path
+        if not hp.model.id.startswith(("s3://",)) and Path(hp.model.id).is_dir():
+            hp.model.id = uploads.directory(Path(hp.model.id))
+        if hp.model.id.startswith("s3://"):
+            inputs["model"] = hp.model.id
+        source_dir = uploads.blob(code_tarball(), "sourcedir.tar.gz")
+    checkpoint_s3_uri = previous_checkpoint_uri(cfg, resume) if resume else f"{cfg.output.s3_uri}/checkpoints/{name}"
+    tags = [
+        {"Key": "sm-qlora:config-sha256", "Value": cfg.digest()},
+        {"Key": "sm-qlora:launcher-version", "Value": __version__},
+        {"Key": "sm-qlora:base-job-name", "Value": cfg.job_name},
+    ] + [{"Key": k, "Value": v} for k, v in sorted(cfg.aws.tags.items())]
+    if resume:
+        tags.append({"Key": "sm-qlora:resumed-from", "Value": resume})
+
+    boto_sess = session(cfg.aws.region, cfg.aws.profile)
+    if dry_run:
+        # A fresh botocore session of our own, so the hook never leaks into later calls.
+        import boto3
+
+        boto_sess = boto3.Session(region_name=cfg.aws.region, profile_name=cfg.aws.profile)
+        hook = _DryRun()
+        hook.register(boto_sess.events)
+    with translated("create the training job"):
+        estimator = _estimator(cfg, sm_session=_sm_session(cfg, boto_sess), source_dir=source_dir,
+                               hyperparameters=flatten(hp), distribution=distribution,
+                               checkpoint_s3_uri=checkpoint_s3_uri, tags=tags)
+        try:
+            estimator.fit(inputs=inputs or None, job_name=name, wait=False, logs=False)
+        except RuntimeError as exc:
+            if dry_run and "dry run" in str(exc):
+                raise AWSError(f"internal: {exc}") from None
+            raise
+    result: dict[str, Any] = {
+        "job_name": name,
+        "strategy": strategy,
+        "uploaded": uploads.uploaded,
+        "checkpoint_s3_uri": checkpoint_s3_uri,
+        "output_s3_uri": f"{cfg.output.s3_uri}/jobs",
+    }
+    if dry_run:
+        result["request"] = redact(hook.request)
+    return result
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str, sort_keys=False)
