@@ -168,9 +168,11 @@ class JobConfig(Strict):
         return v
 
     def hyperparameters(self, strategy: str | None = None) -> Hyperparameters:
-        """The part the job sees, validated again by the same model."""
+        """The part the job sees, validated again by the same model (deep copies: submit
+        rewrites local paths to S3 URIs in it, never in the config)."""
         return Hyperparameters(
-            model=self.model, data=self.data, lora=self.lora, training=self.training,
+            model=self.model.model_copy(deep=True), data=self.data.model_copy(deep=True),
+            lora=self.lora.model_copy(deep=True), training=self.training.model_copy(deep=True),
             strategy=strategy or ("auto" if self.compute.strategy == "auto" else self.compute.strategy),
         )
 

@@ -69,6 +69,7 @@ def lay_out(cfg: JobConfig, name: str, resume: bool) -> tuple[Path, dict[str, st
         json.dumps({"current_host": HOST, "hosts": [HOST]}))
     env = {
         "SM_MODEL_DIR": str(root / "model"),
+        "SM_OUTPUT_DIR": str(root / "output"),
         "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
         "SM_INPUT_DIR": str(root / "input"),
         "SM_INPUT_CONFIG_DIR": str(root / "input" / "config"),

@@ -1,0 +1,152 @@
+"""The base model in 4-bit NF4 and the LoRA adapters on it.
+
+- precision: bf16 where the GPU has it, fp16 on V100/T4, fp32 on CPU (local runs);
+- `check_quantized` proves every large linear layer, MoE experts included, is really
+  4-bit: transformers 5.x stores Mixtral experts as fused 3D parameters that
+  bitsandbytes leaves in bf16 (about 90 GB for Mixtral-8x7B), which must never pass
+  silently;
+- LoRA targets per architecture when `target_modules: auto`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Per model_type: attention plus MLP / expert projections. Mixtral's router is also named
+# `gate`, so its experts are named by w1/w2/w3 and the router is left alone.
+LORA_TARGETS = {
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+class QuantizationError(RuntimeError):
+    pass
+
+
+@dataclass
+class Precision:
+    dtype: torch.dtype
+    name: str
+    reason: str
+
+
+def choose_precision(device: torch.device) -> Precision:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported():
+            return Precision(torch.bfloat16, "bf16", f"{name} supports bf16")
+        return Precision(torch.float16, "fp16", f"{name} has no bf16 (pre-Ampere, e.g. V100 on ml.p3)")
+    return Precision(torch.float32, "fp32", "CPU run")
+
+
+def attention_implementation(device: torch.device) -> str:
+    """FlashAttention-2 on Ampere or newer when the image has it (the HF image does);
+    SDPA otherwise. Both honour packed sequences given by position_ids."""
+    if (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+            and importlib.util.find_spec("flash_attn") is not None):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_4bit(source: str, precision: Precision, device_map, attn: str, token: str | None = None,
+              revision: str | None = None, trust_remote_code: bool = False,
+              skip_modules: list[str] | None = None):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=precision.dtype,
+        llm_int8_skip_modules=skip_modules,  # tests use it to make a model whose experts stay unquantized
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=bnb, dtype=precision.dtype, device_map=device_map,
+        attn_implementation=attn, token=token, revision=revision, trust_remote_code=trust_remote_code,
+        low_cpu_mem_usage=True,
+    )
+
+
+def check_quantized(model: nn.Module) -> dict[str, int]:
+    """Every linear layer but the output head and the MoE routers must be bitsandbytes
+    4-bit, and no 3D+ weight (fused experts) may stay in 16/32-bit. Raises QuantizationError
+    naming the layers and the bytes they hold."""
+    import bitsandbytes as bnb
+
+    output = model.get_output_embeddings()
+    num_experts = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)
+    quantized, offenders, offender_bytes = 0, [], 0
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            quantized += 1
+        elif isinstance(module, nn.Linear) and module is not output:
+            is_router = num_experts is not None and module.out_features == num_experts
+            if not is_router:
+                offenders.append(name)
+                offender_bytes += module.weight.numel() * module.weight.element_size()
+        for pname, param in module.named_parameters(recurse=False):
+            if param.ndim >= 3 and not isinstance(param, bnb.nn.Params4bit):
+                offenders.append(f"{name}.{pname}" if name else pname)
+                offender_bytes += param.numel() * param.element_size()
+    if offenders:
+        import transformers
+
+        shown = ", ".join(offenders[:4]) + (f" and {len(offenders) - 4} more" if len(offenders) > 4 else "")
+        raise QuantizationError(
+            f"{len(offenders)} large weights are not 4-bit ({_size(offender_bytes)} unquantized): {shown}. "
+            f"transformers {transformers.__version__}: 5.x stores MoE experts as fused 3D parameters that "
+            "bitsandbytes does not quantize; use transformers 4.x (the HF training image ships 4.56.2)"
+        )
+    if quantized == 0:
+        raise QuantizationError("no layer was quantized to 4-bit; is bitsandbytes working on this device?")
+    return {"linear4bit": quantized}
+
+
+def lora_targets(model: nn.Module, requested) -> list[str] | str:
+    if requested == "auto":
+        return LORA_TARGETS.get(model.config.model_type, "all-linear")
+    return requested
+
+
+def attach_lora(model, lora, gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=lora_targets(model, lora.target_modules),
+    )
+    model = get_peft_model(model, config)
+    model.config.use_cache = False
+    return model
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) with 4-bit weights counted as the parameters they stand for."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
