@@ -73,7 +73,9 @@ class TrainingSpec(Strict):
         "(no padding, no attention across examples)",
     )
     gradient_checkpointing: bool = True
-    optimizer: Literal["auto", "paged_adamw_8bit", "adamw_torch"] = "auto"
+    # auto: bitsandbytes AdamW8bit on GPU (not paged: LoRA's optimizer state is small, and
+    # paging's per-tensor prefetch of managed memory showed up in step time), torch AdamW on CPU.
+    optimizer: Literal["auto", "adamw_8bit", "paged_adamw_8bit", "adamw_torch"] = "auto"
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(200, ge=1)
     eval_steps: int | None = Field(None, ge=1)

@@ -192,11 +192,12 @@ def run(interrupt, started: float) -> int:
 
     # ---- optimizer and schedule
     params = [p for p in net.parameters() if p.requires_grad]
-    use_paged = t.optimizer == "paged_adamw_8bit" or (t.optimizer == "auto" and device.type == "cuda")
-    if use_paged:
+    kind = t.optimizer if t.optimizer != "auto" else ("adamw_8bit" if device.type == "cuda" else "adamw_torch")
+    if kind in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
-        optimizer = bnb.optim.PagedAdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        optimizer = cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     micro_per_epoch = math.ceil((len(rows) // world) / t.per_device_batch_size)
@@ -333,7 +334,11 @@ def run(interrupt, started: float) -> int:
         tokenizer.save_pretrained(model_dir)
         write_card(model_dir, hp, report, history, steps=step, runtime_s=runtime,
                    trainable=trainable, precision=precision.name)
-        emit("done", steps=step, train_loss=f"{train_loss:.4f}", runtime_s=f"{runtime:.0f}", adapter=model_dir)
+        extra = {}
+        if device.type == "cuda":
+            extra["peak_gpu_mem_gib"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}"
+        emit("done", steps=step, train_loss=f"{train_loss:.4f}", runtime_s=f"{runtime:.0f}", adapter=model_dir,
+             **extra)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
