@@ -102,7 +102,7 @@ def load_rows(location: str, token: str | None = None):
 # --------------------------------------------------------------------------- formatting
 
 def _text(row: dict, column: str, source: str, index: int) -> str:
-    if column not in row:
+    if row.get(column) is None:  # datasets fills a key missing from one JSONL row with None
         raise DataError(f"{source}: row {index + 1}: missing column {column!r} (columns: {', '.join(row)})")
     value = row[column]
     if not isinstance(value, str) or not value.strip():
