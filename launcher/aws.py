@@ -29,7 +29,8 @@ def session(region: str | None = None, profile: str | None = None):
 def client(service: str, region: str | None = None, profile: str | None = None):
     from botocore.config import Config
 
-    return session(region, profile).client(service, config=Config(retries=RETRY, user_agent_extra="sm-qlora"))
+    with translated(f"open a {service} client"):
+        return session(region, profile).client(service, config=Config(retries=RETRY, user_agent_extra="sm-qlora"))
 
 
 HINTS = {
@@ -59,7 +60,8 @@ def translated(action: str) -> Iterator[None]:
         code = err.get("Code", "Unknown")
         raise AWSError(f"{action}: {code}: {err.get('Message', exc)}", HINTS.get(code)) from None
     except BotoCoreError as exc:
-        raise AWSError(f"{action}: {exc}", "check the network and the region") from None
+        hint = "pass --region or set AWS_REGION" if "region" in str(exc).lower() else "check the network and the region"
+        raise AWSError(f"{action}: {exc}", hint) from None
 
 
 def is_not_found(exc: Exception) -> bool:

@@ -134,9 +134,7 @@ def cmd_launch(args, out: Printer) -> int:
         f"  adapter:  {job.adapter_uri}",
     ]))
     if args.wait:
-        from launcher.follow import follow
-
-        return follow(job, out)
+        return job.logs(follow=True, as_json=out.json)
     return 0
 
 

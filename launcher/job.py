@@ -12,9 +12,7 @@ from typing import Any
 
 from launcher.config import JobConfig, load_config
 from launcher.errors import AWSError, ConfigError, Interrupted, JobFailed
-
-LOG_GROUP = "/aws/sagemaker/TrainingJobs"
-TERMINAL = ("Completed", "Failed", "Stopped")
+from launcher.logs import LOG_GROUP, TERMINAL
 
 
 @dataclass
@@ -56,14 +54,18 @@ class Job:
 
     @property
     def adapter_uri(self) -> str:
+        return self.adapter_uri_from()
+
+    def adapter_uri_from(self, desc: dict | None = None) -> str:
         """Where the adapter lands: runs/<name>/model/ or the job's S3 output prefix
-        (uncompressed: disable_output_compression)."""
+        (uncompressed: disable_output_compression puts the files under
+        <S3OutputPath>/<job>/output/model/)."""
         if self.is_local:
             return str(self.local_dir / "model")
         if self.output_s3_uri:
             return f"{self.output_s3_uri}/{self.name}/output/model/"
-        artifacts = self.describe().get("ModelArtifacts", {}).get("S3ModelArtifacts", "")
-        return artifacts.rstrip("/") + "/"
+        output = (desc or self.describe()).get("OutputDataConfig", {}).get("S3OutputPath", "").rstrip("/")
+        return f"{output}/{self.name}/output/model/"
 
     @classmethod
     def attach(cls, name: str, region: str | None = None, profile: str | None = None) -> Job:
@@ -119,6 +121,109 @@ class Job:
 
     def status(self) -> str:
         return self.describe()["TrainingJobStatus"]
+
+    # ------------------------------------------------------------ following and control
+    def log_source(self):
+        from launcher.logs import CloudWatchSource, FileSource
+
+        if self.is_local:
+            return FileSource(self.local_dir / "output" / "job.log")
+        from launcher.aws import client
+
+        return CloudWatchSource(self.name, client("logs", self.region, self.profile))
+
+    def logs(self, follow: bool = False, as_json: bool = False, poll_s: float = 5.0) -> int:
+        """Print the log (and follow it to the end); returns the SPEC exit code."""
+        from launcher.logs import follow as follow_logs
+
+        return follow_logs(self, as_json=as_json, follow=follow, poll_s=poll_s)
+
+    def progress(self):
+        from launcher.logs import describe_progress
+
+        return describe_progress(self)
+
+    def summary(self) -> dict[str, Any]:
+        """State, secondary status, last progress, elapsed time, cost so far."""
+        from launcher.logs import cost_so_far, price_of, timestamp_s
+
+        desc = self.describe()
+        p = self.progress()
+        start = desc.get("TrainingStartTime") or desc.get("CreationTime")
+        end = desc.get("TrainingEndTime")
+        elapsed = round((timestamp_s(end) or time.time()) - timestamp_s(start)) if start is not None else None
+        last = p.last_train.values if p.last_train else {}
+        return {
+            "job_name": self.name, "local": self.is_local, "status": desc.get("TrainingJobStatus"),
+            "secondary_status": desc.get("SecondaryStatus"), "failure_reason": desc.get("FailureReason"),
+            "step": p.step, "total_steps": p.total, "loss": last.get("loss"), "eta": last.get("eta"),
+            "tokens_per_sec": last.get("tokens_per_sec"),
+            "eval_loss": p.eval_loss[-1][1] if p.eval_loss else None,
+            "elapsed_s": elapsed, "cost": cost_so_far(desc, price_of(desc)),
+            "instance_type": desc.get("ResourceConfig", {}).get("InstanceType"),
+            "adapter": self.adapter_uri_from(desc) if desc.get("TrainingJobStatus") == "Completed" else None,
+        }
+
+    def stop(self) -> bool:
+        """Stop the job; its checkpoints stay. False if it had already ended."""
+        if self.is_local:
+            from launcher import local
+
+            return local.stop(self.local_dir)
+        from launcher.aws import translated
+
+        if self.describe()["TrainingJobStatus"] in TERMINAL:
+            return False
+        with translated(f"stop {self.name}"):
+            self._sm().stop_training_job(TrainingJobName=self.name)
+        return True
+
+    def download(self, dest: str | Path) -> list[Path]:
+        """Fetch the adapter files into dest; the job must have Completed."""
+        import shutil
+
+        dest = Path(dest)
+        status = self.describe()["TrainingJobStatus"]
+        if status != "Completed":
+            raise JobFailed(f"job {self.name} is {status}: there is no adapter to download",
+                            f"sm-qlora status {self.name}")
+        dest.mkdir(parents=True, exist_ok=True)
+        if self.is_local:
+            out = []
+            for f in sorted((self.local_dir / "model").rglob("*")):
+                if f.is_file():
+                    target = dest / f.relative_to(self.local_dir / "model")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, target)
+                    out.append(target)
+            return out
+        from launcher.aws import client, split_s3, translated
+
+        bucket, prefix = split_s3(self.adapter_uri)
+        s3 = client("s3", self.region, self.profile)
+        out = []
+        with translated(f"download {self.adapter_uri}"):
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(prefix):].lstrip("/")
+                    if not rel:
+                        continue
+                    target = dest / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    s3.download_file(bucket, obj["Key"], str(target))
+                    out.append(target)
+        if not out:
+            raise JobFailed(f"no files under {self.adapter_uri}", "the job may have failed to save; see its logs")
+        return out
+
+    def plot(self, path: str | Path | None = None) -> Path:
+        """Write a PNG of training and eval loss against steps, from the job's logs."""
+        from launcher.logs import describe_progress
+        from launcher.plot import write_loss_png
+
+        progress = describe_progress(self, limit=10000)
+        default = (self.local_dir / "loss.png") if self.is_local else Path(f"{self.name}-loss.png")
+        return write_loss_png(progress, Path(path) if path else default, self.name)
 
     def wait(self, poll_s: float = 30.0) -> dict[str, Any]:
         """Block until the job ends; JobFailed if it Failed or was Stopped."""

@@ -122,6 +122,10 @@ def finish(root: Path, returncode: int) -> dict:
         status, reason = "Stopped", "stopped by a signal; resume with --resume"
     else:
         status, reason = "Failed", progress.error or f"entrypoint exited with code {returncode}"
+    if progress.train_loss or progress.eval_loss:
+        from launcher.plot import write_loss_png
+
+        write_loss_png(progress, root / "loss.png", root.name)
     return write_state(root, status=status, ended=time.time(), exit_code=returncode, failure_reason=reason)
 
 
