@@ -13,7 +13,8 @@ plain recipe, in one command, on the same model, data and GPU.
   examples padded to its longest, attention mask, no packing; same LoRA targets, paged
   AdamW 8-bit, gradient checkpointing, SDPA.
 
-Both count only real (non-padding) tokens in tokens/s. Needs one CUDA GPU (about 40 GiB
+`--shape mistral-7b` builds a dense Mistral-7B at full width instead (`--no-plain` measures
+the entrypoint alone). Both count only real (non-padding) tokens in tokens/s. Needs one CUDA GPU (about 40 GiB
 free at the default sizes) and the `[train]` extra.
 
     python bench/qlora_throughput.py --layers 2 4 --steps 30 --out bench/results/h200.json
@@ -35,27 +36,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MIXTRAL = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-               num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
-               rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)
+from entrypoint.model import LORA_TARGETS  # noqa: E402  (the same targets as `target_modules: auto`)
+
 WARMUP = 5  # steps left out of every timing
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
+COMMON = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+              max_position_embeddings=32768, rope_theta=1e6, sliding_window=None, tie_word_embeddings=False)
+SHAPES = {  # full-width configs of the built-in shapes the bench can build
+    "mixtral-8x7b": ("MixtralConfig", "MixtralForCausalLM",
+                     dict(COMMON, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2)),
+    "mistral-7b": ("MistralConfig", "MistralForCausalLM", dict(COMMON, vocab_size=32768)),
+}
+SHAPE = "mixtral-8x7b"
 
 
 def build_model(work: Path, layers: list[int]) -> dict[int, Path]:
     """One checkpoint with max(layers) layers; smaller variants share its weight files and
     differ only in config.json (from_pretrained ignores the unused layers)."""
     import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
+    import transformers
 
+    config_cls, model_cls, kwargs = SHAPES[SHAPE]
     top = max(layers)
-    full = work / f"mixtral-L{top}"
+    full = work / f"{SHAPE}-L{top}"
     if not (full / "config.json").is_file():
         subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_model.py"), str(work / "tok")], check=True)
-        cfg = MixtralConfig(num_hidden_layers=top, **MIXTRAL)
+        cfg = getattr(transformers, config_cls)(num_hidden_layers=top, **kwargs)
         torch.manual_seed(0)
         with torch.device("cuda"):
-            model = MixtralForCausalLM(cfg).to(torch.bfloat16)
+            model = getattr(transformers, model_cls)(cfg).to(torch.bfloat16)
         model.save_pretrained(full, safe_serialization=True, max_shard_size="5GB")
         del model
         torch.cuda.empty_cache()
@@ -66,7 +74,7 @@ def build_model(work: Path, layers: list[int]) -> dict[int, Path]:
     for n in layers:
         if n == top:
             continue
-        d = work / f"mixtral-L{n}"
+        d = work / f"{SHAPE}-L{n}"
         d.mkdir(exist_ok=True)
         cfg = json.loads((full / "config.json").read_text()) | {"num_hidden_layers": n}
         (d / "config.json").write_text(json.dumps(cfg))
@@ -97,7 +105,7 @@ def run_ours(model_dir: Path, data: Path, seq: int, steps: int, work: Path, rows
         "job_name": f"bench-{model_dir.name.lower()}-s{seq}-b{rows}",
         "model": {"id": str(model_dir)},
         "data": {"train": str(data), "format": "instruction", "columns": {"prompt": "question", "response": "answer"}},
-        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": TARGETS},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "auto"},
         "training": {"max_steps": steps, "per_device_batch_size": rows, "gradient_accumulation_steps": 1,
                      "max_seq_length": seq, "logging_steps": 1, "save_steps": 100000, "warmup_ratio": 0.0},
         "compute": {"instance_type": "ml.p5e.48xlarge"},
@@ -165,7 +173,8 @@ print("RESULT " + json.dumps({"tokens_per_sec": sum(real[s]) / sum(times[s]), "p
 def run_plain(model_dir: Path, data: Path, seq: int, steps: int) -> dict:
     code = (PLAIN.replace("ROOT", repr(str(ROOT))).replace("MODEL", repr(str(model_dir)))
             .replace("DATA", repr(str(data))).replace("SEQ", str(seq)).replace("STEPS", str(steps))
-            .replace("TARGETS", repr(TARGETS)).replace("WARMUP", str(WARMUP)))
+            .replace("TARGETS", repr(LORA_TARGETS[SHAPE.split("-")[0]]))
+            .replace("WARMUP", str(WARMUP)))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     result = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if result is None:
@@ -180,7 +189,10 @@ def fit(points: dict[int, float], at: int) -> float:
 
 
 def main() -> None:
+    global SHAPE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=SHAPE)
+    ap.add_argument("--no-plain", action="store_true", help="measure the entrypoint only")
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=30)
@@ -192,14 +204,15 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    SHAPE = args.shape
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     models = build_model(args.work, args.layers)
     data = args.work / "medical-long.jsonl"
     build_data(data, args.examples, args.seq)
     print(f"model built in {time.time() - t0:.0f}s on {torch.cuda.get_device_name(0)}", flush=True)
-    results = {"gpu": torch.cuda.get_device_name(0), "seq": args.seq, "runs": []}
-    recipes = [f"ours-b{b}" for b in args.rows] + ["plain"]
+    results = {"gpu": torch.cuda.get_device_name(0), "shape": SHAPE, "seq": args.seq, "runs": []}
+    recipes = [f"ours-b{b}" for b in args.rows] + ([] if args.no_plain else ["plain"])
     for n in sorted(models):
         for name in recipes:
             t = time.time()
@@ -220,10 +233,10 @@ def main() -> None:
                          "peak_gib_per_layer": fit(peak, 1) - fit(peak, 0), "step_s_per_layer": fit(step, 1) - fit(step, 0),
                          "tokens_per_step": tokens}
     results["summary"] = summary
-    base = summary["plain"]
-    print(f"\nMixtral-8x7B-shaped, 4-bit NF4, max_seq_length {args.seq}, fitted on {sorted(models)} layers, "
+    base = summary.get("plain", summary[recipes[0]])
+    print(f"\n{SHAPE}-shaped, 4-bit NF4, max_seq_length {args.seq}, fitted on {sorted(models)} layers, "
           "extrapolated to 32:")
-    print(f"{'recipe':10s}{'tok/step':>10s}{'tok/s':>9s}{'x plain':>9s}{'peak GiB':>10s}{'x plain':>9s}"
+    print(f"{'recipe':10s}{'tok/step':>10s}{'tok/s':>9s}{'x base':>9s}{'peak GiB':>10s}{'x base':>9s}"
           f"{'GiB/layer':>11s}{'s/layer':>9s}  fits A100-40GB")
     for name in recipes:
         o = summary[name]

@@ -265,8 +265,10 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
         if dry_run:
             raise ConfigError([("--dry-run", "is for SageMaker jobs; --local sends nothing anyway")])
         return run_local(cfg, resume=resume, echo=echo)
+    from launcher.plan import check_fits
     from launcher.submit import submit
 
+    check_fits(cfg)  # an instance that cannot hold the model: exit 2, nothing sent
     result = submit(cfg, dry_run=dry_run, resume=resume)
     job = Job(name=result["job_name"], region=cfg.aws.region, profile=cfg.aws.profile,
               output_s3_uri=result["output_s3_uri"], checkpoint_s3_uri=result["checkpoint_s3_uri"],

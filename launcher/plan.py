@@ -1,16 +1,357 @@
-"""Planning: which parallelism a job uses (the memory model comes with the planner)."""
+"""Planning before paying: which instance fits, how to spread the model, how long, how much.
+
+Memory per GPU for QLoRA is a sum of parts (bytes):
+- NF4 weights of every decoder linear layer, experts and routers included, with
+  double-quantized constants (0.5 + 1/64 + 4/(64*256) bytes per parameter);
+- embeddings and output head in fp32 (peft's prepare_model_for_kbit_training casts them);
+- LoRA parameters with their fp32 gradients and 8-bit AdamW states (10 bytes each);
+- activations: with gradient checkpointing CKPT_BYTES per hidden unit per layer and token
+  (read off the Mistral-7B runs' slope), plus, per token, the logits and their
+  loss/gradient buffers (HEAD_BYTES per vocabulary entry, the one constant fitted, least
+  squares over all measured runs) and the recomputed layer's expert intermediates; without
+  checkpointing every layer keeps its activations (an estimate, not calibrated);
+- then allocator slack (8%) and the CUDA context (0.6 GiB) that peak-allocated figures
+  leave out.
+The model is checked against peak memory measured on an H200 for eight real runs of the
+entrypoint, Mixtral-8x7B and Mistral-7B at full width (MEASURED); `calibration()` gives the
+error of each (at most 10%; the fitted constant makes it partly in-sample).
+
+Throughput comes from the same H200 runs (Mixtral-8x7B-shaped, 32 layers extrapolated):
+a step costs a fixed part (kernel launches and Python per quantized linear module) plus a
+part per token (scaled by active parameters per token, and by each GPU's dense bf16/fp16
+rate and memory bandwidth, half each). Every assumption is printed with the plan.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
 from launcher.config import JobConfig
+from launcher.errors import ConfigError
+from launcher.instances import Instance, catalog
+from launcher.shapes import BUILT_IN, Shape, resolve
+
+GIB = 2**30
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+EMBED_BYTES = 4
+LORA_BYTES = 4 + 4 + 2
+CKPT_BYTES = 4  # per token per layer per hidden unit kept with checkpointing (measured ~3.7 on Mistral-7B)
+MOE_RECOMPUTE_BYTES = 6  # bf16 w1, w3 and activation outputs per routed token while a layer is recomputed
+HEAD_BYTES = 15.7  # per token per vocabulary entry: the one constant fitted to MEASURED (least squares)
+NO_CKPT_BYTES_PER_HIDDEN = 34  # per token per layer without checkpointing: an estimate, not measured
+SLACK = 1.08
+CUDA_CONTEXT_GIB = 0.6
+
+# Peak torch.cuda.max_memory_allocated of the entrypoint on an H200 at full width, LoRA r16
+# on `target_modules: auto`, max_seq_length 2048 (bench/h200-2026-11-29.json, -mistral.json).
+MEASURED = [
+    {"shape": "mixtral-8x7b", "layers": 2, "rows": 4, "seq": 2048, "peak_gib": 8.69},
+    {"shape": "mixtral-8x7b", "layers": 4, "rows": 4, "seq": 2048, "peak_gib": 10.09},
+    {"shape": "mixtral-8x7b", "layers": 2, "rows": 1, "seq": 2048, "peak_gib": 4.07},
+    {"shape": "mixtral-8x7b", "layers": 4, "rows": 1, "seq": 2048, "peak_gib": 5.62},
+    {"shape": "mistral-7b", "layers": 4, "rows": 4, "seq": 2048, "peak_gib": 5.96},
+    {"shape": "mistral-7b", "layers": 8, "rows": 4, "seq": 2048, "peak_gib": 6.91},
+    {"shape": "mistral-7b", "layers": 4, "rows": 1, "seq": 2048, "peak_gib": 2.67},
+    {"shape": "mistral-7b", "layers": 8, "rows": 1, "seq": 2048, "peak_gib": 3.25},
+]
+# The same runs' throughput at 32 layers (real tokens/s) for 1 and 4 packed rows of 2048.
+H200_TOKENS_PER_S = {2048: 1026.0, 8192: 2385.0}
+H200 = {"tflops": 989.0, "bandwidth_gbs": 4800.0}
+MIXTRAL = BUILT_IN["mixtral-8x7b"]
+DDP_EFFICIENCY = 0.9
+STARTUP_HOURS = 0.25  # image pull, model download and 4-bit load before the first step
+CHARS_PER_TOKEN = 4.0
 
 
-def choose_strategy(cfg: JobConfig) -> str:
-    if cfg.compute.strategy != "auto":
-        return cfg.compute.strategy
-    return "ddp"
+# --------------------------------------------------------------------------- memory
+
+def memory_parts_gib(shape: Shape, tokens: int, r: int, layers: int | None = None, checkpointing: bool = True,
+                     split: int = 1) -> dict[str, float]:
+    """Peak allocated bytes by part, for one GPU holding 1/split of the layers (and, in
+    the worst case, the embeddings, head and logits as well)."""
+    n = layers if layers is not None else shape.layers
+    per_gpu_layers = math.ceil(n / split)
+    parts = {
+        "nf4_weights": per_gpu_layers * shape.layer_quantized_params * NF4_BYTES,
+        "embeddings_fp32": shape.embedding_params * EMBED_BYTES,
+        "lora_and_optimizer": per_gpu_layers * shape.lora_params_per_layer(r) * LORA_BYTES,
+        "logits": tokens * shape.vocab * HEAD_BYTES,
+        "recompute": tokens * shape.experts_per_token * shape.intermediate * MOE_RECOMPUTE_BYTES,
+    }
+    if checkpointing:
+        parts["checkpoints"] = tokens * per_gpu_layers * shape.hidden * CKPT_BYTES
+    else:
+        parts["activations"] = tokens * per_gpu_layers * (
+            shape.hidden * NO_CKPT_BYTES_PER_HIDDEN + shape.experts_per_token * shape.intermediate * 8)
+    return {k: v / GIB for k, v in parts.items()}
+
+
+def peak_allocated_gib(shape: Shape, tokens: int, r: int, **kw) -> float:
+    return sum(memory_parts_gib(shape, tokens, r, **kw).values())
+
+
+def needed_gib(shape: Shape, tokens: int, r: int, **kw) -> float:
+    """What the GPU must have: allocated peak, allocator slack, CUDA context."""
+    return peak_allocated_gib(shape, tokens, r, **kw) * SLACK + CUDA_CONTEXT_GIB
+
+
+def calibration() -> list[dict]:
+    """The memory model against every measured run: predicted, measured, error."""
+    out = []
+    for m in MEASURED:
+        pred = peak_allocated_gib(BUILT_IN[m["shape"]], m["rows"] * m["seq"], 16, layers=m["layers"])
+        out.append(m | {"predicted_gib": round(pred, 2), "error_pct": round(100 * (pred - m["peak_gib"]) / m["peak_gib"], 1)})
+    return out
+
+
+# --------------------------------------------------------------------------- throughput
+
+def tokens_per_second(shape: Shape, inst: Instance, tokens_per_micro_batch: int, strategy: str) -> float:
+    """Real tokens/s for the whole job on one instance (see the module docstring)."""
+    (t1, r1), (t2, r2) = sorted(H200_TOKENS_PER_S.items())
+    per_token = (t2 / r2 - t1 / r1) / (t2 - t1)  # s per token, Mixtral-8x7B on an H200
+    fixed = t1 / r1 - per_token * t1  # s per step
+    linears = shape.layers * (4 + 3 * shape.experts)
+    fixed *= linears / (MIXTRAL.layers * (4 + 3 * MIXTRAL.experts))
+    per_token *= shape.active_params_per_token / MIXTRAL.active_params_per_token
+    gpu = inst.gpu
+    per_token *= 0.5 * H200["tflops"] / gpu.tflops + 0.5 * H200["bandwidth_gbs"] / gpu.bandwidth_gbs
+    rate = tokens_per_micro_batch / (fixed + per_token * tokens_per_micro_batch)
+    if strategy == "ddp":
+        workers = inst.gpu_count
+        rate *= workers * (DDP_EFFICIENCY if workers > 1 else 1.0)
+    return rate  # model_parallel: one GPU works at a time (naive pipeline), so one GPU's rate
+
+
+ASSUMPTIONS = [
+    "throughput: the entrypoint measured on one H200 (Mixtral-8x7B width, 4-bit, 2048-token rows: "
+    "1,026 tok/s at 1 row, 2,385 at 4 rows per micro-batch, 32 layers extrapolated); a step = fixed "
+    "part per quantized linear module + per-token part scaled by active parameters per token",
+    "other GPUs: the per-token part scales half with dense bf16/fp16 TFLOP/s, half with memory bandwidth; "
+    "the fixed part (kernel launches, Python) does not scale",
+    f"data parallel: {DDP_EFFICIENCY:.0%} efficiency per extra GPU; model split over GPUs: one GPU busy at a time",
+    f"time adds {STARTUP_HOURS} h of start-up (image, model download, 4-bit load); prices on demand, "
+    "spot as the catalog's discount range",
+    "memory: NF4 + double-quant constants, fp32 embeddings/head, LoRA with grads and 8-bit AdamW, "
+    f"checkpointed activations, logits; x{SLACK} allocator slack + {CUDA_CONTEXT_GIB} GiB CUDA context",
+]
+
+
+# --------------------------------------------------------------------------- tokens
+
+def count_tokens(cfg: JobConfig) -> tuple[int | None, str]:
+    """Tokens in the training set: counted with the model's tokenizer when it is a local
+    directory, else estimated from characters; None when the data is not local."""
+    train = cfg.data.train
+    if "://" in train or not Path(train).is_file():
+        return None, "unknown (data is not a local file; pass --tokens)"
+    texts = list(_row_texts(Path(train), cfg))
+    tok_path = Path(cfg.model.id) / "tokenizer.json"
+    if tok_path.is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tok_path))
+            total = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+            return total + 8 * len(texts), f"counted with {tok_path} (+8 template tokens per row)"
+        except ImportError:
+            pass
+    chars = sum(len(t) for t in texts)
+    return int(chars / CHARS_PER_TOKEN) + 8 * len(texts), f"estimate: {CHARS_PER_TOKEN:g} characters per token"
+
+
+def _row_texts(path: Path, cfg: JobConfig):
+    cols = cfg.data.columns
+    if path.suffix in (".jsonl", ".json"):
+        lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [json.dumps(r) for r in json.loads(path.read_text())]
+        for line in lines:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if cfg.data.format == "instruction":
+                yield f"{row.get(cols.prompt, '')} {row.get(cols.response, '')}"
+            elif cfg.data.format == "chat":
+                yield " ".join(m.get("content", "") for m in row.get(cols.messages, []))
+            else:
+                yield str(row.get(cols.text, ""))
+    elif path.suffix == ".csv":
+        import csv
+
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                yield " ".join(str(v) for v in row.values())
+    else:
+        yield "x" * int(path.stat().st_size / 2)  # parquet is compressed; a rough guess
+
+
+# --------------------------------------------------------------------------- the plan
+
+@dataclass
+class Row:
+    instance: str
+    gpu: str
+    gpus: int
+    gpu_memory_gib: float
+    fits: bool
+    strategy: str
+    needed_gib_per_gpu: float
+    precision: str
+    attention: str
+    tokens_per_sec: float | None
+    hours: float | None
+    usd: float | None
+    spot_usd: tuple[float, float] | None
+    price_per_hour: float
+
+
+@dataclass
+class Plan:
+    model: str
+    shape_source: str
+    dataset_tokens: float | None
+    tokens_source: str
+    epochs: int
+    tokens_per_micro_batch: int
+    configured: str
+    instance_count: int
+    rows: list[Row]
+    assumptions: list[str] = field(default_factory=lambda: list(ASSUMPTIONS))
+    calibration: list[dict] = field(default_factory=calibration)
+    prices_read: str = ""
+
+    @property
+    def chosen(self) -> Row:
+        return next(r for r in self.rows if r.instance == self.configured)
+
+    @property
+    def cheapest_fit(self) -> Row | None:
+        fitting = [r for r in self.rows if r.fits and r.usd is not None]
+        if fitting:
+            return min(fitting, key=lambda r: r.usd)
+        fitting = [r for r in self.rows if r.fits]
+        return min(fitting, key=lambda r: r.price_per_hour) if fitting else None
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["chosen"] = self.configured
+        d["cheapest_fit"] = self.cheapest_fit.instance if self.cheapest_fit else None
+        d["calibration_max_error_pct"] = max(abs(c["error_pct"]) for c in self.calibration)
+        return d
+
+
+def evaluate(shape: Shape, inst: Instance, cfg: JobConfig, dataset_tokens: float | None) -> Row:
+    t = cfg.training
+    tokens = t.per_device_batch_size * t.max_seq_length
+    r = cfg.lora.r
+    single = needed_gib(shape, tokens, r, checkpointing=t.gradient_checkpointing)
+    forced = cfg.compute.strategy
+    if forced in ("ddp", "auto") and single <= inst.gpu.memory_gib:
+        strategy, need = ("ddp" if inst.gpu_count > 1 or cfg.compute.instance_count > 1 else "single"), single
+    elif forced in ("model_parallel", "auto") and inst.gpu_count > 1 and cfg.compute.instance_count == 1:
+        need = needed_gib(shape, tokens, r, checkpointing=t.gradient_checkpointing, split=inst.gpu_count)
+        strategy = "model_parallel" if need <= inst.gpu.memory_gib else "does not fit"
+    else:
+        strategy, need = "does not fit", single
+    fits = strategy != "does not fit"
+    rate = tokens_per_second(shape, inst, tokens, strategy) * cfg.compute.instance_count if fits else None
+    hours = usd = spot = None
+    if fits and dataset_tokens:
+        hours = dataset_tokens * t.epochs / rate / 3600 + STARTUP_HOURS
+        usd = hours * inst.price_per_hour * cfg.compute.instance_count
+        lo, hi = catalog().spot_discount_range
+        spot = (round(usd * (1 - hi), 2), round(usd * (1 - lo), 2))
+    return Row(
+        instance=inst.name, gpu=inst.gpu.model, gpus=inst.gpu_count, gpu_memory_gib=inst.gpu.memory_gib, fits=fits,
+        strategy=strategy, needed_gib_per_gpu=round(need, 1), precision="bf16" if inst.gpu.bf16 else "fp16",
+        attention="flash_attention_2" if inst.gpu.flash_attention else "sdpa",
+        tokens_per_sec=round(rate) if rate else None, hours=round(hours, 2) if hours else None,
+        usd=round(usd, 2) if usd else None, spot_usd=spot, price_per_hour=inst.price_per_hour,
+    )
+
+
+def model_shape(cfg: JobConfig, network: bool = True) -> Shape:
+    shape = resolve(cfg.model.id, network=network)
+    if shape is None:
+        raise ConfigError([("model.id", f"cannot tell the shape of {cfg.model.id!r}: not a local model directory, "
+                            "the hub is unreachable, and it is not in the built-in table "
+                            f"({', '.join(s.name for s in BUILT_IN.values())})")])
+    return shape
+
+
+def make_plan(cfg: JobConfig, dataset_tokens: float | None = None, network: bool = True) -> Plan:
+    shape = model_shape(cfg, network)
+    if dataset_tokens is None:
+        counted, source = count_tokens(cfg)
+        dataset_tokens = counted
+    else:
+        source = "given with --tokens"
+    rows = [evaluate(shape, inst, cfg, dataset_tokens) for inst in catalog().instances.values()]
+    rows.sort(key=lambda r: (not r.fits, r.usd if r.usd is not None else r.price_per_hour))
+    return Plan(model=cfg.model.id, shape_source=shape.source, dataset_tokens=dataset_tokens, tokens_source=source,
+                epochs=cfg.training.epochs, tokens_per_micro_batch=cfg.training.per_device_batch_size * cfg.training.max_seq_length,
+                configured=cfg.compute.instance_type, instance_count=cfg.compute.instance_count, rows=rows,
+                prices_read=catalog().prices_read)
 
 
 def check_fits(cfg: JobConfig) -> None:
-    """validate: the configured instance must be able to hold the model (see make_plan)."""
-    return None
+    """validate and launch: the configured instance must hold the model. No network: a
+    model whose shape is not local or built in is not checked here."""
+    shape = resolve(cfg.model.id, network=False)
+    if shape is None:
+        return
+    row = evaluate(shape, catalog().get(cfg.compute.instance_type), cfg, None)
+    if row.fits:
+        return
+    plan = make_plan(cfg, dataset_tokens=None, network=False)
+    cheapest = plan.cheapest_fit
+    hint = f"; the cheapest instance that fits is {cheapest.instance}" if cheapest else "; no catalog instance fits"
+    raise ConfigError([("compute.instance_type",
+                        f"{row.instance} ({row.gpus}x {row.gpu}, {row.gpu_memory_gib:g} GiB each) cannot hold "
+                        f"{shape.name} for QLoRA at {plan.tokens_per_micro_batch} tokens per micro-batch: it needs "
+                        f"~{row.needed_gib_per_gpu:g} GiB per GPU{hint} (see `sm-qlora plan`)")])
+
+
+def choose_strategy(cfg: JobConfig) -> str:
+    """The parallelism `launch` sets the entrypoint up for: the plan's, unless forced."""
+    if cfg.compute.strategy != "auto":
+        return cfg.compute.strategy
+    shape = resolve(cfg.model.id, network=False)
+    if shape is None:
+        return "ddp"
+    row = evaluate(shape, catalog().get(cfg.compute.instance_type), cfg, None)
+    return {"single": "ddp", "does not fit": "ddp"}.get(row.strategy, row.strategy)
+
+
+def render_plan(plan: Plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: rich would wrap the table at 80 columns
+        console = Console(width=170)
+    tokens = f"{plan.dataset_tokens:,.0f}" if plan.dataset_tokens else "?"
+    console.print(f"[bold]{plan.model}[/bold]  shape: {plan.shape_source}")
+    console.print(f"dataset: {tokens} tokens ({plan.tokens_source}) x {plan.epochs} epoch(s); "
+                  f"{plan.tokens_per_micro_batch} tokens per micro-batch")
+    table = Table(title=f"instances by estimated cost (on-demand prices as read {plan.prices_read})")
+    for col in ("instance", "GPUs", "fits", "strategy", "GiB/GPU needed", "dtype", "tok/s", "hours", "$", "$ spot"):
+        table.add_column(col, justify="right" if col not in ("instance", "fits", "strategy", "dtype") else "left")
+    for r in plan.rows:
+        mark = " <- configured" if r.instance == plan.configured else ""
+        if plan.cheapest_fit and r.instance == plan.cheapest_fit.instance:
+            mark += " (cheapest fit)"
+        table.add_row(
+            r.instance + mark, f"{r.gpus}x {r.gpu} ({r.gpu_memory_gib:g} GiB)", "yes" if r.fits else "no", r.strategy,
+            f"{r.needed_gib_per_gpu:g}", r.precision, f"{r.tokens_per_sec:,}" if r.tokens_per_sec else "-",
+            f"{r.hours:.1f}" if r.hours else "-", f"{r.usd:,.0f}" if r.usd else "-",
+            f"{r.spot_usd[0]:,.0f}-{r.spot_usd[1]:,.0f}" if r.spot_usd else "-",
+            style="bold" if r.instance == plan.configured else ("dim" if not r.fits else None),
+        )
+    console.print(table)
+    worst = max(abs(c["error_pct"]) for c in plan.calibration)
+    console.print(f"memory model vs {len(plan.calibration)} measured H200 runs: max error {worst:.1f}%")
+    for a in plan.assumptions:
+        console.print(f"  - {a}")

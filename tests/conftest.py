@@ -18,6 +18,12 @@ TINY = ROOT / "examples" / "tiny-mixtral"
 DATA = ROOT / "examples" / "data" / "medical.jsonl"
 
 
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch):
+    """Tests never reach beyond loopback: the planner's hub lookup stays off."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

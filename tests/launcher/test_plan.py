@@ -1,0 +1,148 @@
+"""Planning: the memory model against what was measured, fits, strategies, cost, output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from launcher import plan as P
+from launcher.cli import main
+from launcher.config import load_config
+from launcher.errors import ConfigError
+from launcher.instances import catalog
+from launcher.shapes import BUILT_IN, resolve
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def test_the_calibration_points_are_the_benchmarks_measurements():
+    runs = []
+    for name, shape in (("h200-2026-11-29.json", "mixtral-8x7b"), ("h200-2026-11-29-mistral.json", "mistral-7b")):
+        for r in json.loads((BENCH / name).read_text())["runs"]:
+            if r["recipe"].startswith("ours-b"):
+                runs.append({"shape": shape, "layers": r["layers"], "rows": int(r["recipe"][6:]), "seq": 2048,
+                             "peak_gib": r["peak_gib"]})
+    key = lambda m: (m["shape"], m["layers"], m["rows"])  # noqa: E731
+    assert sorted(runs, key=key) == sorted(P.MEASURED, key=key)
+
+
+def test_memory_model_is_within_15_percent_of_every_measured_run():
+    for c in P.calibration():
+        assert abs(c["error_pct"]) <= 15, c
+        assert c["predicted_gib"] == pytest.approx(c["peak_gib"], rel=0.15)
+
+
+def test_parts_add_up_and_weights_dominate_mixtral():
+    parts = P.memory_parts_gib(BUILT_IN["mixtral-8x7b"], 2048, 16)
+    assert sum(parts.values()) == pytest.approx(P.peak_allocated_gib(BUILT_IN["mixtral-8x7b"], 2048, 16))
+    assert 21.5 < parts["nf4_weights"] < 23.0  # 46.7B parameters at ~4.13 bits
+    assert parts["nf4_weights"] > 0.7 * sum(parts.values())
+
+
+def test_checkpointing_saves_memory():
+    shape = BUILT_IN["llama-3-8b"]
+    assert P.peak_allocated_gib(shape, 8192, 16, checkpointing=False) > P.peak_allocated_gib(shape, 8192, 16) + 5
+
+
+def plan_for(job_dict, *overrides, tokens=1e8):
+    return P.make_plan(load_config(job_dict, list(overrides)), dataset_tokens=tokens, network=False)
+
+
+def test_mixtral_does_not_fit_one_a10g_and_fits_one_40gb_a100(job_dict):
+    plan = plan_for(job_dict)
+    rows = {r.instance: r for r in plan.rows}
+    assert not rows["ml.g5.xlarge"].fits  # one 24 GB A10G
+    p4d = rows["ml.p4d.24xlarge"]
+    assert p4d.fits and p4d.strategy == "ddp" and p4d.needed_gib_per_gpu < catalog().get("ml.p4d.24xlarge").gpu.memory_gib
+    # one copy per A100-40: the 4-bit model fits a single GPU, so all 8 train in data parallel
+    assert p4d.tokens_per_sec > 6 * plan_for(job_dict, "compute.instance_type=ml.p4de.24xlarge").chosen.tokens_per_sec / 8
+
+
+def test_several_small_gpus_split_the_model(job_dict):
+    row = plan_for(job_dict, "compute.instance_type=ml.g5.12xlarge").chosen
+    assert row.fits and row.strategy == "model_parallel" and row.needed_gib_per_gpu < 22
+
+
+def test_v100_falls_back_to_fp16_without_flash_attention(job_dict):
+    rows = {r.instance: r for r in plan_for(job_dict).rows}
+    assert (rows["ml.p3.16xlarge"].precision, rows["ml.p3.16xlarge"].attention) == ("fp16", "sdpa")
+    assert (rows["ml.p4d.24xlarge"].precision, rows["ml.p4d.24xlarge"].attention) == ("bf16", "flash_attention_2")
+
+
+def test_rows_are_sorted_by_cost_with_fitting_instances_first(job_dict):
+    plan = plan_for(job_dict)
+    fitting = [r for r in plan.rows if r.fits]
+    assert [r.usd for r in fitting] == sorted(r.usd for r in fitting)
+    assert all(r.fits for r in plan.rows[: len(fitting)])
+    assert plan.cheapest_fit is fitting[0]
+    lo, hi = fitting[0].spot_usd
+    assert lo < hi < fitting[0].usd
+
+
+def test_time_and_cost_follow_tokens_epochs_and_price(job_dict):
+    one = plan_for(job_dict, tokens=1e8).chosen
+    two = plan_for(job_dict, "training.epochs=2", tokens=1e8).chosen
+    assert (two.hours - P.STARTUP_HOURS) == pytest.approx(2 * (one.hours - P.STARTUP_HOURS), rel=0.01)
+    assert one.usd == pytest.approx(one.hours * 37.688, rel=0.01)
+
+
+def test_validate_refuses_an_instance_that_cannot_hold_the_model(capsys):
+    assert main(["validate", "examples/job.yaml", "--set", "compute.instance_type=ml.g5.xlarge"]) == 2
+    err = capsys.readouterr().err
+    assert "ml.g5.xlarge (1x A10G" in err and "cannot hold Mixtral-8x7B" in err
+    assert "the cheapest instance that fits is ml.g6e.xlarge" in err
+
+
+def test_launch_refuses_it_too_and_sends_nothing(job_dict):
+    from launcher.job import launch_job
+
+    with pytest.raises(ConfigError, match="cannot hold"):
+        launch_job(job_dict, overrides=["compute.instance_type=ml.g5.xlarge"], dry_run=True)
+
+
+def test_launch_sets_the_entrypoint_up_for_the_plans_strategy(job_dict, monkeypatch):
+    from launcher.job import launch_job
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    split = launch_job(job_dict, overrides=["compute.instance_type=ml.g5.12xlarge"], dry_run=True).request
+    assert split["HyperParameters"]["strategy"] == '"model_parallel"'
+    assert "sagemaker_torch_distributed_enabled" not in split["HyperParameters"]  # one process sees every GPU
+    ddp = launch_job(job_dict, dry_run=True).request
+    assert ddp["HyperParameters"]["strategy"] == '"ddp"'
+    assert ddp["HyperParameters"]["sagemaker_torch_distributed_enabled"] == "true"
+
+
+def test_plan_json_for_ci(capsys):
+    assert main(["plan", "examples/job.yaml", "--output", "json", "--tokens", "1.25e8"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["chosen"] == "ml.p4d.24xlarge" and obj["cheapest_fit"] == "ml.g6e.xlarge"
+    assert obj["shape_source"] == "built-in table (Mixtral-8x7B)"
+    assert obj["calibration_max_error_pct"] <= 15
+    assert len(obj["rows"]) == len(catalog().instances)
+    row = next(r for r in obj["rows"] if r["instance"] == "ml.p4d.24xlarge")
+    assert {"fits", "strategy", "needed_gib_per_gpu", "tokens_per_sec", "hours", "usd", "spot_usd"} <= set(row)
+    assert any("TFLOP/s" in a for a in obj["assumptions"])
+
+
+def test_shape_sources(tiny_model):
+    local = resolve(str(tiny_model))
+    assert local.source.endswith("config.json") and (local.experts, local.layers) == (4, 2)
+    assert resolve("mistralai/Mixtral-8x7B-Instruct-v0.1").source == "built-in table (Mixtral-8x7B)"
+    assert resolve("meta-llama/Meta-Llama-3.1-70B-Instruct").name == "Llama-3-70B"
+    assert resolve("someone/unknown-model") is None
+
+
+def test_unknown_model_is_a_clear_plan_error(job_dict):
+    with pytest.raises(ConfigError, match="cannot tell the shape"):
+        plan_for(job_dict, "model.id=someone/unknown-model")
+
+
+def test_tokens_are_counted_with_a_local_tokenizer_and_estimated_otherwise(tiny_model):
+    counted, how = P.count_tokens(load_config("examples/local-tiny.yaml"))
+    assert how.startswith("counted with") and 12000 < counted < 20000  # 300 short QA pairs
+    estimated, how = P.count_tokens(load_config("examples/job.yaml"))
+    assert how.startswith("estimate") and 0.5 < estimated / counted < 2
