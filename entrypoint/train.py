@@ -116,7 +116,19 @@ def _failure(reason: str) -> None:
         (out / "failure").write_text(reason[:1000])
 
 
+def _quiet_progress_bars() -> None:
+    """tqdm bars write carriage returns into CloudWatch; the SPEC's lines are the progress."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def run(interrupt, started: float) -> int:
+    _quiet_progress_bars()
     import torch
     import torch.distributed as dist
     from transformers import AutoTokenizer, get_scheduler, set_seed

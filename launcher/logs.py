@@ -172,13 +172,26 @@ class View:
         self.job_name = job_name
         self.as_json = as_json
         self.live = None
+        self.last_state: tuple | None = None
         if live and not as_json:
             from rich.console import Console
             from rich.live import Live
 
-            self.console = Console()
+            self.console = Console(force_terminal=True)
             self.live = Live(console=self.console, refresh_per_second=4, transient=True)
             self.live.start()
+
+    def state(self, desc: dict) -> None:
+        """Say when the job's state changes (Starting, Downloading, Training, Uploading...):
+        on the bar when there is one, else on stderr, or as a JSON line."""
+        state = (desc.get("TrainingJobStatus"), desc.get("SecondaryStatus"))
+        if state == self.last_state or state == (None, None):
+            return
+        self.last_state = state
+        if self.as_json:
+            print(json.dumps({"status": state[0], "secondary_status": state[1]}), flush=True)
+        elif not self.live:
+            print(f"[sm-qlora] {self.job_name}: {state[0]} ({state[1]})", file=sys.stderr, flush=True)
 
     def line(self, line: Line, progress: Progress) -> None:
         if self.as_json:
@@ -202,7 +215,7 @@ class View:
         state = desc.get("SecondaryStatus") or desc.get("TrainingJobStatus", "?")
         usd = f"${cost['usd']:.2f}" if cost.get("usd") is not None else "n/a"
         if progress.last_train is None:
-            self.live.update(Text(f"{self.job_name}: {state}  cost so far {usd}"))
+            self.live.update(Text(f"{self.job_name}: {state}  cost so far {usd}"), refresh=True)
             return
         total = progress.total or 0
         done = progress.step / total if total else 0.0
@@ -211,7 +224,7 @@ class View:
         v = progress.last_train.values
         self.live.update(Text(
             f"[{bar}] {progress.step}/{total} loss {v.get('loss', '?')} {v.get('tokens_per_sec', '?')} tok/s "
-            f"eta {v.get('eta', '?')}  {state}  cost so far {usd}"))
+            f"eta {v.get('eta', '?')}  {state}  cost so far {usd}"), refresh=True)
 
     def close(self) -> None:
         if self.live:
@@ -235,6 +248,7 @@ def follow(job, *, as_json: bool = False, follow: bool = True, poll_s: float = 5
                 desc = with_backoff(job.describe, what="describe the job", sleep=sleep, warn=warn)
                 last_describe = time.monotonic()
             ended = desc.get("TrainingJobStatus") in TERMINAL
+            view.state(desc)
             for line in with_backoff(source.poll, what="read CloudWatch logs", sleep=sleep, warn=warn):
                 view.line(line, progress)
             view.status(progress, desc, cost_so_far(desc, price_of(desc)))

@@ -282,3 +282,23 @@ def test_the_same_verbs_read_a_local_run(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "dl" / "adapter_config.json").is_file()
     assert main(["stop", root.name]) == 0
     assert "already ended" in capsys.readouterr().out
+
+
+def test_a_pipe_gets_state_changes_on_stderr_and_a_terminal_gets_a_live_bar(stubbed, capsys):
+    writer = LogWriter()
+    expect_describe(stubbed, describe_response("InProgress", "Starting"), describe_response("InProgress", "Downloading"),
+                    describe_response("Completed", "Completed", BillableTimeInSeconds=60))
+    script = iter([lambda: None, lambda: writer.put("algo-1-1", train(5, 1.9))])
+    assert follow(Job(name=NAME, region="us-east-1"), poll_s=0, describe_every_s=0, live=False,
+                  sleep=lambda s: next(script)()) == 0
+    captured = capsys.readouterr()
+    assert f"[sm-qlora] {NAME}: InProgress (Starting)" in captured.err
+    assert f"[sm-qlora] {NAME}: InProgress (Downloading)" in captured.err
+    assert captured.out.splitlines()[0] == train(5, 1.9)  # stdout: the log lines, then the outcome
+
+    expect_describe(stubbed, describe_response("InProgress", "Training"),
+                    describe_response("Completed", "Completed", BillableTimeInSeconds=60))
+    assert follow(Job(name=NAME, region="us-east-1"), poll_s=0, describe_every_s=0, live=True,
+                  sleep=lambda s: None) == 0
+    out = capsys.readouterr().out
+    assert "5/40 loss 1.9000 2400 tok/s eta 0:08:00" in out and "cost so far $" in out

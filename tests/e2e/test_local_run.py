@@ -71,13 +71,14 @@ def test_a_local_run_lays_out_the_container_and_finishes(finished):
     assert hp["lora.r"] == "8"  # JSON-encoded, as the Estimator writes them
     assert (root / "input" / "data" / "train" / "medical.jsonl").is_file()
     assert finished.status() == "Completed"
+    assert (root / "loss.png").read_bytes()[:4] == b"\x89PNG"  # the runner plots the loss curve
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "README.md"} <= {
         p.name for p in (root / "model").iterdir()}
 
 
 def test_progress_lines_follow_the_spec_and_the_loss_falls(finished):
     log = (finished.local_dir / "output" / "job.log").read_text()
-    assert "\r" not in log
+    assert "\r" not in log and "Loading checkpoint shards" not in log  # no tqdm bars in the log
     train = [x for x in log.splitlines() if x.startswith("[train]")]
     assert re.fullmatch(r"\[train\] step=4/24 epoch=\S+ loss=\d+\.\d{4} lr=\S+e[-+]\d\d grad_norm=\S+ "
                         r"tokens_per_sec=\d+ eta=\d+:\d\d:\d\d", train[0])
@@ -165,3 +166,25 @@ def test_invalid_hyperparameters_stop_the_job_at_once_with_one_line(runs, tmp_pa
     errors = [x for x in proc.stdout.splitlines() if x.startswith("[error]")]
     assert errors == ["[error] reason=invalid hyperparameters: lora.r: Input should be greater than or equal to 1"]
     assert "Traceback" not in proc.stderr
+
+
+def test_torchrun_data_parallel_trains_once_and_rank0_alone_writes(tiny_model, runs):
+    """What SageMaker starts on a multi-GPU instance (torch_distributed), on CPU with gloo."""
+    from launcher.config import load_config
+    from launcher.local import lay_out
+    from tests.conftest import free_port
+
+    cfg = load_config(config(tiny_model, max_steps=6, save_steps=3, logging_steps=3))
+    root, sm_env = lay_out(cfg, "ddp-test", resume=False)
+    env = os.environ | sm_env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", "-m", "entrypoint"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert [x for x in lines if x.startswith("[info]")][0].startswith("[info] job=") and "world=2" in proc.stdout
+    assert "strategy=ddp" in proc.stdout
+    assert len([x for x in lines if x.startswith("[done] steps=6 ")]) == 1  # printed by rank 0 only
+    assert len([x for x in lines if x.startswith("[checkpoint] step=3 ")]) == 1
+    assert (root / "model" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["step-3"]

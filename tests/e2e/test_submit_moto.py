@@ -156,3 +156,13 @@ def test_aws_failures_exit_3(monkeypatch, job_dict, tmp_path):
     with pytest.raises(AWSError, match="no AWS credentials"):
         launch_job(job_dict)
     assert main_json(job_dict) == 3
+
+
+def test_resume_starts_a_new_job_on_the_old_jobs_checkpoints(aws, job_dict):
+    first = launch_job(job_dict)
+    again = launch_job(job_dict, resume=first.name)
+    assert again.name != first.name
+    assert describe(again.name)["CheckpointConfig"]["S3Uri"] == f"s3://my-bucket/qlora/checkpoints/{first.name}"
+    arn = describe(again.name)["TrainingJobArn"]
+    tags = {t["Key"]: t["Value"] for t in boto3.client("sagemaker").list_tags(ResourceArn=arn)["Tags"]}
+    assert tags["sm-qlora:resumed-from"] == first.name
