@@ -104,59 +104,52 @@ class Uploads:
     def __init__(self, cfg: JobConfig, dry_run: bool):
         self.prefix = f"{cfg.output.s3_uri}/uploads"
         self.dry_run = dry_run
-        self.cfg = cfg
+        self.s3 = None if dry_run else client("s3", cfg.aws.region, cfg.aws.profile)
         self.uploaded: list[str] = []
-
-    def _s3(self):
-        return client("s3", self.cfg.aws.region, self.cfg.aws.profile)
 
     def _exists(self, uri: str) -> bool:
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
         try:
-            self._s3().head_object(Bucket=bucket, Key=key)
+            self.s3.head_object(Bucket=bucket, Key=key)
             return True
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise
 
-    def file(self, path: Path) -> str:
-        uri = f"{self.prefix}/{sha256_file(path)[:16]}/{path.name}"
+    def _once(self, uri: str, send) -> str:
+        """send(bucket, key) unless the object is there already (or this is a dry run)."""
         if not self.dry_run and not self._exists(uri):
-            bucket, key = split_s3(uri)
-            self._s3().upload_file(str(path), bucket, key)
+            send(*split_s3(uri))
             self.uploaded.append(uri)
         return uri
+
+    def file(self, path: Path) -> str:
+        return self._once(f"{self.prefix}/{sha256_file(path)[:16]}/{path.name}",
+                          lambda bucket, key: self.s3.upload_file(str(path), bucket, key))
 
     def blob(self, data: bytes, name: str) -> str:
-        uri = f"{self.prefix}/{hashlib.sha256(data).hexdigest()[:16]}/{name}"
-        if not self.dry_run and not self._exists(uri):
-            bucket, key = split_s3(uri)
-            self._s3().put_object(Bucket=bucket, Key=key, Body=data)
-            self.uploaded.append(uri)
-        return uri
+        return self._once(f"{self.prefix}/{hashlib.sha256(data).hexdigest()[:16]}/{name}",
+                          lambda bucket, key: self.s3.put_object(Bucket=bucket, Key=key, Body=data))
 
     def directory(self, path: Path) -> str:
-        """A local model directory: hashed over names and contents, uploaded file by file."""
+        """A local model directory: hashed over names and contents, uploaded file by file,
+        then marked complete (the marker is what a second launch looks for)."""
         files = sorted(p for p in path.rglob("*") if p.is_file())
         h = hashlib.sha256()
         for p in files:
             h.update(p.relative_to(path).as_posix().encode() + b"\0" + sha256_file(p).encode())
         uri = f"{self.prefix}/{h.hexdigest()[:16]}/{path.name}"
-        marker = f"{uri}/.sm-qlora-complete"
-        if not self.dry_run and not self._exists(marker):
-            for p in files:
-                bucket, key = split_s3(f"{uri}/{p.relative_to(path).as_posix()}")
-                self._s3().upload_file(str(p), bucket, key)
-            self.blob_at(marker, b"")
-            self.uploaded.append(uri)
-        return uri
 
-    def blob_at(self, uri: str, data: bytes) -> None:
-        bucket, key = split_s3(uri)
-        self._s3().put_object(Bucket=bucket, Key=key, Body=data)
+        def send(bucket: str, marker_key: str) -> None:
+            for p in files:
+                self.s3.upload_file(str(p), bucket, f"{marker_key.rsplit('/', 1)[0]}/{p.relative_to(path).as_posix()}")
+            self.s3.put_object(Bucket=bucket, Key=marker_key, Body=b"")
+
+        self._once(f"{uri}/.sm-qlora-complete", send)
+        return uri
 
 
 def resolve_strategy(cfg: JobConfig) -> tuple[str, dict | None]:
@@ -261,7 +254,9 @@ class _DryRun:
         raise RuntimeError(f"dry run: refusing to send {model.name}")
 
 
-def previous_checkpoint_uri(cfg: JobConfig, job: str) -> str:
+def previous_checkpoint_uri(cfg: JobConfig, job: str, dry_run: bool) -> str:
+    if dry_run:  # sends nothing: where this tool puts a job's checkpoints
+        return f"{cfg.output.s3_uri}/checkpoints/{job}"
     sm = client("sagemaker", cfg.aws.region, cfg.aws.profile)
     with translated(f"describe {job}"):
         desc = sm.describe_training_job(TrainingJobName=job)
@@ -280,6 +275,9 @@ def submit(cfg: JobConfig, *, dry_run: bool = False, resume: str | None = None) 
         raise ConfigError([("aws.hf_token_env", "is for local runs; a SageMaker job reads the token from "
                             "aws.hf_token_secret (a Secrets Manager ARN), so it never shows in DescribeTrainingJob")])
     name = job_name_for(cfg.job_name)
+    # before any upload: a job to resume that does not exist stops here
+    checkpoint_s3_uri = (previous_checkpoint_uri(cfg, resume, dry_run) if resume
+                         else f"{cfg.output.s3_uri}/checkpoints/{name}")
     uploads = Uploads(cfg, dry_run)
     hp = cfg.hyperparameters()
     strategy, distribution = resolve_strategy(cfg)
@@ -293,12 +291,11 @@ def submit(cfg: JobConfig, *, dry_run: bool = False, resume: str | None = None) 
             uri = value if value.startswith("s3://") else uploads.file(Path(value))
             inputs[channel] = uri
             setattr(hp.data, channel, uri)  # the job sees where its data came from, not a laptop path
-        if not hp.model.id.startswith(("s3://",)) and Path(hp.model.id).is_dir():
+        if "://" not in hp.model.id and Path(hp.model.id).is_dir():
             hp.model.id = uploads.directory(Path(hp.model.id))
         if hp.model.id.startswith("s3://"):
             inputs["model"] = hp.model.id
         source_dir = uploads.blob(code_tarball(), "sourcedir.tar.gz")
-    checkpoint_s3_uri = previous_checkpoint_uri(cfg, resume) if resume else f"{cfg.output.s3_uri}/checkpoints/{name}"
     tags = [
         {"Key": "sm-qlora:config-sha256", "Value": cfg.digest()},
         {"Key": "sm-qlora:launcher-version", "Value": __version__},

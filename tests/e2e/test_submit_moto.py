@@ -166,3 +166,17 @@ def test_resume_starts_a_new_job_on_the_old_jobs_checkpoints(aws, job_dict):
     arn = describe(again.name)["TrainingJobArn"]
     tags = {t["Key"]: t["Value"] for t in boto3.client("sagemaker").list_tags(ResourceArn=arn)["Tags"]}
     assert tags["sm-qlora:resumed-from"] == first.name
+
+
+def test_a_local_model_directory_becomes_the_model_channel_once(aws, job_dict, tiny_model):
+    job_dict["model"] = {"id": str(tiny_model)}
+    first = launch_job(job_dict)
+    d = describe(first.name)
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in d["InputDataConfig"]}
+    model_uri = channels["model"]
+    assert model_uri.startswith("s3://my-bucket/qlora/uploads/") and model_uri.endswith("/tiny-mixtral")
+    assert unflatten(d["HyperParameters"])["model"]["id"] == model_uri
+    keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="my-bucket")["Contents"]}
+    prefix = model_uri[len("s3://my-bucket/"):]
+    assert {f"{prefix}/config.json", f"{prefix}/tokenizer.json", f"{prefix}/.sm-qlora-complete"} <= keys
+    assert launch_job(job_dict).extra["uploaded"] == []
