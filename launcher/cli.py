@@ -129,6 +129,7 @@ def cmd_launch(args, out: Printer) -> int:
         return 0
     out.result(job.as_dict(), "\n".join([
         f"submitted {job.name}",
+        f"  arn:      {job.arn}",
         f"  console:  {job.console_url}",
         f"  logs:     sm-qlora logs {job.name} --follow   ({job.log_group}, streams {job.log_stream_prefix}*)",
         f"  adapter:  {job.adapter_uri}",

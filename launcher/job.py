@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import JobConfig, load_config
-from launcher.errors import AWSError, ConfigError, Interrupted, JobFailed
+from launcher.errors import ConfigError, Interrupted, JobFailed
 from launcher.logs import LOG_GROUP, TERMINAL
 
 
@@ -50,7 +50,9 @@ class Job:
 
     @property
     def arn(self) -> str | None:
-        return None if self.is_local else self.describe().get("TrainingJobArn")
+        if self.is_local or self.request is not None:
+            return None
+        return self.extra.get("arn") or self.describe().get("TrainingJobArn")
 
     @property
     def adapter_uri(self) -> str:
@@ -273,6 +275,8 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
     job = Job(name=result["job_name"], region=cfg.aws.region, profile=cfg.aws.profile,
               output_s3_uri=result["output_s3_uri"], checkpoint_s3_uri=result["checkpoint_s3_uri"],
               request=result.get("request"), extra={"strategy": result["strategy"], "uploaded": result["uploaded"]})
+    if not dry_run:
+        job.extra["arn"] = job.describe()["TrainingJobArn"]
     if wait and not dry_run:
         job.wait()
     return job
@@ -332,4 +336,4 @@ def _echo_new(log: Path, offset: int) -> int:
     return offset
 
 
-__all__ = ["Job", "launch_job", "AWSError", "JobFailed"]
+__all__ = ["Job", "launch_job"]

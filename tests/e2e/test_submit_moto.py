@@ -54,6 +54,7 @@ def test_launch_creates_the_job_sagemaker_will_run(aws, job_dict):
     assert channels["train"] == hp.data.train
     assert job.adapter_uri == f"s3://my-bucket/qlora/jobs/{job.name}/output/model/"
     assert job.console_url.endswith(f"#/jobs/{job.name}")
+    assert job.arn == d["TrainingJobArn"] and job.as_dict()["arn"] == job.arn
     assert job.log_stream_prefix == f"{job.name}/"
 
 
