@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from entrypoint.progress import Progress, format_eta
+from entrypoint.progress import Progress
 from launcher.errors import AWSError, Interrupted
 
 LOG_GROUP = "/aws/sagemaker/TrainingJobs"
@@ -296,4 +296,4 @@ def describe_progress(job, limit: int = 200) -> Progress:
     return progress
 
 
-__all__ = ["follow", "cost_so_far", "describe_progress", "format_eta"]
+__all__ = ["follow", "cost_so_far", "describe_progress"]

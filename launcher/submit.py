@@ -22,7 +22,6 @@ import copy
 import gzip
 import hashlib
 import io
-import json
 import logging
 import os
 import sys
@@ -333,6 +332,3 @@ def submit(cfg: JobConfig, *, dry_run: bool = False, resume: str | None = None) 
         result["request"] = redact(hook.request)
     return result
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str, sort_keys=False)
