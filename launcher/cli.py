@@ -115,12 +115,9 @@ def cmd_plan(args, out: Printer) -> int:
 def cmd_launch(args, out: Printer) -> int:
     from launcher.job import launch_job
 
-    if args.local and args.dry_run:
-        from launcher.errors import ConfigError
-
-        raise ConfigError([("--dry-run", "is for SageMaker jobs; --local sends nothing anyway")])
-    if args.local:
-        job = launch_job(args.config, overrides=args.overrides, local=True, resume=args.resume, echo=not out.json)
+    if args.local:  # launch_job refuses --dry-run with --local
+        job = launch_job(args.config, overrides=args.overrides, local=True, dry_run=args.dry_run,
+                         resume=args.resume, echo=not out.json)
         out.result(job.as_dict(), f"done: adapter in {job.adapter_uri}")
         return 0
     job = launch_job(args.config, overrides=args.overrides, dry_run=args.dry_run, resume=args.resume)

@@ -238,8 +238,10 @@ def follow(job, *, as_json: bool = False, follow: bool = True, poll_s: float = 5
     source = job.log_source()
     progress = Progress()
     view = View(job.name, as_json, sys.stdout.isatty() if live is None else live)
-    def warn(m):
-        return (print(m, file=sys.stderr, flush=True))
+
+    def warn(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     desc: dict = {}
     last_describe = -1e9
     try:
