@@ -1,0 +1,55 @@
+"""The container contract, said once: the environment names and /opt/ml paths the job
+reads, and its exit codes. The launcher (local runner, submit) imports these names
+from here, so both sides agree. Standard library only: no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+OPT_ML = Path("/opt/ml")
+
+# Set by SageMaker / the training toolkit inside a job, and by the local runner.
+MODEL_DIR = "SM_MODEL_DIR"                # the adapter goes here
+OUTPUT_DIR = "SM_OUTPUT_DIR"              # `failure` goes here (SageMaker's FailureReason)
+INPUT_CONFIG_DIR = "SM_INPUT_CONFIG_DIR"  # hyperparameters.json
+HPS = "SM_HPS"                            # the hyperparameters, decoded (the toolkit sets it)
+HOSTS = "SM_HOSTS"
+TRAINING_JOB_NAME = "TRAINING_JOB_NAME"
+
+# Ours: set by the launcher (Estimator environment) or the local runner.
+JOB_NAME = "SM_QLORA_JOB_NAME"
+CHECKPOINT_DIR = "SM_QLORA_CHECKPOINT_DIR"
+HF_TOKEN_SECRET = "SM_QLORA_HF_TOKEN_SECRET"  # a Secrets Manager ARN, never the token
+HF_TOKEN_ENV = "SM_QLORA_HF_TOKEN_ENV"        # local runs: the name of a variable holding the token
+LAUNCHER_VERSION = "SM_QLORA_LAUNCHER_VERSION"
+RUNS_DIR = "SM_QLORA_RUNS_DIR"                # where local runs live (default ./runs)
+
+# Where SageMaker syncs checkpoint_s3_uri to and from (Estimator checkpoint_local_path).
+CHECKPOINT_PATH = OPT_ML / "checkpoints"
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 143  # 128 + SIGTERM: checkpointed and stopped; a resume continues from here
+
+
+def path(env_name: str, default: Path) -> Path:
+    """An /opt/ml location: from its variable when set (local runs, tests), else the default."""
+    return Path(os.environ.get(env_name) or default)
+
+
+def model_dir() -> Path:
+    return path(MODEL_DIR, OPT_ML / "model")
+
+
+def output_dir() -> Path:
+    return path(OUTPUT_DIR, OPT_ML / "output")
+
+
+def input_config_dir() -> Path:
+    return path(INPUT_CONFIG_DIR, OPT_ML / "input" / "config")
+
+
+def checkpoint_dir() -> Path:
+    return path(CHECKPOINT_DIR, CHECKPOINT_PATH)
