@@ -1,29 +1,55 @@
 """The CLI verbs that act on an existing job: status, list, logs, stop, plot, download.
-Each one parses nothing and prints what a `Job` method returns."""
+Each verb's arguments sit beside its handler; a handler calls the library (`Job`,
+`list_jobs`) and only formats what it returns. `register()` adds them to the CLI."""
 
 from __future__ import annotations
 
-from launcher.job import Job
+import argparse
+import functools
+import os
+import sys
+from collections.abc import Callable
+
+from launcher.job import Job, list_jobs
+from launcher.logs import money
+from launcher.render import exit_code, follow_job, state_text
+
+Handler = Callable[[argparse.Namespace, object], int]
+
+
+def _pipe_safe(handler: Handler) -> Handler:
+    """`sm-qlora logs JOB | head`: once the reader has gone, stop quietly. stdout is
+    pointed at /dev/null so that the interpreter's last flush cannot fail either."""
+
+    @functools.wraps(handler)
+    def run(args, out) -> int:
+        try:
+            return handler(args, out)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return 0
+
+    return run
 
 
 def _job(args) -> Job:
     return Job.attach(args.job, region=args.region, profile=args.profile)
 
 
-def _money(cost: dict) -> str:
-    return f"${cost['usd']:.2f}" if cost.get("usd") is not None else "-"
-
-
+@_pipe_safe
 def cmd_status(args, out) -> int:
+    """sm-qlora status medical-mixtral-20261129-101500 --output json"""
     job = _job(args)
     s = job.summary()
     if args.plot:
         s["plot"] = str(job.plot(args.plot))
     step = f"{s['step']}/{s['total_steps']}" if s["total_steps"] else str(s["step"] or "-")
     text = [
-        f"{s['job_name']}: {s['status']} ({s['secondary_status']})" + (" [local]" if s["local"] else ""),
+        f"{s['job_name']}: {state_text(s['status'], s['secondary_status'])}" + (" [local]" if s["local"] else ""),
         f"  progress: step {step}  loss {s['loss'] or '-'}  eval_loss {s['eval_loss'] or '-'}  eta {s['eta'] or '-'}",
-        f"  elapsed:  {s['elapsed_s'] if s['elapsed_s'] is not None else '-'} s   cost so far: {_money(s['cost'])}"
+        f"  elapsed:  {s['elapsed_s'] if s['elapsed_s'] is not None else '-'} s   cost so far: {money(s['cost']) or '-'}"
         + (f" ({s['instance_type']} x{s['cost']['instance_count']})" if s["instance_type"] else ""),
     ]
     if s["failure_reason"]:
@@ -33,35 +59,17 @@ def cmd_status(args, out) -> int:
     if args.plot:
         text.append(f"  plot:     {s['plot']}")
     out.result(s, "\n".join(text))
-    return 0
+    return exit_code(s["status"])
 
 
+@_pipe_safe
 def cmd_list(args, out) -> int:
-    from launcher.local import read_state, runs_dir
-
-    rows = []
-    root = runs_dir()
-    if root.is_dir():
-        for d in sorted(root.iterdir(), reverse=True):
-            state = read_state(d)
-            if state:
-                rows.append({"job_name": d.name, "status": state.get("status"), "where": "local",
-                             "created": state.get("started")})
-    from launcher.aws import client, translated
-
-    try:
-        sm = client("sagemaker", args.region, args.profile)
-        with translated("list training jobs"):
-            page = sm.list_training_jobs(SortBy="CreationTime", SortOrder="Descending", MaxResults=min(args.max, 100))
-        rows += [{"job_name": j["TrainingJobName"], "status": j["TrainingJobStatus"], "where": "sagemaker",
-                  "created": j["CreationTime"].timestamp()} for j in page["TrainingJobSummaries"]]
-    except Exception as exc:  # no credentials: still list local runs, and say why AWS is missing
-        if not rows:
-            raise
-        out.info(f"(SageMaker jobs not listed: {exc})")
-    rows = sorted(rows, key=lambda r: r["created"] or 0, reverse=True)[: args.max]
+    """sm-qlora list --max 20"""
+    listed = list_jobs(args.region, args.profile, args.max)
+    if listed.sagemaker_unavailable:
+        out.info(f"(SageMaker jobs not listed: {listed.sagemaker_unavailable})")
     if out.json:
-        out.result({"jobs": rows})
+        out.result({"jobs": listed.jobs})
         return 0
     from datetime import datetime, timezone
 
@@ -69,18 +77,22 @@ def cmd_list(args, out) -> int:
     from rich.table import Table
 
     table = Table("job", "status", "where", "created (UTC)")
-    for r in rows:
+    for r in listed.jobs:
         created = datetime.fromtimestamp(r["created"], timezone.utc).strftime("%Y-%m-%d %H:%M") if r["created"] else "-"
         table.add_row(r["job_name"], r["status"] or "?", r["where"], created)
     Console().print(table)
     return 0
 
 
+@_pipe_safe
 def cmd_logs(args, out) -> int:
-    return _job(args).logs(follow=args.follow, as_json=out.json)
+    """sm-qlora logs medical-mixtral-20261129-101500 --follow"""
+    return follow_job(_job(args), out, follow=args.follow)
 
 
+@_pipe_safe
 def cmd_stop(args, out) -> int:
+    """sm-qlora stop medical-mixtral-20261129-101500"""
     job = _job(args)
     stopped = job.stop()
     status = job.status()
@@ -92,16 +104,51 @@ def cmd_stop(args, out) -> int:
     return 0
 
 
+@_pipe_safe
 def cmd_plot(args, out) -> int:
+    """sm-qlora plot medical-mixtral-20261129-101500 --out loss.png"""
     job = _job(args)
     path = job.plot(args.out)
     out.result({"job_name": job.name, "plot": str(path)}, f"wrote {path}")
     return 0
 
 
+@_pipe_safe
 def cmd_download(args, out) -> int:
+    """sm-qlora download medical-mixtral-20261129-101500 ./adapter"""
     job = _job(args)
     files = job.download(args.dest)
     out.result({"job_name": job.name, "dest": args.dest, "files": [str(f) for f in files]},
                f"downloaded {len(files)} files from {job.adapter_uri} to {args.dest}")
     return 0
+
+
+def register(sub, common: argparse.ArgumentParser, aws: argparse.ArgumentParser) -> None:
+    """Add the job verbs to the CLI's subparsers; each gets `handler(args, out) -> int`."""
+
+    def verb(name: str, help: str, handler: Handler) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common, aws],
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"example:\n  {handler.__doc__}")
+        p.set_defaults(handler=handler)
+        return p
+
+    v = verb("status", "state, progress and cost so far", cmd_status)
+    v.add_argument("job")
+    v.add_argument("--plot", metavar="PNG", help="also write the loss curve here")
+    v = verb("list", "recent jobs", cmd_list)
+    v.add_argument("--max", type=int, default=20)
+    v = verb("logs", "log lines and a live progress bar", cmd_logs)
+    v.add_argument("job")
+    v.add_argument("--follow", "-f", action="store_true")
+    v = verb("stop", "stop the job; its checkpoints stay", cmd_stop)
+    v.add_argument("job")
+    v = verb("plot", "write a PNG of training and eval loss against steps", cmd_plot)
+    v.add_argument("job")
+    v.add_argument("--out", default=None, help="PNG path (default: <job>-loss.png)")
+    v = verb("download", "fetch the trained adapter", cmd_download)
+    v.add_argument("job")
+    v.add_argument("dest")
+
+
+__all__ = ["register", "follow_job"]

@@ -1,18 +1,36 @@
 """`launch_job()` and the `Job` handle: the product's Python API. The CLI is a thin
-shell over these."""
+shell over these.
+
+One `Job` over two small backends, as SkyPilot keeps one handle over many clouds:
+`SageMakerBackend` (launcher/sagemaker_job.py) and `LocalBackend` (launcher/local.py),
+each with describe, stop, log_source and artifacts. Attributes never touch the network;
+methods do.
+"""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from launcher.config import JobConfig, load_config
-from launcher.errors import ConfigError, Interrupted, JobFailed
-from launcher.logs import LOG_GROUP, TERMINAL
+from launcher.errors import ConfigError, Interrupted, JobFailed, LauncherError
+from launcher.logs import LOG_GROUP, TERMINAL, LogLine, StateChange, cost_so_far, follow_lines, progress_of
+
+
+class Backend(Protocol):
+    local: bool
+    region: str | None
+
+    def describe(self) -> dict[str, Any]: ...
+    def stop(self) -> bool: ...
+    def log_source(self): ...
+    def adapter_uri(self, desc: dict | None) -> str | None: ...
+    def artifacts(self, adapter_uri: str) -> list[tuple[str, Callable[[Path], None]]]: ...
+    def default_plot_path(self) -> Path: ...
+    def console_url(self) -> str | None: ...
 
 
 @dataclass
@@ -20,134 +38,101 @@ class Job:
     """A training job on SageMaker, or a local run under runs/<name>/."""
 
     name: str
-    region: str | None = None
-    profile: str | None = None
-    local_dir: Path | None = None
-    output_s3_uri: str | None = None
-    checkpoint_s3_uri: str | None = None
-    request: dict | None = None  # the CreateTrainingJob request of a dry run
-    extra: dict[str, Any] = field(default_factory=dict)
+    backend: Backend
+    submitted: Any = None  # what launch_job sent (launcher.submit.Submitted); None for an attached job
+    arn: str | None = None
+    last_description: dict | None = field(default=None, repr=False)
 
-    # ------------------------------------------------------------ where things are
+    # ------------------------------------------------------------ where things are (no I/O)
+    @classmethod
+    def attach(cls, name: str, region: str | None = None, profile: str | None = None) -> Job:
+        """A handle on an existing job: a local run if runs/<name>/ exists, else SageMaker."""
+        from launcher.local import LocalBackend, runs_dir
+
+        root = runs_dir() / name
+        if "/" not in name and name not in (".", "..") and (root / "job.json").is_file():
+            return cls(name=name, backend=LocalBackend(name, root))
+        from launcher.aws import region_or_error
+        from launcher.sagemaker_job import SageMakerBackend
+
+        region = region_or_error(region, profile, f"job {name} (it is not a local run under {runs_dir()})")
+        return cls(name=name, backend=SageMakerBackend(name, region, profile))
+
     @property
     def is_local(self) -> bool:
-        return self.local_dir is not None
+        return self.backend.local
+
+    @property
+    def local_dir(self) -> Path | None:
+        return self.backend.root if self.is_local else None
+
+    @property
+    def region(self) -> str | None:
+        return self.backend.region
+
+    @property
+    def request(self) -> dict | None:
+        """The CreateTrainingJob request of a dry run."""
+        return getattr(self.submitted, "request", None)
 
     @property
     def console_url(self) -> str | None:
-        if self.is_local:
-            return None
-        r = self.region or "us-east-1"
-        return f"https://{r}.console.aws.amazon.com/sagemaker/home?region={r}#/jobs/{self.name}"
+        return self.backend.console_url()
 
     @property
-    def log_group(self) -> str:
-        return LOG_GROUP
+    def log_group(self) -> str | None:
+        return None if self.is_local else LOG_GROUP
 
     @property
     def log_stream_prefix(self) -> str:
         return f"{self.name}/"
 
     @property
-    def arn(self) -> str | None:
-        if self.is_local or self.request is not None:
-            return None
-        return self.extra.get("arn") or self.describe().get("TrainingJobArn")
-
-    @property
-    def adapter_uri(self) -> str:
-        return self.adapter_uri_from()
-
-    def adapter_uri_from(self, desc: dict | None = None) -> str:
-        """Where the adapter lands: runs/<name>/model/ or the job's S3 output prefix
-        (uncompressed: disable_output_compression puts the files under
-        <S3OutputPath>/<job>/output/model/)."""
-        if self.is_local:
-            return str(self.local_dir / "model")
-        if self.output_s3_uri:
-            return f"{self.output_s3_uri}/{self.name}/output/model/"
-        output = (desc or self.describe()).get("OutputDataConfig", {}).get("S3OutputPath", "").rstrip("/")
-        return f"{output}/{self.name}/output/model/"
-
-    @classmethod
-    def attach(cls, name: str, region: str | None = None, profile: str | None = None) -> Job:
-        """A handle on an existing job: a local run if runs/<name>/ exists, else SageMaker."""
-        from launcher.local import runs_dir
-
-        root = runs_dir() / name
-        if (root / "job.json").is_file():
-            return cls(name=name, local_dir=root)
-        return cls(name=name, region=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
-                   profile=profile)
+    def adapter_uri(self) -> str | None:
+        """Where the adapter lands: runs/<name>/model/ or the job's S3 output prefix (None
+        until a description says where, for a SageMaker job this session did not launch)."""
+        return self.backend.adapter_uri(self.last_description)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"job_name": self.name, "local": self.is_local, "adapter": self.adapter_uri if not self.request else None}
+        out = {"job_name": self.name, "local": self.is_local, "adapter": None if self.request else self.adapter_uri}
         if self.is_local:
             out["run_dir"] = str(self.local_dir)
         else:
             out.update(region=self.region, console_url=self.console_url, log_group=self.log_group,
-                       log_stream_prefix=self.log_stream_prefix, checkpoint_s3_uri=self.checkpoint_s3_uri)
+                       log_stream_prefix=self.log_stream_prefix, arn=self.arn,
+                       checkpoint_s3_uri=getattr(self.submitted, "checkpoint_s3_uri", None))
+        if self.submitted is not None:
+            out.update(strategy=self.submitted.strategy, uploaded=self.submitted.uploaded)
         if self.request is not None:
             out["dry_run"] = True
             out["request"] = self.request
-        return out | self.extra
+        return out
 
-    # ------------------------------------------------------------ state
-    def _sm(self):
-        from launcher.aws import client
-
-        return client("sagemaker", self.region, self.profile)
-
+    # ------------------------------------------------------------ state (I/O)
     def describe(self) -> dict[str, Any]:
         """DescribeTrainingJob (or the local run's job.json, in the same field names)."""
-        if self.is_local:
-            from launcher.local import finish, read_state
-
-            state = read_state(self.local_dir)
-            pid = state.get("pid")
-            if state.get("status") == "InProgress" and pid and not _alive(pid):
-                state = finish(self.local_dir, state.get("exit_code") or -1)
-            return {
-                "TrainingJobName": self.name,
-                "TrainingJobStatus": state.get("status", "Unknown"),
-                "SecondaryStatus": {"InProgress": "Training"}.get(state.get("status"), state.get("status")),
-                "FailureReason": state.get("failure_reason"),
-                "TrainingStartTime": state.get("started"),
-                "TrainingEndTime": state.get("ended"),
-                "ModelArtifacts": {"S3ModelArtifacts": str(self.local_dir / "model")},
-            }
-        from launcher.aws import translated
-
-        with translated(f"describe {self.name}"):
-            return self._sm().describe_training_job(TrainingJobName=self.name)
+        self.last_description = self.backend.describe()
+        self.arn = self.arn or self.last_description.get("TrainingJobArn")
+        return self.last_description
 
     def status(self) -> str:
         return self.describe()["TrainingJobStatus"]
 
-    # ------------------------------------------------------------ following and control
     def log_source(self):
-        from launcher.logs import CloudWatchSource, FileSource
+        return self.backend.log_source()
 
-        if self.is_local:
-            return FileSource(self.local_dir / "output" / "job.log")
-        from launcher.aws import client
+    def lines(self, follow: bool = False, **kwargs) -> Iterator[LogLine | StateChange]:
+        """The job's log lines, each once with its parsed progress event, and its state
+        changes; with `follow`, until the job ends. kwargs: poll_s, describe_every_s,
+        sleep, warn (see launcher.logs.follow_lines)."""
+        return follow_lines(self, follow=follow, **kwargs)
 
-        return CloudWatchSource(self.name, client("logs", self.region, self.profile))
-
-    def logs(self, follow: bool = False, as_json: bool = False, poll_s: float = 5.0) -> int:
-        """Print the log (and follow it to the end); returns the SPEC exit code."""
-        from launcher.logs import follow as follow_logs
-
-        return follow_logs(self, as_json=as_json, follow=follow, poll_s=poll_s)
-
-    def progress(self):
-        from launcher.logs import describe_progress
-
-        return describe_progress(self)
+    def progress(self, limit: int = 200):
+        return progress_of(self, limit)
 
     def summary(self) -> dict[str, Any]:
         """State, secondary status, last progress, elapsed time, cost so far."""
-        from launcher.logs import cost_so_far, price_of, timestamp_s
+        from launcher.logs import timestamp_s
 
         desc = self.describe()
         p = self.progress()
@@ -161,94 +146,105 @@ class Job:
             "step": p.step, "total_steps": p.total, "loss": last.get("loss"), "eta": last.get("eta"),
             "tokens_per_sec": last.get("tokens_per_sec"),
             "eval_loss": p.eval_loss[-1][1] if p.eval_loss else None,
-            "elapsed_s": elapsed, "cost": cost_so_far(desc, price_of(desc)),
+            "elapsed_s": elapsed, "cost": cost_so_far(desc),
             "instance_type": desc.get("ResourceConfig", {}).get("InstanceType"),
-            "adapter": self.adapter_uri_from(desc) if desc.get("TrainingJobStatus") == "Completed" else None,
+            "adapter": self.adapter_uri if desc.get("TrainingJobStatus") == "Completed" else None,
         }
 
+    # ------------------------------------------------------------ control
     def stop(self) -> bool:
         """Stop the job; its checkpoints stay. False if it had already ended."""
-        if self.is_local:
-            from launcher import local
-
-            return local.stop(self.local_dir)
-        from launcher.aws import translated
-
-        if self.describe()["TrainingJobStatus"] in TERMINAL:
-            return False
-        with translated(f"stop {self.name}"):
-            self._sm().stop_training_job(TrainingJobName=self.name)
-        return True
+        return self.backend.stop()
 
     def download(self, dest: str | Path) -> list[Path]:
-        """Fetch the adapter files into dest; the job must have Completed."""
-        import shutil
-
-        dest = Path(dest)
-        status = self.describe()["TrainingJobStatus"]
+        """Fetch the adapter files into dest; the job must have Completed. Every file lands
+        inside dest: a key that would leave it (`../`) is refused before anything is written."""
+        status = self.status()
         if status != "Completed":
             raise JobFailed(f"job {self.name} is {status}: there is no adapter to download",
                             f"sm-qlora status {self.name}")
-        dest.mkdir(parents=True, exist_ok=True)
-        if self.is_local:
-            out = []
-            for f in sorted((self.local_dir / "model").rglob("*")):
-                if f.is_file():
-                    target = dest / f.relative_to(self.local_dir / "model")
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(f, target)
-                    out.append(target)
-            return out
-        from launcher.aws import client, split_s3, translated
-
-        bucket, prefix = split_s3(self.adapter_uri)
-        s3 = client("s3", self.region, self.profile)
-        out = []
-        with translated(f"download {self.adapter_uri}"):
-            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                for obj in page.get("Contents", []):
-                    rel = obj["Key"][len(prefix):].lstrip("/")
-                    if not rel:
-                        continue
-                    target = dest / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    s3.download_file(bucket, obj["Key"], str(target))
-                    out.append(target)
-        if not out:
+        dest = Path(dest)
+        files = self.backend.artifacts(self.adapter_uri)
+        if not files:
             raise JobFailed(f"no files under {self.adapter_uri}", "the job may have failed to save; see its logs")
+        targets = [(inside(dest, rel, self.adapter_uri), fetch) for rel, fetch in files]
+        out = []
+        for target, fetch in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fetch(target)
+            out.append(target)
         return out
 
     def plot(self, path: str | Path | None = None) -> Path:
         """Write a PNG of training and eval loss against steps, from the job's logs."""
-        from launcher.logs import describe_progress
         from launcher.plot import write_loss_png
 
-        progress = describe_progress(self, limit=10000)
-        default = (self.local_dir / "loss.png") if self.is_local else Path(f"{self.name}-loss.png")
-        return write_loss_png(progress, Path(path) if path else default, self.name)
+        return write_loss_png(self.progress(limit=10000), Path(path) if path else self.backend.default_plot_path(),
+                              self.name)
 
     def wait(self, poll_s: float = 30.0) -> dict[str, Any]:
         """Block until the job ends; JobFailed if it Failed or was Stopped."""
-        while True:
-            desc = self.describe()
-            if desc["TrainingJobStatus"] in TERMINAL:
-                break
+        while (desc := self.describe())["TrainingJobStatus"] not in TERMINAL:
             time.sleep(poll_s)
         if desc["TrainingJobStatus"] != "Completed":
             raise JobFailed(f"job {self.name} {desc['TrainingJobStatus']}: {desc.get('FailureReason') or 'no reason given'}",
                             f"sm-qlora logs {self.name}")
         return desc
 
+    def logs(self, follow: bool = False, as_json: bool = False) -> int:
+        """Deprecated: print the log and return the CLI's exit code. Kept only until
+        cli.py calls launcher.control.follow_job; use `lines()` instead."""
+        from launcher.cli import Printer
+        from launcher.control import follow_job
 
-def _alive(pid: int) -> bool:
+        return follow_job(self, Printer("json" if as_json else "text"), follow)
+
+
+def inside(dest: Path, rel: str, source: str) -> Path:
+    """dest/rel, refused when it resolves outside dest (a `../` or absolute key)."""
+    root = dest.resolve()
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise LauncherError(f"refusing to download {source}{rel}: it would be written outside {dest}",
+                            "the adapter's files hold a path that leaves the destination; nothing was written")
+    return target
+
+
+# --------------------------------------------------------------------------- listing
+
+@dataclass
+class JobList:
+    jobs: list[dict[str, Any]]          # job_name, status, where (local|sagemaker), created (epoch s)
+    sagemaker_unavailable: str | None   # why SageMaker jobs are missing, when local runs were listed
+
+
+def list_jobs(region: str | None = None, profile: str | None = None, max_results: int = 20) -> JobList:
+    """Recent local runs and SageMaker jobs, newest first."""
+    from launcher.local import read_state, runs_dir
+
+    rows = []
+    root = runs_dir()
+    if root.is_dir():
+        for d in sorted(root.iterdir(), reverse=True):
+            state = read_state(d) if d.is_dir() else {}
+            if state:
+                rows.append({"job_name": d.name, "status": state.get("status"), "where": "local",
+                             "created": state.get("started")})
+    missing = None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        from launcher.aws import region_or_error
+        from launcher.sagemaker_job import list_sagemaker_jobs
 
+        rows += list_sagemaker_jobs(region_or_error(region, profile, "SageMaker jobs"), profile, max_results)
+    except LauncherError as exc:  # no credentials or region: local runs are still worth listing
+        if not rows:
+            raise
+        missing = str(exc)
+    rows = sorted(rows, key=lambda r: r["created"] or 0, reverse=True)[:max_results]
+    return JobList(rows, missing)
+
+
+# --------------------------------------------------------------------------- launching
 
 def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | tuple[str, ...] = (),
                local: bool = False, dry_run: bool = False, resume: str | None = None,
@@ -260,80 +256,76 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
     - `local=True`: runs the same entrypoint here under runs/<job>/ and returns when it ends.
     - `dry_run=True`: builds the exact CreateTrainingJob request (job.request) and sends nothing.
     - `resume=JOB`: continue from JOB's checkpoints (SageMaker: a new job on JOB's checkpoint
-      S3 URI; local: the same runs/JOB/).
+      S3 URI; local: the same runs/JOB/, which must be neither running nor Completed).
     """
     cfg = load_config(config, overrides)
     if local:
         if dry_run:
             raise ConfigError([("--dry-run", "is for SageMaker jobs; --local sends nothing anyway")])
         return run_local(cfg, resume=resume, echo=echo)
-    from launcher.plan import check_fits
-    from launcher.submit import submit
+    from launcher.plan import check_fits, choose_strategy
+    from launcher.sagemaker_job import SageMakerBackend
 
     check_fits(cfg)  # an instance that cannot hold the model: exit 2, nothing sent
-    result = submit(cfg, dry_run=dry_run, resume=resume)
-    job = Job(name=result["job_name"], region=cfg.aws.region, profile=cfg.aws.profile,
-              output_s3_uri=result["output_s3_uri"], checkpoint_s3_uri=result["checkpoint_s3_uri"],
-              request=result.get("request"), extra={"strategy": result["strategy"], "uploaded": result["uploaded"]})
+    submitted = _submit(cfg, choose_strategy(cfg), dry_run=dry_run, resume=resume)
+    region = cfg.aws.region or _session_region(cfg)
+    job = Job(name=submitted.job_name, submitted=submitted,
+              backend=SageMakerBackend(submitted.job_name, region, cfg.aws.profile, submitted.output_s3_uri))
     if not dry_run:
-        job.extra["arn"] = job.describe()["TrainingJobArn"]
-    if wait and not dry_run:
-        job.wait()
+        job.describe()  # the ARN, and a job that exists
+        if wait:
+            job.wait()
     return job
 
 
+def _session_region(cfg: JobConfig) -> str | None:
+    from launcher.aws import session
+
+    return session(cfg.aws.region, cfg.aws.profile).region_name
+
+
+@dataclass(frozen=True)
+class _Submitted:
+    job_name: str
+    strategy: str
+    uploaded: list
+    checkpoint_s3_uri: str
+    output_s3_uri: str
+    request: dict | None = None
+    source_files: list = field(default_factory=list)
+
+
+def _submit(cfg: JobConfig, strategy: str, *, dry_run: bool, resume: str | None):
+    """submit() until it takes the strategy and returns a Submitted; delete this then
+    and call `submit(cfg, strategy, dry_run=..., resume=...)` directly."""
+    import inspect
+
+    from launcher.submit import submit
+
+    if "strategy" in inspect.signature(submit).parameters:
+        return submit(cfg, strategy, dry_run=dry_run, resume=resume)
+    r = submit(cfg, dry_run=dry_run, resume=resume)
+    return _Submitted(r["job_name"], r["strategy"], r["uploaded"], r["checkpoint_s3_uri"], r["output_s3_uri"],
+                      r.get("request"), r.get("source_files", []))
+
+
 def run_local(cfg: JobConfig, resume: str | None = None, echo: bool = False) -> Job:
-    """Run in the foreground; Ctrl-C or SIGTERM makes the entrypoint checkpoint and stop."""
+    """Run in the foreground; Ctrl-C, SIGTERM or a hang-up makes the entrypoint
+    checkpoint and stop."""
     from launcher import local
     from launcher.submit import job_name_for
 
     name = resume or job_name_for(cfg.job_name)
-    root, proc = local.start(cfg, name, resume=bool(resume))
-    job = Job(name=name, local_dir=root)
-    log = root / "output" / "job.log"
-
-    interrupted = []
-
-    def forward(signum, frame):
-        interrupted.append(signum)
-        local.stop(root)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        offset = log.stat().st_size if resume and log.exists() else 0
-        while True:
-            code = proc.poll()
-            if echo:
-                offset = _echo_new(log, offset)
-            if code is not None:
-                break
-            time.sleep(0.2)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    state = local.finish(root, proc.returncode)
-    job.extra["status"] = state["status"]
-    if state["status"] != "Completed" and interrupted:
+    root, state, received = local.run(cfg, name, resume=bool(resume), echo=echo)
+    job = Job(name=name, backend=local.LocalBackend(name, root))
+    resume_hint = f"resume with: sm-qlora launch CONFIG --local --resume {name}"
+    if state["status"] != "Completed" and received:
         raise Interrupted(f"local run {name} interrupted; its newest checkpoint is in {root / 'checkpoints'}",
-                          f"resume with: sm-qlora launch CONFIG --local --resume {name}")
+                          resume_hint)
     if state["status"] != "Completed":
-        hint = (f"resume with: sm-qlora launch CONFIG --local --resume {name}"
-                if state["status"] == "Stopped" else f"see {log}")
+        hint = resume_hint if state["status"] == "Stopped" else f"see {root / 'output' / 'job.log'}"
         raise JobFailed(f"local run {name} {state['status']}: {state['failure_reason']}", hint)
     return job
 
 
-def _echo_new(log: Path, offset: int) -> int:
-    if not log.exists():
-        return offset
-    with log.open("rb") as f:
-        f.seek(offset)
-        chunk = f.read()
-    if b"\n" in chunk:
-        complete = chunk[: chunk.rfind(b"\n") + 1]
-        print(complete.decode(errors="replace"), end="", flush=True)
-        return offset + len(complete)
-    return offset
-
-
-__all__ = ["Job", "launch_job"]
+__all__ = ["Job", "launch_job", "list_jobs"]

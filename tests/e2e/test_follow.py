@@ -17,12 +17,22 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 from botocore.stub import Stubber
 
-from launcher.cli import main
+from launcher.cli import Printer, main
 from launcher.errors import Interrupted
 from launcher.job import Job
-from launcher.logs import LOG_GROUP, follow
+from launcher.logs import LOG_GROUP
+from launcher.render import follow_job
+from launcher.sagemaker_job import SageMakerBackend
 
 NAME = "medical-mixtral-20261129-101500"
+
+
+def sm_job() -> Job:
+    return Job.attach(NAME, region="us-east-1")
+
+
+def follow(job: Job, as_json: bool = False, **kwargs) -> int:
+    return follow_job(job, Printer("json" if as_json else "text"), kwargs.pop("follow", True), **kwargs)
 
 
 def describe_response(status: str, secondary: str, **extra) -> dict:
@@ -48,7 +58,7 @@ def stubbed(aws, monkeypatch):
     """A real SageMaker client whose answers the test scripts."""
     client = boto3.client("sagemaker")
     stub = Stubber(client)
-    monkeypatch.setattr(Job, "_sm", lambda self: client)
+    monkeypatch.setattr(SageMakerBackend, "_sm", lambda self: client)
     stub.activate()
     yield stub
     stub.deactivate()
@@ -103,7 +113,7 @@ def test_follow_prints_every_line_of_every_stream_once(stubbed, capsys):
         lambda: writer.put("algo-1-1700000000", train(40, 1.1), "[eval] step=40/40 eval_loss=1.2000",
                            "[done] steps=40 train_loss=1.1000 runtime_s=3500 adapter=/opt/ml/model"),
     ])
-    code = follow(Job(name=NAME, region="us-east-1"), as_json=True, poll_s=0, describe_every_s=0, live=False,
+    code = follow(sm_job(), as_json=True, poll_s=0, describe_every_s=0, live=False,
                   sleep=lambda s: next(script)())
     assert code == 0
     objs = json_lines(capsys.readouterr().out)
@@ -126,7 +136,7 @@ def test_follow_survives_throttling_and_dropped_connections(stubbed, monkeypatch
     writer.put("algo-1-1", *[f"line {i}" for i in range(5)])
     expect_describe(stubbed, describe_response("InProgress", "Training"),
                     describe_response("Completed", "Completed", BillableTimeInSeconds=60))
-    job = Job(name=NAME, region="us-east-1")
+    job = sm_job()
     source = job.log_source()
     real = source.client.get_log_events
     calls = {"n": 0}
@@ -181,7 +191,7 @@ def test_ctrl_c_detaches_with_130_and_says_how_to_reattach_and_stop(stubbed, cap
         raise KeyboardInterrupt
 
     with pytest.raises(Interrupted) as info:
-        follow(Job(name=NAME, region="us-east-1"), poll_s=0, live=False, sleep=interrupt)
+        follow(sm_job(), poll_s=0, live=False, sleep=interrupt)
     assert info.value.exit_code == 130
     text = str(info.value)
     assert f"sm-qlora logs {NAME} --follow" in text and f"sm-qlora stop {NAME}" in text
@@ -289,7 +299,7 @@ def test_a_pipe_gets_state_changes_on_stderr_and_a_terminal_gets_a_live_bar(stub
     expect_describe(stubbed, describe_response("InProgress", "Starting"), describe_response("InProgress", "Downloading"),
                     describe_response("Completed", "Completed", BillableTimeInSeconds=60))
     script = iter([lambda: None, lambda: writer.put("algo-1-1", train(5, 1.9))])
-    assert follow(Job(name=NAME, region="us-east-1"), poll_s=0, describe_every_s=0, live=False,
+    assert follow(sm_job(), poll_s=0, describe_every_s=0, live=False,
                   sleep=lambda s: next(script)()) == 0
     captured = capsys.readouterr()
     assert f"[sm-qlora] {NAME}: InProgress (Starting)" in captured.err
@@ -298,7 +308,7 @@ def test_a_pipe_gets_state_changes_on_stderr_and_a_terminal_gets_a_live_bar(stub
 
     expect_describe(stubbed, describe_response("InProgress", "Training"),
                     describe_response("Completed", "Completed", BillableTimeInSeconds=60))
-    assert follow(Job(name=NAME, region="us-east-1"), poll_s=0, describe_every_s=0, live=True,
+    assert follow(sm_job(), poll_s=0, describe_every_s=0, live=True,
                   sleep=lambda s: None) == 0
     out = capsys.readouterr().out
     assert "5/40 loss 1.9000 2400 tok/s eta 0:08:00" in out and "cost so far $" in out
