@@ -93,10 +93,19 @@ class Job:
         until a description says where, for a SageMaker job this session did not launch)."""
         return self.backend.adapter_uri(self.last_description)
 
+    @property
+    def extra(self) -> dict[str, Any]:
+        """Deprecated: what `submitted` holds, as the old untyped dict. Kept only until
+        tests/e2e/test_submit_moto.py reads `job.submitted.uploaded`; delete then."""
+        s = self.submitted
+        return {"strategy": s.strategy, "uploaded": s.uploaded, "arn": self.arn} if s is not None else {}
+
     def as_dict(self) -> dict[str, Any]:
         out = {"job_name": self.name, "local": self.is_local, "adapter": None if self.request else self.adapter_uri}
         if self.is_local:
             out["run_dir"] = str(self.local_dir)
+            if self.last_description:
+                out["status"] = self.last_description["TrainingJobStatus"]
         else:
             out.update(region=self.region, console_url=self.console_url, log_group=self.log_group,
                        log_stream_prefix=self.log_stream_prefix, arn=self.arn,
@@ -318,6 +327,7 @@ def run_local(cfg: JobConfig, resume: str | None = None, echo: bool = False) -> 
     name = resume or job_name_for(cfg.job_name)
     root, state, received = local.run(cfg, name, resume=bool(resume), echo=echo)
     job = Job(name=name, backend=local.LocalBackend(name, root))
+    job.describe()
     resume_hint = f"resume with: sm-qlora launch CONFIG --local --resume {name}"
     if state["status"] != "Completed" and received:
         raise Interrupted(f"local run {name} interrupted; its newest checkpoint is in {root / 'checkpoints'}",
