@@ -231,7 +231,13 @@ def settle(root: Path) -> dict:
         return state  # alive
     try:
         state = read_state(root)
-        return finish(root, None) if state.get("status") == "InProgress" else state
+        if state.get("status") != "InProgress":
+            return state
+        try:
+            return finish(root, None)
+        except OSError:  # still no space: say how it ended without recording it
+            status, reason = outcome(*_read_log(root), None)
+            return state | {"status": status, "failure_reason": reason}
     finally:
         os.close(fd)
 

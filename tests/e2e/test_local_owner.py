@@ -190,6 +190,9 @@ def test_a_full_disk_when_recording_the_end_still_gives_a_final_state(runs, fake
     assert "its state could not be recorded: No space left on device" in capsys.readouterr().err
     name = next(runs.iterdir()).name
     assert state(runs, name)["status"] == "InProgress"  # what the full disk left behind
+    assert main(["status", name, "--output", "json"]) == 0  # still full: the outcome, read from the log
+    assert json.loads(capsys.readouterr().out)["status"] == "Completed"
+    assert state(runs, name)["status"] == "InProgress"
     monkeypatch.setattr(local, "write_state", real)  # space freed: the next reader records the outcome
     assert main(["status", name, "--output", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "Completed"
