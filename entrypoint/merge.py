@@ -47,6 +47,7 @@ class MergeSpec:
     data: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    base_name: str | None = None  # what the card calls the base when `base` is a channel path
 
 
 def choose_dtype(requested: str):
@@ -134,22 +135,23 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def write_card(directory: Path, spec: MergeSpec, lora: dict, dtype_name: str) -> Path:
+    base = spec.base_name or spec.base
     targets = lora.get("target_modules")
     targets = ", ".join(sorted(targets)) if isinstance(targets, list) else targets
     lines = [
         "---",
-        f"base_model: {spec.base}",
+        f"base_model: {base}",
         "library_name: transformers",
         "tags: [qlora, lora, merged, sagemaker-qlora]",
         "---",
         "",
-        f"# {spec.base} with a QLoRA adapter merged in",
+        f"# {base} with a QLoRA adapter merged in",
         "",
         f"The LoRA adapter was merged into the full-precision base weights ({dtype_name}), not into "
         "4-bit weights, so this model loads with `AutoModelForCausalLM.from_pretrained` alone: "
         "no peft, no bitsandbytes.",
         "",
-        f"- base model: {spec.base}" + (f" (revision {spec.revision})" if spec.revision else ""),
+        f"- base model: {base}" + (f" (revision {spec.revision})" if spec.revision else ""),
         f"- adapter job: {spec.adapter_job or 'unknown'}",
         f"- training data: {spec.data or 'unknown'}",
         f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, targets: {targets}",
@@ -186,7 +188,7 @@ def spec_from_container() -> MergeSpec:
         raise BadInput("no base model: neither a `model` channel nor a base_model hyperparameter")
     return MergeSpec(adapter=adapter, base=base, out=str(container.model_dir()), dtype=raw.get("dtype", "auto"),
                      adapter_job=raw.get("adapter_job"), data=raw.get("data"), revision=raw.get("revision"),
-                     trust_remote_code=bool(raw.get("trust_remote_code", False)))
+                     trust_remote_code=bool(raw.get("trust_remote_code", False)), base_name=raw.get("base_model"))
 
 
 def _decode(value):

@@ -122,3 +122,114 @@ def test_a_failed_merge_leaves_nothing_and_an_existing_model_is_not_overwritten(
     with pytest.raises(BadInput, match="not empty"):
         merge(MergeSpec(adapter=str(adapter), base=str(tiny_model), out=str(busy)))
     assert (busy / "model.safetensors").read_text() == "someone's model"
+
+
+# --------------------------------------------------------------------------- the launcher's side
+
+def cli(argv: list[str]) -> int:
+    """The verb as the CLI will wire it: a parser built with merge.register()."""
+    import argparse
+
+    from launcher.cli import Printer
+    from launcher.merge import register
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--output", choices=["text", "json"], default="text")
+    aws = argparse.ArgumentParser(add_help=False)
+    aws.add_argument("--region")
+    aws.add_argument("--profile")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="verb"), common, aws)
+    args = parser.parse_args(argv)
+    from launcher.errors import LauncherError
+
+    try:
+        return args.handler(args, Printer(args.output))
+    except LauncherError as exc:
+        return exc.exit_code
+
+
+def fake_local_run(runs: Path, name: str, tiny_model: Path, adapter: Path, status: str = "Completed") -> Path:
+    """runs/<name>/ as a finished local run leaves it: job.json, the hyperparameters, the adapter."""
+    import shutil
+
+    from entrypoint.hyperparams import Hyperparameters, flatten
+
+    root = runs / name
+    (root / "input" / "config").mkdir(parents=True)
+    shutil.copytree(adapter, root / "model")
+    hp = Hyperparameters.model_validate({"model": {"id": str(tiny_model)},
+                                         "data": {"train": str(ROOT / "examples/data/medical.jsonl")}})
+    (root / "input" / "config" / "hyperparameters.json").write_text(
+        json.dumps({k: json.dumps(v) for k, v in flatten(hp).items()}))
+    (root / "job.json").write_text(json.dumps({"name": name, "status": status}))
+    return root
+
+
+def test_cli_merges_a_local_run_on_this_machine(tiny_model, adapter, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SM_QLORA_RUNS_DIR", str(tmp_path / "runs"))
+    fake_local_run(tmp_path / "runs", "tiny-medical-20261129-101500", tiny_model, adapter)
+    dest = tmp_path / "merged"
+    assert cli(["merge", "tiny-medical-20261129-101500", str(dest), "--output", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)  # one JSON object: the merge's own lines went to stderr
+    assert out["merged"] == str(dest) and "config.json" in out["files"]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(dest, dtype="auto")
+    assert model.dtype == torch.bfloat16
+    assert "tiny-medical-20261129-101500" in (dest / "README.md").read_text()
+
+
+def test_local_merge_refuses_a_running_job_and_a_full_destination(tiny_model, adapter, tmp_path, monkeypatch):
+    monkeypatch.setenv("SM_QLORA_RUNS_DIR", str(tmp_path / "runs"))
+    fake_local_run(tmp_path / "runs", "tiny-failed", tiny_model, adapter, status="Failed")
+    assert cli(["merge", "tiny-failed", str(tmp_path / "m")]) == 1
+    fake_local_run(tmp_path / "runs", "tiny-done", tiny_model, adapter)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    assert cli(["merge", "tiny-done", str(full)]) == 2
+    assert cli(["merge", "tiny-done", "s3://my-bucket/merged"]) == 2
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_merge_job_runs_in_the_container_from_its_channels(tiny_model, adapter, tmp_path, monkeypatch):
+    """What sm_qlora_merge.py does inside SageMaker: channels in, SM_MODEL_DIR (already there) out."""
+    from entrypoint.merge import main
+
+    model_dir, config = tmp_path / "opt-ml-model", tmp_path / "config"
+    model_dir.mkdir()
+    config.mkdir()
+    (config / "hyperparameters.json").write_text(json.dumps({
+        "base_model": json.dumps("s3://my-bucket/qlora/uploads/abc/tiny-mixtral"), "adapter_job": json.dumps("j-1"),
+        "dtype": json.dumps("fp32"), "sagemaker_program": json.dumps("sm_qlora_merge.py")}))
+    for k, v in {"SM_CHANNEL_ADAPTER": adapter, "SM_CHANNEL_MODEL": tiny_model, "SM_MODEL_DIR": model_dir,
+                 "SM_INPUT_CONFIG_DIR": config, "SM_OUTPUT_DIR": tmp_path / "output"}.items():
+        monkeypatch.setenv(k, str(v))
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 0
+    names = sorted(p.name for p in model_dir.iterdir())
+    assert "config.json" in names and not any("partial" in n for n in names)
+    assert "base_model: s3://my-bucket/qlora/uploads/abc/tiny-mixtral" in (model_dir / "README.md").read_text()
+    monkeypatch.delenv("SM_CHANNEL_ADAPTER")
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2
+    assert "adapter" in (tmp_path / "output" / "failure").read_text()
+
+
+def test_the_merge_instance_holds_the_base_in_bf16():
+    from launcher.merge import choose_instance
+    from launcher.shapes import built_in
+
+    shape = built_in("mistralai/Mixtral-8x7B-Instruct-v0.1")
+    name, why = choose_instance(shape, "mistralai/Mixtral-8x7B-Instruct-v0.1", None)
+    from launcher.instances import catalog
+
+    inst = catalog().get(name)
+    assert inst.total_gpu_memory_gib >= 93.4e9 * 1.2 / 2**30  # about 94 GB of bf16 weights, plus 20%
+    cheaper = [i for i in catalog().instances.values() if i.price_per_hour < inst.price_per_hour]
+    assert all(i.total_gpu_memory_gib < 104 for i in cheaper)
+    assert "93 GB" in why and name in why
+    assert choose_instance(None, "s3://b/m", "ml.g5.2xlarge")[0] == "ml.g5.2xlarge"
