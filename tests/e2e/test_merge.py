@@ -233,3 +233,74 @@ def test_the_merge_instance_holds_the_base_in_bf16():
     assert all(i.total_gpu_memory_gib < 104 for i in cheaper)
     assert "93 GB" in why and name in why
     assert choose_instance(None, "s3://b/m", "ml.g5.2xlarge")[0] == "ml.g5.2xlarge"
+
+
+def test_sagemaker_merge_is_a_job_on_the_adapter_jobs_image_and_code(aws, job_dict, monkeypatch):
+    """moto over HTTP: the adapter job is created by a real launch; moto reports it Completed
+    at once, and accepts the merge job's CreateTrainingJob as SageMaker would receive it."""
+    import boto3
+
+    from launcher.job import launch_job
+    from launcher.merge import merge
+
+    job = launch_job(job_dict)
+    sm = boto3.client("sagemaker")
+    adapter_job = sm.describe_training_job(TrainingJobName=job.name)
+    result = merge(job.name, None, echo=lambda line: None)
+    d = sm.describe_training_job(TrainingJobName=result["merge_job"])
+    assert d["AlgorithmSpecification"]["TrainingImage"] == adapter_job["AlgorithmSpecification"]["TrainingImage"]
+    assert d["RoleArn"] == adapter_job["RoleArn"]
+    hp = d["HyperParameters"]
+    assert hp["sagemaker_program"] == '"sm_qlora_merge.py"'
+    assert hp["sagemaker_submit_directory"] == adapter_job["HyperParameters"]["sagemaker_submit_directory"]
+    assert json.loads(hp["base_model"]) == "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    assert json.loads(hp["adapter_job"]) == job.name
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in d["InputDataConfig"]}
+    assert channels == {"adapter": f"s3://my-bucket/qlora/jobs/{job.name}/output/model/"}  # hub base: no model channel
+    assert d["OutputDataConfig"]["S3OutputPath"] == f"s3://my-bucket/qlora/merged/{job.name}"
+    assert d["ResourceConfig"]["InstanceType"] == result["instance_type"] == "ml.g6e.12xlarge"
+    assert d["ResourceConfig"]["InstanceCount"] == 1
+    assert result["merged"] == f"s3://my-bucket/qlora/merged/{job.name}/{result['merge_job']}/output/model/"
+    assert len(result["merge_job"]) <= 63 and result["merge_job"].startswith(job.name[:40])
+    # moto leaves Environment out of DescribeTrainingJob; SageMaker returns it, and the
+    # merge job gets the token secret's ARN from it (never the token).
+    from launcher.merge import merge_request
+
+    secret = job_dict["aws"]["hf_token_secret"]
+    request = merge_request(adapter_job | {"Environment": {"SM_QLORA_HF_TOKEN_SECRET": secret}}, "s3://b/a/",
+                            name="m", output="s3://b/o", instance_type="ml.g6e.12xlarge")
+    assert request["Environment"]["SM_QLORA_HF_TOKEN_SECRET"] == secret
+
+
+def test_sagemaker_merge_dry_run_sends_nothing_and_a_local_dest_needs_wait(aws, job_dict, capsys):
+    import boto3
+
+    from launcher.job import launch_job
+
+    job = launch_job(job_dict)
+    assert cli(["merge", job.name, "--dry-run", "--output", "json", "--instance-type", "ml.p4d.24xlarge"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["request"]["ResourceConfig"]["InstanceType"] == "ml.p4d.24xlarge"
+    assert cli(["merge", job.name, "./merged-here"]) == 2
+    assert cli(["merge", job.name, "--instance-type", "ml.p4d.8xlarge"]) == 2
+    jobs = boto3.client("sagemaker").list_training_jobs()["TrainingJobSummaries"]
+    assert [j["TrainingJobName"] for j in jobs] == [job.name]
+
+
+def test_sagemaker_merge_of_an_s3_base_mounts_it_and_waits_then_downloads(aws, job_dict, tmp_path, monkeypatch):
+    import boto3
+
+    from launcher import merge as merge_mod
+    from launcher.job import launch_job
+
+    job = launch_job(job_dict, overrides=["model.id=s3://my-bucket/models/Mixtral-8x7B-v0.1"])
+    monkeypatch.setattr(merge_mod, "merge_job_name", lambda name: "the-merge")
+    merged = f"qlora/merged/{job.name}/the-merge/output/model"
+    boto3.client("s3").put_object(Bucket="my-bucket", Key=f"{merged}/config.json", Body=b"{}")
+    monkeypatch.setattr("launcher.job.time.sleep", lambda s: None)
+    result = merge_mod.merge(job.name, str(tmp_path / "merged"), wait=True, echo=lambda line: None)
+    d = boto3.client("sagemaker").describe_training_job(TrainingJobName="the-merge")
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in d["InputDataConfig"]}
+    assert channels["model"] == "s3://my-bucket/models/Mixtral-8x7B-v0.1"
+    assert (tmp_path / "merged" / "config.json").read_text() == "{}"
+    assert result["downloaded_to"] == str(tmp_path / "merged")
