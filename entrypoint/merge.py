@@ -219,10 +219,12 @@ def parse_args(argv: list[str]) -> MergeSpec:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """`argv` None: inside a SageMaker job (the entry script calls `main()`). The training
+    toolkit passes the hyperparameters as command-line flags too, so sys.argv is not ours
+    there: the container's files and channels are read instead."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # no carriage returns in CloudWatch
     try:
-        spec = parse_args(argv) if argv else spec_from_container()
+        spec = spec_from_container() if argv is None else parse_args(argv)
         if spec.dtype not in DTYPES:
             raise BadInput(f"dtype {spec.dtype!r} is not one of {', '.join(DTYPES)}")
         merge(spec)
@@ -239,4 +241,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -180,7 +180,7 @@ def test_cli_merges_a_local_run_on_this_machine(tiny_model, adapter, tmp_path, m
     assert "tiny-medical-20261129-101500" in (dest / "README.md").read_text()
 
 
-def test_local_merge_refuses_a_running_job_and_a_full_destination(tiny_model, adapter, tmp_path, monkeypatch):
+def test_local_merge_refuses_an_unfinished_run_a_full_destination_and_s3(tiny_model, adapter, tmp_path, monkeypatch):
     monkeypatch.setenv("SM_QLORA_RUNS_DIR", str(tmp_path / "runs"))
     fake_local_run(tmp_path / "runs", "tiny-failed", tiny_model, adapter, status="Failed")
     assert cli(["merge", "tiny-failed", str(tmp_path / "m")]) == 1
@@ -206,15 +206,17 @@ def test_the_merge_job_runs_in_the_container_from_its_channels(tiny_model, adapt
     for k, v in {"SM_CHANNEL_ADAPTER": adapter, "SM_CHANNEL_MODEL": tiny_model, "SM_MODEL_DIR": model_dir,
                  "SM_INPUT_CONFIG_DIR": config, "SM_OUTPUT_DIR": tmp_path / "output"}.items():
         monkeypatch.setenv(k, str(v))
+    # the training toolkit runs `python sm_qlora_merge.py --base_model ...`: those flags are not ours
+    monkeypatch.setattr(sys, "argv", ["sm_qlora_merge.py", "--base_model", "x", "--dtype", "fp32"])
     with pytest.raises(SystemExit) as exit_:
-        main([])
+        main()
     assert exit_.value.code == 0
     names = sorted(p.name for p in model_dir.iterdir())
     assert "config.json" in names and not any("partial" in n for n in names)
     assert "base_model: s3://my-bucket/qlora/uploads/abc/tiny-mixtral" in (model_dir / "README.md").read_text()
     monkeypatch.delenv("SM_CHANNEL_ADAPTER")
     with pytest.raises(SystemExit) as exit_:
-        main([])
+        main()
     assert exit_.value.code == 2
     assert "adapter" in (tmp_path / "output" / "failure").read_text()
 
