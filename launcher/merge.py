@@ -219,19 +219,25 @@ def merge_sagemaker(job, dest: str | None, *, dtype: str = "auto", instance_type
     return result
 
 
-def merge(job_name: str, dest: str | Path | None, *, region: str | None = None, profile: str | None = None,
-          dtype: str = "auto", instance_type: str | None = None, wait: bool = False, dry_run: bool = False,
-          echo=print) -> dict[str, Any]:
-    """The library call behind `sm-qlora merge` (and `Job.merge()`)."""
-    from launcher.job import Job
-
-    job = Job.attach(job_name, region=region, profile=profile)
+def merge_job(job, dest: str | Path | None, *, dtype: str = "auto", instance_type: str | None = None,
+              wait: bool = False, dry_run: bool = False, echo=print) -> dict[str, Any]:
+    """`Job.merge()`: a local run merges here into `dest`; a SageMaker job gets a merge job."""
+    if dtype not in DTYPES:
+        raise _config_error("--dtype", f"{dtype!r} is not one of {', '.join(DTYPES)}")
     if job.is_local:
         if dest is None:
             raise _config_error("DEST", "a local run merges into a directory: name it")
         return merge_local(job, dest, dtype=dtype, echo=echo)
     return merge_sagemaker(job, None if dest is None else str(dest), dtype=dtype, instance_type=instance_type,
                            wait=wait, dry_run=dry_run, echo=echo)
+
+
+def merge(job_name: str, dest: str | Path | None, *, region: str | None = None, profile: str | None = None,
+          **options) -> dict[str, Any]:
+    """The library call behind `sm-qlora merge JOB DEST`."""
+    from launcher.job import Job
+
+    return merge_job(Job.attach(job_name, region=region, profile=profile), dest, **options)
 
 
 # --------------------------------------------------------------------------- CLI

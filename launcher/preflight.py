@@ -278,6 +278,14 @@ def preflight(cfg) -> list[Check]:
     return checks
 
 
+def gate(cfg, info=print) -> int:
+    """`launch --preflight`: print each check, return the exit code (0: go on and launch)."""
+    checks = preflight(cfg)
+    for c in checks:
+        info(c.line())
+    return exit_code(checks)
+
+
 # --------------------------------------------------------------------------- CLI
 
 EXAMPLE = "sm-qlora preflight examples/job.yaml --output json"

@@ -107,6 +107,11 @@ def test_a_missing_role_is_named_with_its_fix(account, job_dict):
     assert "aws.role" in checks["role"].fix
     assert checks["iam:PassRole"].ok is None  # nothing to simulate against
     assert checks["bucket"].ok is True  # the other checks still ran
+    lines: list[str] = []  # `launch --preflight` prints the same lines and stops on the same code
+    from launcher.config import load_config
+
+    assert pf.gate(load_config(job_dict), info=lines.append) == 2
+    assert any(line.startswith("[FAIL] role:") for line in lines)
 
 
 def test_a_role_that_trusts_another_service_is_refused(account, job_dict):
