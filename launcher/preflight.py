@@ -211,11 +211,9 @@ def check_quota(quotas, instance_type: str, count: int, spot: bool) -> Check:
     wanted = quota_name(instance_type, spot)
     name = "instance quota"
     try:
-        found = None
-        for page in quotas.get_paginator("list_service_quotas").paginate(ServiceCode="sagemaker"):
-            found = next((q for q in page.get("Quotas", []) if q.get("QuotaName") == wanted), None)
-            if found:
-                break
+        # Applied values first; a quota never changed may be listed only among the defaults.
+        found = _find_quota(quotas, "list_service_quotas", wanted) or _find_quota(
+            quotas, "list_aws_default_service_quotas", wanted)
     except Exception as exc:
         return _unchecked(name, exc, "servicequotas:ListServiceQuotas")
     if found is None:
@@ -227,6 +225,14 @@ def check_quota(quotas, instance_type: str, count: int, spot: bool) -> Check:
                      f"request {count}: aws service-quotas request-service-quota-increase --service-code sagemaker "
                      f"--quota-code {found['QuotaCode']} --desired-value {count} (or pick another instance type)")
     return Check(name, True, f"'{wanted}' is {value} (the job needs {count}; running jobs on it count too)")
+
+
+def _find_quota(quotas, operation: str, wanted: str) -> dict | None:
+    for page in quotas.get_paginator(operation).paginate(ServiceCode="sagemaker"):
+        for q in page.get("Quotas", []):
+            if q.get("QuotaName") == wanted:
+                return q
+    return None
 
 
 def check_secret(secrets_for, arn: str | None, region: str) -> Check:

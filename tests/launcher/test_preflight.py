@@ -31,6 +31,8 @@ def quota_client(value: float | None, name: str = "ml.p4d.24xlarge for training 
                                         "Value": value}]
     for _ in range(3):  # one answer per preflight run in a test
         stub.add_response("list_service_quotas", {"Quotas": quotas}, {"ServiceCode": "sagemaker"})
+        if not quotas:  # not among the applied values: preflight looks among the defaults
+            stub.add_response("list_aws_default_service_quotas", {"Quotas": []}, {"ServiceCode": "sagemaker"})
     stub.activate()
     return c
 
@@ -156,6 +158,13 @@ def test_a_quota_below_the_instance_count_is_refused_with_the_request_command(ac
     q = checks["instance quota"]
     assert q.ok is False and "is 0, the job needs 1" in q.detail
     assert "--quota-code L-2E8D9C5E --desired-value 1" in q.fix
+
+
+def test_a_quota_it_cannot_find_is_could_not_check(account, job_dict):
+    account["quota"] = quota_client(None)
+    code, checks = run(config(job_dict, account))
+    assert code == 0 and checks["instance quota"].ok is None
+    assert "ml.p4d.24xlarge for training job usage" in checks["instance quota"].detail
 
 
 def test_spot_jobs_check_the_spot_quota(account, job_dict):
