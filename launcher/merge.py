@@ -271,7 +271,7 @@ def register(sub, common, aws) -> None:
                                    "a small SageMaker job for SageMaker runs",
                        parents=[common, aws], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=f"example:\n  {EXAMPLE}")
-    v.add_argument("job")
+    v.add_argument("job", help="the adapter job: a local run (runs/JOB) or a SageMaker training job")
     v.add_argument("dest", nargs="?", default=None,
                    help="local directory, or s3:// prefix (SageMaker; default <output.s3_uri>/merged/<job>)")
     v.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16, fp16 on GPUs without bf16")
