@@ -516,7 +516,13 @@ def train_step(ctx: DistContext, model: Model, optim: Optim, batches: Batches, g
             "Lower training.learning_rate or lora.alpha, or check the data")
     if optim.scaler:
         optim.scaler.unscale_(optim.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.params, optim.max_grad_norm)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.params, optim.max_grad_norm))
+    # fp16's GradScaler skips steps with inf gradients by design; in bf16/fp32 an inf norm
+    # means clipping zeroes (or NaNs) every gradient. DDP's norms agree on every rank.
+    if optim.scaler is None and not math.isfinite(grad_norm):
+        raise TrainingDiverged(
+            f"non-finite gradient norm ({grad_norm}) at step {step + 1}; the adapter would be garbage. "
+            "Lower training.learning_rate or lora.alpha, or check the data")
     if optim.scaler:
         optim.scaler.step(optim.optimizer)
         optim.scaler.update()
@@ -524,7 +530,7 @@ def train_step(ctx: DistContext, model: Model, optim: Optim, batches: Batches, g
         optim.optimizer.step()
     optim.scheduler.step()
     optim.optimizer.zero_grad(set_to_none=True)
-    return StepResult(step_loss, tokens, float(grad_norm), time.time() - started)
+    return StepResult(step_loss, tokens, grad_norm, time.time() - started)
 
 
 def log_step(ctx: DistContext, optim: Optim, history: History, window: Window, step: int, grad_norm: float,
