@@ -26,8 +26,8 @@ def write_card(model_dir: Path, hp, report, history: dict, *, steps: int, runtim
         "## Data",
         f"- source: {sources} (format `{hp.data.format}`, {report.template})",
         f"- examples: {report.examples} ({report.truncated} truncated at {hp.training.max_seq_length} tokens, "
-        f"{report.dropped} dropped), {report.tokens} tokens, {report.label_tokens} of them trained on "
-        "(response tokens only)" if hp.data.format != "text" else "",
+        f"{report.dropped} dropped), {report.tokens} tokens, {report.label_tokens} of them trained on"
+        + (" (response tokens only)" if hp.data.format != "text" else " (every token)"),
         "",
         "## Hyperparameters",
         "```json",

@@ -9,33 +9,20 @@ marked COMPLETE: a run killed mid-write leaves nothing that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import re
 import shutil
-import signal
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class Interrupt:
-    """Set by SIGTERM (spot interruption, StopTrainingJob, Ctrl-C through the local
-    runner); the training loop checks it between micro-batches."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
 
 
 def rng_state() -> dict:
@@ -103,3 +90,22 @@ def load(path: Path, model, optimizer, scheduler, scaler) -> dict:
         scaler.load_state_dict(blob["scaler"])
     set_rng_state(blob["rng"])
     return json.loads((path / "state.json").read_text())
+
+
+@contextlib.contextmanager
+def staged(dest: Path, last: str = "adapter_config.json") -> Iterator[Path]:
+    """Write into a temporary directory inside `dest`, then move each file in with
+    os.replace, `last` at the end (peft and vLLM look for it first). `dest` itself is
+    never renamed: on SageMaker /opt/ml/model may be a mount point. A failure while
+    writing leaves `dest` as it was: no 0-byte or half-written file appears there."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=dest))
+    try:
+        yield tmp
+        files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+        for f in files:
+            target = dest / f.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

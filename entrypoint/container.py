@@ -25,11 +25,24 @@ HF_TOKEN_SECRET = "SM_QLORA_HF_TOKEN_SECRET"  # a Secrets Manager ARN, never the
 HF_TOKEN_ENV = "SM_QLORA_HF_TOKEN_ENV"        # local runs: the name of a variable holding the token
 LAUNCHER_VERSION = "SM_QLORA_LAUNCHER_VERSION"
 RUNS_DIR = "SM_QLORA_RUNS_DIR"                # where local runs live (default ./runs)
+# The job's MaxRuntimeInSeconds: SageMaker kills the job then, so it stops cleanly before.
+MAX_RUNTIME_S = "SM_QLORA_MAX_RUNTIME_S"
+
+# torchrun sets these for each process.
+WORLD_SIZE = "WORLD_SIZE"
+RANK = "RANK"
+LOCAL_RANK = "LOCAL_RANK"
+
+
+def channel_env(name: str) -> str:
+    """SM_CHANNEL_TRAIN etc.: where an input channel was downloaded to."""
+    return f"SM_CHANNEL_{name.upper()}"
 
 # Where SageMaker syncs checkpoint_s3_uri to and from (Estimator checkpoint_local_path).
 CHECKPOINT_PATH = OPT_ML / "checkpoints"
 
 EXIT_OK = 0
+EXIT_FAILED = 1     # training went wrong (a non-finite loss): the inputs were fine
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 143  # 128 + SIGTERM: checkpointed and stopped; a resume continues from here
 
@@ -53,3 +66,8 @@ def input_config_dir() -> Path:
 
 def checkpoint_dir() -> Path:
     return path(CHECKPOINT_DIR, CHECKPOINT_PATH)
+
+
+def max_runtime_s() -> float | None:
+    raw = os.environ.get(MAX_RUNTIME_S)
+    return float(raw) if raw else None

@@ -61,21 +61,61 @@ def find_data_file(location: str) -> Path:
     raise DataError(f"{location}: no such file or directory")
 
 
-def _check_jsonl(path: Path) -> None:
-    """datasets reports a bad JSON line without its number; find it first."""
-    with path.open(encoding="utf-8", errors="strict") as f:
-        for lineno, line in enumerate(f, 1):
+JSON_TYPES = {str: "text", int: "a number", float: "a number", bool: "true/false", list: "a list",
+              dict: "an object"}
+
+
+def _check_jsonl(path: Path, name: str) -> None:
+    """datasets reports a bad line, a type clash between rows or a non-UTF-8 byte without
+    the row; find them first, and name the file as the user wrote it."""
+    seen: dict[str, tuple[str, int]] = {}  # column -> (JSON type, first row with it)
+    rows = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{name}: row {lineno}: not UTF-8 text (byte {raw[exc.start]:#04x} "
+                                f"at column {exc.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
+            rows += 1
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: row {lineno}: not valid JSON ({exc.msg})") from None
+                raise DataError(f"{name}: row {lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}: row {lineno}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(f"{name}: row {lineno}: expected a JSON object, got {type(row).__name__}")
+            _check_types(row, seen, name, lineno)
+    if rows == 0:
+        raise DataError(f"{name}: no rows: the file is empty" if path.stat().st_size == 0
+                        else f"{name}: no rows: the file holds only blank lines")
 
 
-def load_rows(location: str, token: str | None = None):
+def _check_types(row: dict, seen: dict[str, tuple[str, int]], name: str, lineno: int) -> None:
+    for column, value in row.items():
+        if value is None:
+            continue
+        kind = JSON_TYPES.get(type(value), type(value).__name__)
+        first = seen.setdefault(column, (kind, lineno))
+        if first[0] != kind and {first[0], kind} != {"a number"}:
+            raise DataError(f"{name}: row {lineno}: column {column!r} is {kind}, but {first[0]} in row {first[1]}; "
+                            "every row must give a column the same type")
+
+
+def shown_name(file: Path, location: str, shown_as: str | None) -> str:
+    """How errors name a data file: as the user wrote it (`data.train`), not as the copy
+    in the job's input channel. A file inside a channel directory is named under it."""
+    if not shown_as:
+        return str(file)
+    root = Path(location)
+    if root.is_file() or Path(shown_as).name == file.name:
+        return shown_as
+    rel = file.relative_to(root) if root.is_dir() and file.is_relative_to(root) else Path(file.name)
+    return f"{shown_as.rstrip('/')}/{rel.as_posix()}"
+
+
+def load_rows(location: str, token: str | None = None, shown_as: str | None = None):
     """-> (datasets.Dataset, name used in error messages)."""
     import datasets
 
@@ -86,17 +126,22 @@ def load_rows(location: str, token: str | None = None):
         return datasets.load_dataset(name, split=split or "train", token=token), location
     path = find_data_file(location)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES)
+    shown = shown_name(path, location, shown_as) if path.is_file() else (shown_as or location)
     kinds = {SUFFIXES.get(p.suffix) for p in files}
     if None in kinds or len(kinds) != 1:
-        raise DataError(f"{location}: data files must all be .jsonl/.json, .csv or .parquet")
+        raise DataError(f"{shown}: data files must all be .jsonl/.json, .csv or .parquet")
     for p in files:
+        if p.stat().st_size == 0:
+            raise DataError(f"{shown_name(p, location, shown_as)}: no rows: the file is empty")
         if p.suffix == ".jsonl":
-            _check_jsonl(p)
+            _check_jsonl(p, shown_name(p, location, shown_as))
     try:
         ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
-    except Exception as exc:  # arrow type clashes between rows, unreadable parquet, ...
-        raise DataError(f"{location}: could not be read as a table: {exc}") from None
-    return ds, str(path)
+    except Exception as exc:  # arrow type clashes in .json/.csv, unreadable parquet, ...
+        raise DataError(f"{shown}: could not be read as a table: {type(exc).__name__}: {exc}") from None
+    if len(ds) == 0:
+        raise DataError(f"{shown}: no rows")
+    return ds, shown
 
 
 # --------------------------------------------------------------------------- formatting
@@ -201,8 +246,10 @@ def build_examples(rows, spec, tokenizer, max_len: int, source: str, report: Dat
     return examples
 
 
-def load_examples(location: str, spec, tokenizer, max_len: int, token: str | None = None):
-    rows, source = load_rows(location, token)
+def load_examples(location: str, spec, tokenizer, max_len: int, token: str | None = None,
+                  shown_as: str | None = None):
+    """`shown_as`: the user's own name for the data (`data.train`), used in every error."""
+    rows, source = load_rows(location, token, shown_as)
     report = DataReport()
     return build_examples(rows, spec, tokenizer, max_len, source, report), report
 

@@ -15,8 +15,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$"
 
 
+# How the job spreads over devices. The launcher's plan decides it once per launch; ddp runs
+# one process per GPU (torchrun), model_parallel spreads one copy of the model over the
+# instance's GPUs, single uses one device.
+Strategy = Literal["single", "ddp", "model_parallel"]
+
+# Hyperparameters SageMaker and the training toolkit add on their own (the names in
+# sagemaker_training.params): accepted and ignored. A tuning job's objective metric
+# arrives as a plain string, not JSON-encoded.
+RESERVED_PREFIX = "sagemaker_"
+RESERVED = frozenset({"_tuning_objective_metric", "default_user_module_name"})
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lora.alpha: .inf` would train NaN and still end Completed.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSpec(Strict):
@@ -81,7 +94,9 @@ class TrainingSpec(Strict):
     save_steps: int = Field(200, ge=1)
     eval_steps: int | None = Field(None, ge=1)
     save_total_limit: int = Field(2, ge=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy and torch seeds are 32-bit
+    # Also checkpoint on a clock: a SIGKILL or a lost instance (no SIGTERM) loses at most this.
+    checkpoint_minutes: float = Field(30, gt=0, le=7 * 24 * 60)
 
 
 class Hyperparameters(Strict):
@@ -91,9 +106,8 @@ class Hyperparameters(Strict):
     data: DataSpec
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec = TrainingSpec()
-    # Chosen by the launcher's plan: ddp runs one process per GPU (torchrun), model_parallel
-    # spreads one copy of the model over the instance's GPUs, single uses one device.
-    strategy: Literal["auto", "ddp", "model_parallel", "single"] = "auto"
+    # "auto" only where a user wrote it (local runs); the job then picks ddp under torchrun.
+    strategy: Literal["auto"] | Strategy = "auto"
 
     @model_validator(mode="after")
     def _columns_present(self) -> Hyperparameters:
@@ -120,10 +134,10 @@ def flatten(params: Hyperparameters) -> dict[str, Any]:
 def unflatten(flat: dict[str, Any], encoded: bool = True) -> dict[str, Any]:
     """{"lora.r": "16"} -> {"lora": {"r": 16}}. In hyperparameters.json every value is
     JSON-encoded (the Estimator json.dumps each one); in SM_HPS they are already decoded.
-    SageMaker's own `sagemaker_*` keys are dropped."""
+    The reserved keys SageMaker and its toolkit add are dropped."""
     nested: dict[str, Any] = {}
     for key, raw in flat.items():
-        if key.startswith("sagemaker_"):
+        if is_reserved(key):
             continue
         value = raw
         if encoded and isinstance(raw, str):
@@ -137,3 +151,7 @@ def unflatten(flat: dict[str, Any], encoded: bool = True) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = value
     return nested
+
+
+def is_reserved(key: str) -> bool:
+    return key.startswith(RESERVED_PREFIX) or key in RESERVED

@@ -41,8 +41,15 @@ def emit(kind: str, **pairs: object) -> str:
     """Print one progress line and flush (CloudWatch only sees what reaches stdout)."""
     body = " ".join(f"{k}={_fmt(v)}" for k, v in pairs.items())
     line = f"[{kind}] {body}"
-    print(line, flush=True)
+    _write(line)
     return line
+
+
+def _write(line: str) -> None:
+    # One write per line: print() writes the text and the newline separately, and the
+    # training toolkit re-prints each piece it reads, a blank line after every line.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _fmt(v: object) -> str:
@@ -138,8 +145,9 @@ class Progress:
         return ev
 
 
-def fail(reason: str) -> None:
-    """The one-line reason a job stopped early, on stdout (CloudWatch) and stderr."""
+def fail(reason: str) -> str:
+    """The one-line reason a job stopped early, on stdout only: SageMaker and the local
+    runner send stdout and stderr to the same log, so once is enough."""
     line = f"[error] reason={reason.replace(chr(10), ' ')}"
-    print(line, flush=True)
-    print(line, file=sys.stderr, flush=True)
+    _write(line)
+    return line

@@ -1,11 +1,16 @@
-"""The QLoRA training job, top to bottom: read the hyperparameters SageMaker hands the
-container, load the data, load the base model in 4-bit, attach LoRA, train with
-checkpoints, save the adapter to SM_MODEL_DIR.
+"""The QLoRA training job as one recipe, top to bottom: read and check the
+hyperparameters SageMaker hands the container, load the data, load the base model in
+4-bit, attach LoRA, train with checkpoints, save the adapter to SM_MODEL_DIR.
 
 Runs as `python -m entrypoint` (local runner), as the Estimator's entry script, or under
 torchrun (one process per GPU, rank 0 alone writes). Progress goes to stdout as the
 SPEC's `[train] step=...` lines, which CloudWatch, the metric regexes and `sm-qlora
 logs` all read.
+
+The hyperparameters are checked before torch is imported, so a bad value fails in about
+a second. Stops: SIGTERM (StopTrainingJob, spot) checkpoints and exits 143; the clock
+(`training.checkpoint_minutes`) checkpoints so that a SIGKILL loses at most that much;
+nearing MaxRuntimeInSeconds the job checkpoints, saves the adapter and exits 0.
 """
 
 from __future__ import annotations
@@ -14,15 +19,44 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from entrypoint import container
 from entrypoint.hyperparams import Hyperparameters, unflatten
 from entrypoint.progress import emit, fail, train_line
 
-EXIT_BAD_INPUT = 2
-EXIT_STOPPED = 143  # 128 + SIGTERM: checkpointed and stopped; resume continues from here
+EXIT_BAD_INPUT = container.EXIT_BAD_INPUT
+EXIT_STOPPED = container.EXIT_STOPPED
+MIN_STOP_MARGIN_S = 120.0  # before MaxRuntime; or 3x the last checkpoint's time, if longer
+
+
+class BadInput(Exception):
+    """The job cannot start with what it was given: fail at once, one line in the log."""
+
+
+class TrainingDiverged(Exception):
+    """The loss stopped being a number: the adapter would be garbage, so the job fails."""
+
+
+class Interrupt:
+    """Set by SIGTERM (spot interruption, StopTrainingJob, Ctrl-C through the local
+    runner); the training loop checks it between micro-batches."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
 
 
 # --------------------------------------------------------------------------- the container contract
@@ -32,14 +66,13 @@ def read_hyperparameters() -> Hyperparameters:
     else SM_HPS (decoded); validated by the launcher's own model."""
     from pydantic import ValidationError
 
-    config_dir = Path(os.environ.get("SM_INPUT_CONFIG_DIR", "/opt/ml/input/config"))
-    path = config_dir / "hyperparameters.json"
+    path = container.input_config_dir() / "hyperparameters.json"
     if path.is_file():
         raw = unflatten(json.loads(path.read_text()), encoded=True)
-    elif "SM_HPS" in os.environ:
-        raw = unflatten(json.loads(os.environ["SM_HPS"]), encoded=False)
+    elif container.HPS in os.environ:
+        raw = unflatten(json.loads(os.environ[container.HPS]), encoded=False)
     else:
-        raise BadInput(f"no hyperparameters: {path} is missing and SM_HPS is not set")
+        raise BadInput(f"no hyperparameters: {path} is missing and {container.HPS} is not set")
     try:
         return Hyperparameters.model_validate(raw)
     except ValidationError as err:
@@ -47,12 +80,8 @@ def read_hyperparameters() -> Hyperparameters:
         raise BadInput(f"invalid hyperparameters: {problems}") from None
 
 
-class BadInput(Exception):
-    """The job cannot start with what it was given: fail at once, one line in the log."""
-
-
 def channel(name: str) -> str | None:
-    path = os.environ.get(f"SM_CHANNEL_{name.upper()}")
+    path = os.environ.get(container.channel_env(name))
     return path if path and Path(path).exists() and any(Path(path).iterdir()) else None
 
 
@@ -61,12 +90,12 @@ def hf_token() -> str | None:
     ARN the launcher passed. The token is never printed or written."""
     if os.environ.get("HF_TOKEN"):
         return os.environ["HF_TOKEN"]
-    named = os.environ.get("SM_QLORA_HF_TOKEN_ENV")
+    named = os.environ.get(container.HF_TOKEN_ENV)
     if named:
         if not os.environ.get(named):
             raise BadInput(f"aws.hf_token_env names {named}, which is not set")
         return os.environ[named]
-    arn = os.environ.get("SM_QLORA_HF_TOKEN_SECRET")
+    arn = os.environ.get(container.HF_TOKEN_SECRET)
     if not arn:
         return None
     import boto3
@@ -84,36 +113,165 @@ def hf_token() -> str | None:
     return secret
 
 
-# --------------------------------------------------------------------------- the job
+# --------------------------------------------------------------------------- the pieces the recipe holds
+
+@dataclass
+class DistContext:
+    """Where this process sits: one process, or one rank of torchrun. The collective
+    calls do nothing on one process, so the recipe reads the same either way."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: Any  # torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def say(self, kind: str, **pairs: object) -> None:
+        if self.is_main:
+            emit(kind, **pairs)
+
+    def all_reduce(self, tensor):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when it is true on any: stop and checkpoint decisions are
+        taken together, or the ranks' collectives fall out of step and hang."""
+        if self.world == 1:
+            return bool(flag)
+        import torch
+
+        return self.all_reduce(torch.tensor([1.0 if flag else 0.0], device=self.device)).item() > 0
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+@dataclass
+class Batches:
+    tokenizer: Any
+    pad_id: int
+    rows: list          # packed rows (or one example each) of the training set
+    val_rows: list
+    report: Any         # data.DataReport
+    packing: bool
+
+
+@dataclass
+class Model:
+    net: Any            # what forward and backward run on: DDP-wrapped under torchrun
+    peft: Any           # the PeftModel inside it: what checkpoints and the adapter save
+    params: list        # the trainable (LoRA) parameters
+    precision: Any      # model.Precision
+    trainable: int
+    autocast: Any
+
+
+@dataclass
+class Optim:
+    optimizer: Any
+    scheduler: Any
+    scaler: Any         # GradScaler for fp16, else None
+    total_steps: int
+    steps_per_epoch: int
+    eval_every: int | None
+    max_grad_norm: float
+
+
+@dataclass
+class History:
+    train_loss: list = field(default_factory=list)  # [step, loss]
+    eval_loss: list = field(default_factory=list)
+
+
+@dataclass
+class Clock:
+    """When to checkpoint by time, and when MaxRuntime is too close to go on. Rank 0's
+    clock decides; the loop makes every rank agree."""
+
+    started: float
+    every_s: float
+    deadline: float | None          # started + MaxRuntimeInSeconds, when the launcher set one
+    last_checkpoint: float = 0.0
+    checkpoint_s: float = 0.0       # how long the last checkpoint took
+
+    def checkpoint_due(self, now: float) -> bool:
+        return now - self.last_checkpoint >= self.every_s
+
+    def margin_s(self) -> float:
+        return max(MIN_STOP_MARGIN_S, 3 * self.checkpoint_s)
+
+    def budget_low(self, now: float) -> bool:
+        return self.deadline is not None and self.deadline - now < self.margin_s()
+
+
+@dataclass
+class Window:
+    """What the next [train] line reports: the steps since the last one."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+    since: float = field(default_factory=time.time)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    grad_norm: float
+    seconds: float
+
+
+# --------------------------------------------------------------------------- main
 
 def main() -> None:
-    from entrypoint.checkpoints import Interrupt
-
     interrupt = Interrupt()  # first: a stop during model loading must not be lost
     started = time.time()
+    sys.exit(run_job(interrupt, started))
+
+
+def run_job(interrupt: Interrupt, started: float) -> int:
     try:
-        code = run(interrupt, started)
+        hp = read_hyperparameters()  # before torch: a bad value fails in a second
     except BadInput as exc:
-        _failure(str(exc))
-        code = EXIT_BAD_INPUT
-    except Exception as exc:
-        from entrypoint.data import DataError
-        from entrypoint.model import QuantizationError
+        return _failure(str(exc), EXIT_BAD_INPUT)
+    _quiet_progress_bars()
+    from entrypoint.data import DataError
+    from entrypoint.model import QuantizationError
 
-        if not isinstance(exc, (DataError, QuantizationError)):
-            raise
-        _failure(str(exc))
-        code = EXIT_BAD_INPUT
-    sys.exit(code)
+    try:
+        return recipe(hp, interrupt, started)
+    except (BadInput, DataError, QuantizationError) as exc:
+        return _failure(str(exc), EXIT_BAD_INPUT)
+    except TrainingDiverged as exc:
+        return _failure(str(exc), container.EXIT_FAILED)
 
 
-def _failure(reason: str) -> None:
+def _failure(reason: str, code: int) -> int:
     """One line in the log, and /opt/ml/output/failure, which SageMaker shows as FailureReason."""
     fail(reason)
-    out = Path(os.environ.get("SM_OUTPUT_DIR", "/opt/ml/output"))
     with contextlib.suppress(OSError):
+        out = container.output_dir()
         out.mkdir(parents=True, exist_ok=True)
         (out / "failure").write_text(reason[:1000])
+    return code
 
 
 def _quiet_progress_bars() -> None:
@@ -127,247 +285,342 @@ def _quiet_progress_bars() -> None:
     datasets.disable_progress_bars()
 
 
-def run(interrupt, started: float) -> int:
-    _quiet_progress_bars()
+def recipe(hp: Hyperparameters, interrupt: Interrupt, started: float) -> int:
+    from transformers import set_seed
+
+    ctx = setup_dist(hp)
+    set_seed(hp.training.seed)
+    token = hf_token()
+    batches = setup_data(hp, ctx, token)
+    model = setup_model(hp, ctx, token)
+    optim = setup_optimizer(hp, ctx, model, batches)
+    step, history = resume(ctx, model, optim)
+    clock = Clock(started, hp.training.checkpoint_minutes * 60, _deadline(started), last_checkpoint=time.time())
+    step, code = train(hp, ctx, model, optim, batches, clock, interrupt, step, history)
+    if code == 0:
+        save_adapter(hp, ctx, model, batches, history, step, started)
+    ctx.close()
+    return code
+
+
+def _deadline(started: float) -> float | None:
+    max_runtime = container.max_runtime_s()
+    return started + max_runtime if max_runtime else None
+
+
+# --------------------------------------------------------------------------- setup
+
+def setup_dist(hp: Hyperparameters) -> DistContext:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process without it."""
     import torch
-    import torch.distributed as dist
-    from transformers import AutoTokenizer, get_scheduler, set_seed
 
-    from entrypoint import checkpoints, data
-    from entrypoint import model as models
-
-    hp = read_hyperparameters()
-    t = hp.training
-
-    # ---- processes and devices: torchrun sets WORLD_SIZE/RANK/LOCAL_RANK
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    main_proc = rank == 0
+    world = int(os.environ.get(container.WORLD_SIZE, "1"))
+    rank = int(os.environ.get(container.RANK, "0"))
+    local_rank = int(os.environ.get(container.LOCAL_RANK, "0"))
     if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    strategy = hp.strategy if hp.strategy != "auto" else ("ddp" if world > 1 else "single")
-    if strategy == "model_parallel" and torch.cuda.device_count() > 1 and world == 1:
+    ctx = DistContext(rank, world, local_rank, device)
+    ctx.say("info", job=os.environ.get(container.JOB_NAME, os.environ.get(container.TRAINING_JOB_NAME, "local")),
+            world=world, strategy=_strategy(hp, world), device=device.type, gpus=torch.cuda.device_count(),
+            hosts=len(json.loads(os.environ.get(container.HOSTS, '["algo-1"]'))))
+    return ctx
+
+
+def _strategy(hp: Hyperparameters, world: int) -> str:
+    if hp.strategy != "auto":
+        return hp.strategy
+    return "ddp" if world > 1 else "single"
+
+
+def setup_data(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Batches:
+    from transformers import AutoTokenizer
+
+    from entrypoint import data
+
+    t = hp.training
+    tokenizer = AutoTokenizer.from_pretrained(channel("model") or hp.model.id, token=token, revision=hp.model.revision,
+                                              trust_remote_code=hp.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    train, report = data.load_examples(channel("train") or hp.data.train, hp.data, tokenizer, t.max_seq_length,
+                                       token, shown_as=hp.data.train)
+    if hp.data.validation or channel("validation"):
+        val, _ = data.load_examples(channel("validation") or hp.data.validation, hp.data, tokenizer,
+                                    t.max_seq_length, token, shown_as=hp.data.validation)
+    else:
+        train, val = data.split_validation(train, hp.data.validation_split, t.seed)
+    if not train:
+        raise BadInput(f"{hp.data.train}: no training examples left after truncation")
+    rows = data.units(train, t.max_seq_length, t.packing)
+    row_tokens = sum(len(e.input_ids) for r in rows for e in r)
+    ctx.say("data", examples=report.examples, train=len(train), validation=len(val),
+            truncated=report.truncated, dropped=report.dropped, tokens=report.tokens,
+            label_tokens=report.label_tokens, rows=len(rows),
+            fill=f"{row_tokens / (len(rows) * t.max_seq_length):.2f}" if t.packing else "n/a",
+            packing=t.packing, template=report.template.split(" ")[0])
+    return Batches(tokenizer, pad_id, rows, data.units(val, t.max_seq_length, t.packing), report, t.packing)
+
+
+def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Model:
+    """The 4-bit base, checked to really be 4-bit, then LoRA; DDP-wrapped under torchrun."""
+    import torch
+
+    from entrypoint import model as models
+
+    device = ctx.device
+    if _strategy(hp, ctx.world) == "model_parallel" and torch.cuda.device_count() > 1 and ctx.world == 1:
         device_map = "auto"
     else:
         device_map = {"": device.index if device.type == "cuda" else "cpu"}
     precision = models.choose_precision(device)
     attn = models.attention_implementation(device)
-    say = emit if main_proc else (lambda *a, **k: None)
-    say("info", job=os.environ.get("SM_QLORA_JOB_NAME", os.environ.get("TRAINING_JOB_NAME", "local")),
-        world=world, strategy=strategy, device=device.type, gpus=torch.cuda.device_count(),
-        hosts=len(json.loads(os.environ.get("SM_HOSTS", '["algo-1"]'))))
-    say("model", precision=precision.name, reason=precision.reason, attention=attn)
-    set_seed(t.seed)
-
-    # ---- data
-    token = hf_token()
-    source = channel("model") or hp.model.id
-    tokenizer = AutoTokenizer.from_pretrained(source, token=token, revision=hp.model.revision,
-                                              trust_remote_code=hp.model.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    train_examples, report = data.load_examples(channel("train") or hp.data.train, hp.data, tokenizer,
-                                                t.max_seq_length, token)
-    if hp.data.validation or channel("validation"):
-        val_examples, _ = data.load_examples(channel("validation") or hp.data.validation, hp.data, tokenizer,
-                                             t.max_seq_length, token)
-    else:
-        train_examples, val_examples = data.split_validation(train_examples, hp.data.validation_split, t.seed)
-    if not train_examples:
-        raise BadInput("no training examples left after truncation")
-    rows = data.units(train_examples, t.max_seq_length, t.packing)
-    val_rows = data.units(val_examples, t.max_seq_length, t.packing)
-    row_tokens = sum(len(e.input_ids) for r in rows for e in r)
-    say("data", examples=report.examples, train=len(train_examples), validation=len(val_examples),
-        truncated=report.truncated, dropped=report.dropped, tokens=report.tokens, label_tokens=report.label_tokens,
-        rows=len(rows), fill=f"{row_tokens / (len(rows) * t.max_seq_length):.2f}" if t.packing else "n/a",
-        packing=t.packing, template=report.template.split(" ")[0])
-
-    # ---- model: 4-bit base, checked, then LoRA
-    base = models.load_4bit(source, precision, device_map, attn, token=token, revision=hp.model.revision,
-                            trust_remote_code=hp.model.trust_remote_code)
+    ctx.say("model", precision=precision.name, reason=precision.reason, attention=attn)
+    base = models.load_4bit(channel("model") or hp.model.id, precision, device_map, attn, token=token,
+                            revision=hp.model.revision, trust_remote_code=hp.model.trust_remote_code)
     quant = models.check_quantized(base)
-    net = models.attach_lora(base, hp.lora, t.gradient_checkpointing)
-    trainable, total = models.parameter_counts(net)
-    say("model", linear4bit=quant["linear4bit"], trainable=trainable, total=total,
-        trainable_pct=f"{100 * trainable / total:.3f}", targets=",".join(net.peft_config["default"].target_modules))
-    if world > 1:
+    peft_model = models.attach_lora(base, hp.lora, hp.training.gradient_checkpointing)
+    trainable, total = models.parameter_counts(peft_model)
+    ctx.say("model", linear4bit=quant["linear4bit"], trainable=trainable, total=total,
+            trainable_pct=f"{100 * trainable / total:.3f}",
+            targets=",".join(peft_model.peft_config["default"].target_modules))
+    net = peft_model
+    if ctx.world > 1:
         # find_unused_parameters: an expert that no token was routed to gets no gradient.
         net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
-    peft_model = net.module if world > 1 else net
-
-    # ---- optimizer and schedule
+            peft_model, device_ids=[ctx.local_rank] if device.type == "cuda" else None, find_unused_parameters=True)
+    autocast = torch.autocast("cuda", dtype=precision.dtype) if device.type == "cuda" else contextlib.nullcontext()
     params = [p for p in net.parameters() if p.requires_grad]
-    kind = t.optimizer if t.optimizer != "auto" else ("adamw_8bit" if device.type == "cuda" else "adamw_torch")
+    return Model(net, peft_model, params, precision, trainable, autocast)
+
+
+def setup_optimizer(hp: Hyperparameters, ctx: DistContext, model: Model, batches: Batches) -> Optim:
+    import torch
+    from transformers import get_scheduler
+
+    t = hp.training
+    kind = t.optimizer if t.optimizer != "auto" else ("adamw_8bit" if ctx.device.type == "cuda" else "adamw_torch")
     if kind in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
         cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw_8bit" else bnb.optim.AdamW8bit
-        optimizer = cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        optimizer = cls(model.params, lr=t.learning_rate, weight_decay=t.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    micro_per_epoch = math.ceil((len(rows) // world) / t.per_device_batch_size)
+        optimizer = torch.optim.AdamW(model.params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    micro_per_epoch = math.ceil((len(batches.rows) // ctx.world) / t.per_device_batch_size)
     if micro_per_epoch == 0:
-        raise BadInput(f"{len(rows)} training rows cannot feed {world} processes")
+        raise BadInput(f"{len(batches.rows)} training rows cannot feed {ctx.world} processes")
     steps_per_epoch = math.ceil(micro_per_epoch / t.gradient_accumulation_steps)
     total_steps = t.max_steps or steps_per_epoch * t.epochs
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    scaler = torch.amp.GradScaler("cuda") if precision.name == "fp16" else None
-    autocast = (torch.autocast("cuda", dtype=precision.dtype) if device.type == "cuda"
-                else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler("cuda") if model.precision.name == "fp16" else None
+    eval_every = t.eval_steps or (t.save_steps if batches.val_rows else None)
+    return Optim(optimizer, scheduler, scaler, total_steps, steps_per_epoch, eval_every, t.max_grad_norm)
 
-    # ---- resume from the newest complete checkpoint, if any
-    ckpt_root = Path(os.environ.get("SM_QLORA_CHECKPOINT_DIR", "/opt/ml/checkpoints"))
-    step, history = 0, {"train_loss": [], "eval_loss": []}
-    newest = checkpoints.latest(ckpt_root)
-    if newest is not None:
-        state = checkpoints.load(newest, peft_model, optimizer, scheduler, scaler)
-        step, history = state["step"], state.get("history", history)
-        say("resume", step=step, path=newest)
-    eval_every = t.eval_steps or (t.save_steps if val_rows else None)
 
-    def evaluate() -> float | None:
-        if not val_rows:
-            return None
-        net.eval()
-        loss_sum = torch.zeros(2, device=device)
-        with torch.no_grad():
-            for mb in data.batches_for_epoch(val_rows, t.per_device_batch_size, 0, 0, rank, world):
-                batch = _to(_collate(data, mb, pad_id, t.packing), device)
-                n = int((batch["labels"][:, 1:] != data.IGNORE).sum())
-                with autocast:
-                    loss = net(**batch, use_cache=False, num_items_in_batch=max(n, 1)).loss
-                loss_sum += torch.tensor([float(loss) * n, n], device=device)
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        net.train()
-        return float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else None
+def resume(ctx: DistContext, model: Model, optim: Optim) -> tuple[int, History]:
+    """From the newest complete checkpoint (a stopped job, or a spot restart), if any."""
+    from entrypoint import checkpoints
 
-    def save_checkpoint(at_step: int, rng: dict) -> None:
-        if main_proc:
-            path = checkpoints.save(ckpt_root, at_step, peft_model, optimizer, scheduler, scaler, rng,
-                                    {"history": history, "total_steps": total_steps}, t.save_total_limit)
-            emit("checkpoint", step=at_step, path=path)
-        if world > 1:
-            dist.barrier()
+    newest = checkpoints.latest(container.checkpoint_dir())
+    if newest is None:
+        return 0, History()
+    state = checkpoints.load(newest, model.peft, optim.optimizer, optim.scheduler, optim.scaler)
+    ctx.say("resume", step=state["step"], path=newest)
+    return state["step"], History(**state.get("history", {}))
 
-    def stop_requested() -> bool:
-        if world == 1:
-            return bool(interrupt)
-        flag = torch.tensor([1.0 if interrupt else 0.0], device=device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
 
-    # ---- train
-    net.train()
-    window = {"loss": 0.0, "tokens": 0, "steps": 0, "since": time.time()}
-    step_times: list[float] = []
-    grad_norm = torch.tensor(0.0)
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        micro = data.batches_for_epoch(rows, t.per_device_batch_size, t.seed, epoch, rank, world)
+# --------------------------------------------------------------------------- the loop
+
+def train(hp: Hyperparameters, ctx: DistContext, model: Model, optim: Optim, batches: Batches, clock: Clock,
+          interrupt: Interrupt, step: int, history: History) -> tuple[int, int]:
+    """Train from `step` to the end. Returns (the step reached, the exit code)."""
+    from entrypoint import checkpoints, data
+
+    t = hp.training
+    model.net.train()
+    window, step_times = Window(), []
+    while step < optim.total_steps:
+        epoch = step // optim.steps_per_epoch
+        micro = data.batches_for_epoch(batches.rows, t.per_device_batch_size, t.seed, epoch, ctx.rank, ctx.world)
         groups = [micro[i: i + t.gradient_accumulation_steps]
                   for i in range(0, len(micro), t.gradient_accumulation_steps)]
-        for group in groups[step % steps_per_epoch:]:
-            if step >= total_steps:
+        for group in groups[step % optim.steps_per_epoch:]:
+            if step >= optim.total_steps:
                 break
             rng_at_start = checkpoints.rng_state()  # a checkpoint of this step replays from here
-            step_start = time.time()
-            batches = [_to(_collate(data, mb, pad_id, t.packing), device) for mb in group]
-            n_items = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in batches)
-            # tokens_per_sec counts tokens of data, not padding
-            window["tokens"] += sum(len(e.input_ids) for mb in group for row in mb for e in row)
-            step_loss = 0.0
-            for j, batch in enumerate(batches):
-                sync = world == 1 or j == len(batches) - 1
-                with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
-                    # num_items_in_batch: the loss is summed over tokens and divided by the
-                    # step's label count, so packed rows of unequal fill weigh each token alike.
-                    loss = net(**batch, use_cache=False, num_items_in_batch=max(n_items, 1)).loss
-                (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.detach().item()
-                if stop_requested():
-                    return _stop(save_checkpoint, step, rng_at_start, say, interrupt)
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            result = train_step(ctx, model, optim, batches, group, interrupt, step)
+            if result is None:  # SIGTERM between micro-batches: save what the last step left
+                seconds = checkpoint(hp, ctx, model, optim, clock, step, rng_at_start, history)
+                ctx.say("stopped", step=step, reason=f"signal_{interrupt.signum}", checkpoint_s=f"{seconds:.2f}")
+                return step, EXIT_STOPPED
             step += 1
-            step_times.append(time.time() - step_start)
-            window["loss"] += step_loss
-            window["steps"] += 1
+            step_times.append(result.seconds)
+            window.loss += result.loss
+            window.tokens += result.tokens
+            window.steps += 1
 
-            if step % t.logging_steps == 0 or step == total_steps:
-                stats = torch.tensor([window["loss"], window["steps"], window["tokens"]], device=device,
-                                     dtype=torch.float64)
-                if world > 1:
-                    dist.all_reduce(stats)
-                elapsed = max(time.time() - window["since"], 1e-9)
-                mean_loss = float(stats[0] / stats[1])
-                recent = step_times[-20:]
-                history["train_loss"].append([step, round(mean_loss, 6)])
-                if main_proc:
-                    train_line(step, total_steps, step / steps_per_epoch, mean_loss, scheduler.get_last_lr()[0],
-                               float(grad_norm), float(stats[2]) / elapsed,
-                               (total_steps - step) * sum(recent) / len(recent))
-                window = {"loss": 0.0, "tokens": 0, "steps": 0, "since": time.time()}
-            if eval_every and (step % eval_every == 0 or step == total_steps):
-                eval_loss = evaluate()
+            if step % t.logging_steps == 0 or step == optim.total_steps:
+                log_step(ctx, optim, history, window, step, result.grad_norm, step_times[-20:])
+                window = Window()
+            if optim.eval_every and (step % optim.eval_every == 0 or step == optim.total_steps):
+                eval_loss = evaluate(ctx, model, batches, t.per_device_batch_size)
                 if eval_loss is not None:
-                    history["eval_loss"].append([step, round(eval_loss, 6)])
-                    say("eval", step=f"{step}/{total_steps}", eval_loss=f"{eval_loss:.4f}")
-            if step % t.save_steps == 0 and step < total_steps:
-                save_checkpoint(step, checkpoints.rng_state())
-            if stop_requested():
-                return _stop(save_checkpoint, step, checkpoints.rng_state(), say, interrupt)
+                    history.eval_loss.append([step, round(eval_loss, 6)])
+                    ctx.say("eval", step=f"{step}/{optim.total_steps}", eval_loss=f"{eval_loss:.4f}")
+            # Rank 0's clock decides; every rank takes the same branch.
+            now = time.time()
+            stop = ctx.any_rank(bool(interrupt))
+            budget_low = step < optim.total_steps and ctx.any_rank(ctx.is_main and clock.budget_low(now))
+            by_clock = ctx.any_rank(ctx.is_main and clock.checkpoint_due(now))
+            on_schedule = step % t.save_steps == 0
+            if ((on_schedule or by_clock) and step < optim.total_steps) or stop or budget_low:
+                checkpoint(hp, ctx, model, optim, clock, step, checkpoints.rng_state(), history,
+                           reason=None if on_schedule or not by_clock else "clock")
+            if stop or budget_low:
+                ctx.say("stopped", step=step, reason=f"signal_{interrupt.signum}" if stop else "max_runtime",
+                        checkpoint_s=f"{clock.checkpoint_s:.2f}")
+                return step, EXIT_STOPPED if stop else container.EXIT_OK
+    return step, container.EXIT_OK
 
-    # ---- save the adapter
-    model_dir = Path(os.environ.get("SM_MODEL_DIR", "/opt/ml/model"))
-    train_loss = history["train_loss"][-1][1] if history["train_loss"] else float("nan")
+
+def train_step(ctx: DistContext, model: Model, optim: Optim, batches: Batches, group: list,
+               interrupt: Interrupt, step: int) -> StepResult | None:
+    """One optimizer step over `group`'s micro-batches; None when a stop came first."""
+    import torch
+
+    from entrypoint import data
+
+    started = time.time()
+    tensors = [_to(_collate(mb, batches), ctx.device) for mb in group]
+    n_items = sum(int((b["labels"][:, 1:] != data.IGNORE).sum()) for b in tensors)
+    tokens = sum(len(e.input_ids) for mb in group for row in mb for e in row)  # data, not padding
+    step_loss = 0.0
+    for j, batch in enumerate(tensors):
+        sync = ctx.world == 1 or j == len(tensors) - 1
+        with (contextlib.nullcontext() if sync else model.net.no_sync()), model.autocast:
+            # num_items_in_batch: the loss is summed over tokens and divided by the step's
+            # label count, so packed rows of unequal fill weigh each token alike.
+            loss = model.net(**batch, use_cache=False, num_items_in_batch=max(n_items, 1)).loss
+        (optim.scaler.scale(loss) if optim.scaler else loss).backward()
+        step_loss += loss.detach().item()
+        if ctx.any_rank(bool(interrupt)):
+            return None
+    if ctx.any_rank(not math.isfinite(step_loss)):
+        raise TrainingDiverged(
+            f"non-finite loss ({step_loss}) at step {step + 1}; the adapter would be garbage. "
+            "Lower training.learning_rate or lora.alpha, or check the data")
+    if optim.scaler:
+        optim.scaler.unscale_(optim.optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.params, optim.max_grad_norm))
+    # fp16's GradScaler skips steps with inf gradients by design; in bf16/fp32 an inf norm
+    # means clipping zeroes (or NaNs) every gradient. DDP's norms agree on every rank.
+    if optim.scaler is None and not math.isfinite(grad_norm):
+        raise TrainingDiverged(
+            f"non-finite gradient norm ({grad_norm}) at step {step + 1}; the adapter would be garbage. "
+            "Lower training.learning_rate or lora.alpha, or check the data")
+    if optim.scaler:
+        optim.scaler.step(optim.optimizer)
+        optim.scaler.update()
+    else:
+        optim.optimizer.step()
+    optim.scheduler.step()
+    optim.optimizer.zero_grad(set_to_none=True)
+    return StepResult(step_loss, tokens, grad_norm, time.time() - started)
+
+
+def log_step(ctx: DistContext, optim: Optim, history: History, window: Window, step: int, grad_norm: float,
+             recent: list[float]) -> None:
+    """The [train] line: the mean loss over the window's steps and every rank."""
+    import torch
+
+    stats = ctx.all_reduce(torch.tensor([window.loss, window.steps, window.tokens], device=ctx.device,
+                                        dtype=torch.float64))
+    elapsed = max(time.time() - window.since, 1e-9)
+    mean_loss = float(stats[0] / stats[1])
+    history.train_loss.append([step, round(mean_loss, 6)])
+    if ctx.is_main:
+        train_line(step, optim.total_steps, step / optim.steps_per_epoch, mean_loss,
+                   optim.scheduler.get_last_lr()[0], grad_norm, float(stats[2]) / elapsed,
+                   (optim.total_steps - step) * sum(recent) / len(recent))
+
+
+def evaluate(ctx: DistContext, model: Model, batches: Batches, batch_size: int) -> float | None:
+    """Token-weighted mean loss over the validation rows, every rank's share summed."""
+    import torch
+
+    from entrypoint import data
+
+    if not batches.val_rows:
+        return None
+    model.net.eval()
+    loss_sum = torch.zeros(2, device=ctx.device)
+    with torch.no_grad():
+        for mb in data.batches_for_epoch(batches.val_rows, batch_size, 0, 0, ctx.rank, ctx.world):
+            batch = _to(_collate(mb, batches), ctx.device)
+            n = int((batch["labels"][:, 1:] != data.IGNORE).sum())
+            with model.autocast:
+                loss = model.net(**batch, use_cache=False, num_items_in_batch=max(n, 1)).loss
+            loss_sum += torch.tensor([float(loss) * n, n], device=ctx.device)
+    ctx.all_reduce(loss_sum)
+    model.net.train()
+    return float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else None
+
+
+def checkpoint(hp: Hyperparameters, ctx: DistContext, model: Model, optim: Optim, clock: Clock, step: int,
+               rng: dict, history: History, reason: str | None = None) -> float:
+    """Rank 0 writes step-N (write, rename, mark COMPLETE); every rank waits for it.
+    Returns the seconds it took, which the clock keeps for the MaxRuntime margin."""
+    from entrypoint import checkpoints
+
+    began = time.time()
+    if ctx.is_main:
+        path = checkpoints.save(container.checkpoint_dir(), step, model.peft, optim.optimizer, optim.scheduler,
+                                optim.scaler, rng, {"history": asdict(history), "total_steps": optim.total_steps},
+                                hp.training.save_total_limit)
+        emit("checkpoint", step=step, path=path, **({"reason": reason} if reason else {}))
+    ctx.barrier()
+    clock.last_checkpoint = time.time()
+    clock.checkpoint_s = clock.last_checkpoint - began
+    return clock.checkpoint_s
+
+
+def save_adapter(hp: Hyperparameters, ctx: DistContext, model: Model, batches: Batches, history: History,
+                 step: int, started: float) -> None:
+    """The adapter, tokenizer and card into SM_MODEL_DIR, staged so that nothing there is
+    ever half-written; then the [done] line."""
+    import torch
+
+    from entrypoint import checkpoints
+    from entrypoint.card import write_card
+
+    if not ctx.is_main:
+        return
+    model_dir = container.model_dir()
     runtime = time.time() - started
-    if main_proc:
-        from entrypoint.card import write_card
-
-        model_dir.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        write_card(model_dir, hp, report, history, steps=step, runtime_s=runtime,
-                   trainable=trainable, precision=precision.name)
-        extra = {}
-        if device.type == "cuda":
-            extra["peak_gpu_mem_gib"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}"
-        emit("done", steps=step, train_loss=f"{train_loss:.4f}", runtime_s=f"{runtime:.0f}", adapter=model_dir,
-             **extra)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+    with checkpoints.staged(model_dir) as tmp:
+        model.peft.save_pretrained(tmp)
+        batches.tokenizer.save_pretrained(tmp)
+        write_card(tmp, hp, batches.report, asdict(history), steps=step, runtime_s=runtime,
+                   trainable=model.trainable, precision=model.precision.name)
+    train_loss = history.train_loss[-1][1] if history.train_loss else float("nan")
+    extra = {}
+    if ctx.device.type == "cuda":
+        extra["peak_gpu_mem_gib"] = f"{torch.cuda.max_memory_allocated(ctx.device) / 2**30:.2f}"
+    emit("done", steps=step, train_loss=f"{train_loss:.4f}", runtime_s=f"{runtime:.0f}", adapter=model_dir, **extra)
 
 
-def _collate(data, micro_batch, pad_id: int, packing: bool) -> dict:
-    if packing:
-        return data.collate(micro_batch, pad_id)
-    return data.collate_padded([row[0] for row in micro_batch], pad_id)
+def _collate(micro_batch: list, batches: Batches) -> dict:
+    from entrypoint import data
+
+    if batches.packing:
+        return data.collate(micro_batch, batches.pad_id)
+    return data.collate_padded([row[0] for row in micro_batch], batches.pad_id)
 
 
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _stop(save_checkpoint, step: int, rng: dict, say, interrupt) -> int:
-    save_checkpoint(step, rng)
-    say("stopped", step=step, reason=f"signal_{interrupt.signum}")
-    return EXIT_STOPPED

@@ -151,3 +151,35 @@ def test_epochs_shuffle_differently_and_ranks_get_equal_shares():
     r1 = data.batches_for_epoch(rows, 1, seed=1, epoch=0, rank=1, world=3)
     assert len(r0) == len(r1) == 3
     assert not {id(b[0]) for b in r0} & {id(b[0]) for b in r1}
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "no rows: the file is empty"),
+    (b"\n\n  \n", "no rows: the file holds only blank lines"),
+    (b'{"question": "a?", "answer": "b."}\n{"question": "c?", "answer": 42}\n',
+     "row 2: column 'answer' is a number, but text in row 1"),
+    (b'{"question": "a?", "answer": "b."}\n{"question": "caf\xe9?", "answer": "d."}\n', "row 2: not UTF-8 text"),
+])
+def test_a_broken_file_is_named_as_the_user_wrote_it_with_its_row(tmp_path, tok, content, message):
+    """The job reads a copy in its input channel; the error names `data.train` instead."""
+    channel = tmp_path / "input" / "data" / "train"
+    channel.mkdir(parents=True)
+    (channel / "visits.jsonl").write_bytes(content)
+    user_path = "s3://my-bucket/clinic/visits.jsonl"
+    with pytest.raises(data.DataError) as info:
+        data.load_examples(str(channel), DataSpec(train=user_path, columns=QA), tok, 256, shown_as=user_path)
+    assert str(info.value).startswith(f"{user_path}: ") and message in str(info.value)
+    assert str(channel) not in str(info.value)
+
+
+def test_a_file_in_a_multi_file_channel_is_named_under_the_users_prefix(tmp_path, tok):
+    write_jsonl(tmp_path / "a.jsonl", [{"question": "q?", "answer": "a."}])
+    (tmp_path / "b.jsonl").write_bytes(b"")
+    with pytest.raises(data.DataError, match=r"^s3://b/prefix/b\.jsonl: no rows: the file is empty"):
+        data.load_examples(str(tmp_path), DataSpec(train="x", columns=QA), tok, 256, shown_as="s3://b/prefix/")
+
+
+def test_an_empty_csv_is_named_too(tmp_path, tok):
+    (tmp_path / "d.csv").write_text("")
+    with pytest.raises(data.DataError, match=r"^my/d\.csv: no rows"):
+        data.load_examples(str(tmp_path / "d.csv"), DataSpec(train="x", columns=QA), tok, 256, shown_as="my/d.csv")
