@@ -31,35 +31,36 @@ def run_probe(argv: list[str]) -> tuple[str, int, float]:
     return heavy, int(code), float(seconds)
 
 
-def test_help_and_validate_load_neither_the_sdk_nor_boto3():
-    for argv in (["--help"], ["validate", "examples/job.yaml"], ["launch", "--help"]):
+def test_help_and_validate_load_neither_the_sdk_nor_boto3(job_yaml):
+    for argv in (["--help"], ["validate", str(job_yaml)], ["launch", "--help"]):
         heavy, code, seconds = run_probe(argv)
         assert heavy == "", f"{argv} imported {heavy}"
         assert code == 0
         assert seconds < 1.0, f"{argv} took {seconds:.2f}s"
 
 
-def test_validate_exit_codes_and_messages(capsys):
-    assert main(["validate", "examples/job.yaml"]) == 0
+def test_validate_exit_codes_and_messages(capsys, job_yaml):
+    assert main(["validate", str(job_yaml)]) == 0
     assert "valid" in capsys.readouterr().out
-    assert main(["validate", "examples/job.yaml", "--set", "lora.r=0", "--set", "compute.instance_type=ml.p4d.8xlarge"]) == 2
+    assert main(["validate", str(job_yaml), "--set", "lora.r=0", "--set", "compute.instance_type=ml.p4d.8xlarge"]) == 2
     err = capsys.readouterr().err
     assert "lora.r:" in err and "did you mean ml.p4d.24xlarge?" in err
     assert "Traceback" not in err
 
 
-def test_validate_json_is_one_object(capsys):
-    assert main(["validate", "examples/job.yaml", "--set", "lora.r=0", "--output", "json"]) == 2
+def test_validate_json_is_one_object(capsys, job_yaml):
+    assert main(["validate", str(job_yaml), "--set", "lora.r=0", "--output", "json"]) == 2
     out = capsys.readouterr().out
     obj = json.loads(out)
     assert obj["error"] == "ConfigError"
     assert obj["problems"] == [{"path": "lora.r", "message": "Input should be greater than or equal to 1"}]
 
 
-def test_usage_errors_exit_2():
+def test_usage_errors_exit_2(job_yaml, capsys):
     proc = subprocess.run([sys.executable, "-m", "launcher", "launch"], capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "usage" in proc.stderr
-    assert main(["launch", "examples/local-tiny.yaml", "--local", "--dry-run"]) == 2
+    assert main(["launch", str(job_yaml), "--local", "--dry-run"]) == 2
+    assert "--dry-run: is for SageMaker jobs" in capsys.readouterr().err
 
 
 def test_every_verb_help_shows_an_example():

@@ -88,8 +88,8 @@ def test_time_and_cost_follow_tokens_epochs_and_price(job_dict):
     assert one.usd == pytest.approx(one.hours * 37.688, rel=0.01)
 
 
-def test_validate_refuses_an_instance_that_cannot_hold_the_model(capsys):
-    assert main(["validate", "examples/job.yaml", "--set", "compute.instance_type=ml.g5.xlarge"]) == 2
+def test_validate_refuses_an_instance_that_cannot_hold_the_model(capsys, job_yaml):
+    assert main(["validate", str(job_yaml), "--set", "compute.instance_type=ml.g5.xlarge"]) == 2
     err = capsys.readouterr().err
     assert "ml.g5.xlarge (1x A10G" in err and "cannot hold Mixtral-8x7B" in err
     assert "the cheapest instance that fits is ml.g6e.xlarge" in err
@@ -116,8 +116,8 @@ def test_launch_sets_the_entrypoint_up_for_the_plans_strategy(job_dict, monkeypa
     assert ddp["HyperParameters"]["sagemaker_torch_distributed_enabled"] == "true"
 
 
-def test_plan_json_for_ci(capsys):
-    assert main(["plan", "examples/job.yaml", "--output", "json", "--tokens", "1.25e8"]) == 0
+def test_plan_json_for_ci(capsys, job_yaml):
+    assert main(["plan", str(job_yaml), "--output", "json", "--tokens", "1.25e8"]) == 0
     obj = json.loads(capsys.readouterr().out)
     assert obj["chosen"] == "ml.p4d.24xlarge" and obj["cheapest_fit"] == "ml.g6e.xlarge"
     assert obj["shape_source"] == "built-in table (Mixtral-8x7B)"
@@ -141,8 +141,8 @@ def test_unknown_model_is_a_clear_plan_error(job_dict):
         plan_for(job_dict, "model.id=someone/unknown-model")
 
 
-def test_tokens_are_counted_with_a_local_tokenizer_and_estimated_otherwise(tiny_model):
-    counted, how = P.count_tokens(load_config("examples/local-tiny.yaml"))
+def test_tokens_are_counted_with_a_local_tokenizer_and_estimated_otherwise(tiny_model, job_dict):
+    counted, how = P.count_tokens(load_config(job_dict, [f"model.id={tiny_model}"]))
     assert how.startswith("counted with") and 12000 < counted < 20000  # 300 short QA pairs
-    estimated, how = P.count_tokens(load_config("examples/job.yaml"))
+    estimated, how = P.count_tokens(load_config(job_dict))
     assert how.startswith("estimate") and 0.5 < estimated / counted < 2
