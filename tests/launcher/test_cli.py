@@ -8,12 +8,18 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from launcher.cli import main
+from launcher.errors import ConfigError
 
 PROBE = """
 import sys, time
 t = time.perf_counter()
+import pytest
+
 from launcher.cli import main
+from launcher.errors import ConfigError
 try:
     code = main({argv!r})
 except SystemExit as e:
@@ -76,3 +82,75 @@ def test_console_script_answers_quickly():
     proc = subprocess.run([sys.executable, "-m", "launcher", "--help"], capture_output=True, text=True, check=False)
     assert proc.returncode == 0 and "launch" in proc.stdout
     assert time.perf_counter() - t < 2.0
+
+
+def test_validate_accepts_exactly_what_launch_accepts(job_yaml, capsys, monkeypatch):
+    from launcher.job import launch_job
+
+    monkeypatch.setenv("HF_TOKEN", "x")
+    token_env = ["--set", "aws.hf_token_env=HF_TOKEN"]
+    assert main(["validate", str(job_yaml), *token_env]) == 2
+    assert "aws.hf_token_env: is for local runs" in capsys.readouterr().err
+    assert main(["validate", str(job_yaml), "--local", *token_env]) == 0
+    assert "valid for this machine" in capsys.readouterr().out
+    for launch in (["launch", str(job_yaml), "--dry-run", *token_env],
+                   ["launch", str(job_yaml), "--dry-run", "--set", "compute.instance_type=ml.g5.xlarge"]):
+        assert main(launch) == 2
+        assert "error: " in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="aws.hf_token_env"):
+        launch_job(job_yaml, overrides=["aws.hf_token_env=HF_TOKEN"], dry_run=True)
+
+
+def test_set_is_offered_only_by_verbs_that_read_a_config(capsys):
+    assert main(["status", "some-job", "--set", "lora.r=8"]) == 2
+    assert "unrecognized arguments: --set" in capsys.readouterr().err
+    for verb in ("validate", "plan", "launch"):
+        assert main([verb, "--help"]) == 0
+        assert "--set KEY.PATH=VALUE" in capsys.readouterr().out
+
+
+def closed_pipe_run(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run the CLI with stdout a pipe whose reader has already gone (`sm-qlora plan | head`
+    once head has exited): every write meets EPIPE."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run([sys.executable, "-m", "launcher", *argv], stdout=w, stderr=subprocess.PIPE, text=True,
+                              env=os.environ | {"PYTHONPATH": os.getcwd()}, check=False)
+    finally:
+        os.close(w)
+
+
+def test_a_closed_pipe_ends_quietly_with_exit_0(job_yaml):
+    for argv in (["plan", str(job_yaml)], ["plan", str(job_yaml), "--output", "json"], ["validate", str(job_yaml)]):
+        proc = closed_pipe_run(argv)
+        assert (proc.returncode, proc.stderr) == (0, ""), argv
+
+
+def test_an_unexpected_error_is_one_line_and_the_traceback_is_kept(job_yaml, capsys, monkeypatch):
+    import launcher.cli as cli
+
+    def broken(args, out):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "cmd_validate", broken)
+    assert main(["validate", str(job_yaml)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: unexpected RuntimeError: boom (a bug: the traceback is /") and err.count("\n") == 1
+    kept = err.split("the traceback is ")[1].split(";")[0]
+    assert "Traceback" in open(kept).read() and "boom" in open(kept).read()
+    os.remove(kept)
+    monkeypatch.setenv("SM_QLORA_DEBUG", "1")
+    assert main(["validate", str(job_yaml)]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130(job_yaml, capsys, monkeypatch):
+    import launcher.cli as cli
+
+    def interrupted(args, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_plan", interrupted)
+    assert main(["plan", str(job_yaml)]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
