@@ -268,11 +268,16 @@ def _fit(shape: Shape, inst: Instance, cfg: JobConfig, rows: int) -> tuple[Strat
 def auto_batch_size(cfg: JobConfig, instance: Instance | None, shape: Shape | None = None) -> int:
     """`per_device_batch_size: auto`: the most packed rows per micro-batch (at most
     AUTO_BATCH_MAX) that the instance's GPUs hold by the memory model; 1 on this machine's
-    CPU (instance None), for a model of unknown shape, or where not even one row fits."""
+    CPU (instance None), for a model of unknown shape, or where not even one row fits.
+    The strategy stays the one a single row gets: more rows never buy a model split (one
+    GPU busy at a time) in place of data parallel."""
     shape = shape or resolve(cfg.model.id, network=False)
     if instance is None or shape is None:
         return 1
-    return next((rows for rows in range(AUTO_BATCH_MAX, 0, -1) if _fit(shape, instance, cfg, rows)[0]), 1)
+    strategy = _fit(shape, instance, cfg, 1)[0]
+    if strategy is None:
+        return 1
+    return next(rows for rows in range(AUTO_BATCH_MAX, 0, -1) if _fit(shape, instance, cfg, rows)[0] == strategy)
 
 
 def micro_batch_rows(cfg: JobConfig, instance: Instance | None, shape: Shape | None = None) -> int:
