@@ -422,24 +422,31 @@ def _format_errors(err: ValidationError) -> list[tuple[str, str]]:
 def resolve_local(value: str, base_dir: Path | None) -> Path | None:
     """An existing local path, read from `base_dir` (the config file's directory) when it
     is relative, or from the working directory for a config given as a dict."""
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = (base_dir or Path.cwd()) / path
-    return path.resolve() if path.exists() else None
+    try:
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = (base_dir or Path.cwd()) / path
+        return path.resolve() if path.exists() else None
+    except (OSError, RuntimeError, ValueError):  # a name too long, ~an-unknown-user, a NUL byte
+        return None
 
 
 def _not_found(field: str, value: str, base_dir: Path | None, what: str) -> tuple[str, str]:
     where = (f"in {base_dir} (relative paths are read from the config file's directory)" if base_dir
              else f"in the working directory {Path.cwd()}")
     msg = f"{what} {value!r} not found {where}"
-    parent = (base_dir or Path.cwd()) / Path(value).expanduser().parent
-    from_cwd = Path.cwd() / Path(value).expanduser()
-    if base_dir is not None and from_cwd.exists():
-        msg += f"; from the config file it is {os.path.relpath(from_cwd, base_dir)!r}"
-    elif parent.is_dir():
-        match = difflib.get_close_matches(Path(value).name, [p.name for p in parent.iterdir()], n=1, cutoff=0.6)
-        if match:
-            msg += f"; did you mean {str(Path(value).parent / match[0])!r}?"
+    try:
+        parent = (base_dir or Path.cwd()) / Path(value).expanduser().parent
+        from_cwd = Path.cwd() / Path(value).expanduser()
+        if base_dir is not None and from_cwd.exists():
+            msg += f"; from the config file it is {os.path.relpath(from_cwd, base_dir)!r}"
+        elif parent.is_dir():
+            names = [p.name for p in itertools.islice(parent.iterdir(), 1000)]
+            match = difflib.get_close_matches(Path(value).name, names, n=1, cutoff=0.6)
+            if match:
+                msg += f"; did you mean {str(Path(value).parent / match[0])!r}?"
+    except (OSError, RuntimeError, ValueError):  # no hint for a name the system refuses
+        pass
     return field, msg
 
 
@@ -515,11 +522,11 @@ def _location_problems(raw: dict[str, Any], base_dir: Path | None) -> list[tuple
     return problems
 
 
-def _data_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+def _data_problems(cfg: JobConfig, known: list[tuple[str, str]]) -> list[tuple[str, str]]:
     problems = []
     for field in ("train", "validation"):
         value = getattr(cfg.data, field)
-        if value and "://" not in value:
+        if value and "://" not in value and f"data.{field}" not in dict(known):
             problems += column_problems(Path(value), cfg.data, field)
     return problems
 
@@ -552,7 +559,7 @@ def _load(source: str | Path | dict | JobConfig, overrides: list[str] | tuple[st
         cfg = JobConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err) + problems) from None
-    problems += _data_problems(cfg)
+    problems += _data_problems(cfg, problems)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -96,7 +96,10 @@ def required_columns(spec) -> list[tuple[str, str]]:
 
 def column_problems(path: Path, spec, field: str) -> list[tuple[str, str]]:
     """Problems in the first rows of a local data file, each naming the file and the row."""
-    if not path.is_file() or path.suffix not in READERS:
+    try:
+        if not path.is_file() or path.suffix not in READERS:
+            return []
+    except (OSError, ValueError):  # a name the system refuses: reported as not found
         return []
     need = required_columns(spec)
     seen = 0
@@ -114,6 +117,8 @@ def column_problems(path: Path, spec, field: str) -> list[tuple[str, str]]:
                              f"{', '.join(map(str, row)) or 'no columns'}){hint}")]
     except RowError as exc:
         return [(f"data.{field}", f"{path}: {exc}")]
+    except OSError as exc:
+        return [(f"data.{field}", f"{path}: cannot be read ({exc.strerror or exc})")]
     if seen == 0 and path.suffix != ".parquet":
         return [(f"data.{field}", f"{path}: no rows (the file is empty or blank)")]
     return []

@@ -291,3 +291,21 @@ def test_relative_paths_are_not_read_from_the_working_directory(tmp_path, job_ya
     monkeypatch.chdir(tmp_path)
     moved = write(elsewhere, job_yaml.read_text().replace("data/medical.jsonl", "elsewhere/data/medical.jsonl"))
     assert "from the config file it is 'data/medical.jsonl'" in file_problem(moved)
+
+
+def test_paths_the_system_refuses_are_not_found_not_a_crash(job_dict):
+    for value in ("x" * 5000 + ".jsonl", "~no-such-user-here/d.jsonl", "a/" * 3000 + "d.jsonl"):
+        assert "not found" in problems(job_dict, f"data.train={value}")["data.train"]
+    assert "not found" in problems(job_dict, "model.id=" + "a/" * 3000)["model.id"]
+    assert "not found" in problems(job_dict, "model.id=~no-such-user-here/model")["model.id"]
+
+
+def test_an_unreadable_data_file_is_named(tmp_path, job_dict, monkeypatch):
+    from launcher import datafiles
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied")  # chmod 0 cannot show it: tests may run as root
+
+    cfg = data_config(tmp_path, job_dict, "d.jsonl", '{"question": "q", "answer": "a"}\n')
+    monkeypatch.setitem(datafiles.READERS, ".jsonl", denied)
+    assert problems(cfg)["data.train"] == f"{tmp_path / 'd.jsonl'}: cannot be read (Permission denied)"
