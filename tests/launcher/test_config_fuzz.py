@@ -70,8 +70,12 @@ def test_any_yaml_document_near_a_valid_one_is_valid_or_a_listed_problem(tmp_pat
     check(*validate(project, []))
 
 
+ODD = st.sampled_from(["~nobody-here/x", "a/" * 3000, "x" * 5000, "./../..", "/", "{a: [", "&a [*a]", "!!python/none"])
+
+
 @FUZZ
-@given(overrides=st.lists(st.tuples(st.sampled_from(PATHS) | st.text(max_size=12), st.text(max_size=40)), max_size=3))
+@given(overrides=st.lists(st.tuples(st.sampled_from(PATHS) | st.text(max_size=12), st.text(max_size=40) | ODD),
+                          max_size=3))
 def test_any_set_override_is_valid_or_a_listed_problem(tmp_path, overrides):
     project = project_dir(tmp_path)
     (project / "job.yaml").write_text(yaml.safe_dump(BASE))
