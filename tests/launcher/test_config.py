@@ -309,3 +309,15 @@ def test_an_unreadable_data_file_is_named(tmp_path, job_dict, monkeypatch):
     cfg = data_config(tmp_path, job_dict, "d.jsonl", '{"question": "q", "answer": "a"}\n')
     monkeypatch.setitem(datafiles.READERS, ".jsonl", denied)
     assert problems(cfg)["data.train"] == f"{tmp_path / 'd.jsonl'}: cannot be read (Permission denied)"
+
+
+def test_launch_rules_depend_on_where_it_runs(job_dict):
+    from launcher.validate import validate_for_launch
+
+    cfg = load_config(job_dict, ["aws.hf_token_env=HF_TOKEN", "compute.instance_type=ml.g5.xlarge"])
+    with pytest.raises(ConfigError) as info:
+        validate_for_launch(cfg, resume="../../etc")
+    assert set(dict(info.value.problems)) == {"aws.hf_token_env", "compute.instance_type", "--resume"}
+    with pytest.raises(ConfigError, match="--resume: '../../etc' is not a local run's name"):
+        validate_for_launch(cfg, local=True, resume="../../etc")
+    assert validate_for_launch(cfg, local=True, resume="tiny-medical-20261129-101500") is cfg
