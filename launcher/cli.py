@@ -14,10 +14,14 @@ import argparse
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from launcher.plan import Plan
+from launcher.config import load_config
+from launcher.errors import LauncherError
+from launcher.instances import format_usd
+from launcher.job import launch_job
+from launcher.plan import Plan, make_plan
+from launcher.validate import validate_for_launch
 
 DEBUG_ENV = "SM_QLORA_DEBUG"
 
@@ -48,9 +52,6 @@ def add_verb(sub, name: str, help: str, parents: list, example: str, handler) ->
 # --------------------------------------------------------------------------- validate
 
 def cmd_validate(args, out: Printer) -> int:
-    from launcher.config import load_config
-    from launcher.validate import validate_for_launch
-
     cfg = validate_for_launch(load_config(args.config, args.overrides), local=args.local)
     where = "this machine" if args.local else f"{cfg.compute.instance_type} x{cfg.compute.instance_count}"
     out.result({"valid": True, "job_name": cfg.job_name, "config_sha256": cfg.digest(), "local": args.local},
@@ -68,9 +69,6 @@ def add_validate(sub, common, config) -> None:
 # --------------------------------------------------------------------------- plan
 
 def cmd_plan(args, out: Printer) -> int:
-    from launcher.config import load_config
-    from launcher.plan import make_plan
-
     plan = make_plan(load_config(args.config, args.overrides), dataset_tokens=args.tokens)
     if out.json:
         out.result(plan.as_dict())
@@ -106,8 +104,6 @@ def rich_console():
 def render_plan(plan: Plan) -> None:
     from rich.table import Table
 
-    from launcher.instances import format_usd
-
     console = rich_console()
     tokens = f"{plan.dataset_tokens:,.0f}" if plan.dataset_tokens else "?"
     console.print(f"[bold]{plan.model}[/bold]  shape: {plan.shape_source}")
@@ -138,8 +134,6 @@ def render_plan(plan: Plan) -> None:
 # --------------------------------------------------------------------------- launch
 
 def cmd_launch(args, out: Printer) -> int:
-    from launcher.job import launch_job
-
     if args.local:  # launch_job refuses --dry-run with --local
         job = launch_job(args.config, overrides=args.overrides, local=True, dry_run=args.dry_run,
                          resume=args.resume, echo=not out.json)
@@ -174,10 +168,8 @@ def add_launch(sub, common, config) -> None:
 
 # --------------------------------------------------------------------------- the parser
 
-def _legacy_job_verbs(sub, common, aws) -> None:
+def _legacy_job_verbs(sub, common, aws, control) -> None:
     """The job verbs until launcher.control provides register(sub, common, aws)."""
-    from launcher import control
-
     specs = [
         ("status", "state, progress and cost so far", "status JOB --output json", control.cmd_status),
         ("list", "recent jobs", "list --max 20", control.cmd_list),
@@ -218,20 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in (add_validate, add_plan, add_launch):
         add(sub, common, config)
-    from launcher import control
+    from launcher import control  # here, not at the top: control uses this module's Printer and helpers
 
     if hasattr(control, "register"):
         control.register(sub, common, aws)
     else:
-        _legacy_job_verbs(sub, common, aws)
+        _legacy_job_verbs(sub, common, aws, control)
     return p
 
 
 # --------------------------------------------------------------------------- main
 
 def _report(exc: BaseException, out: Printer) -> int:
-    from launcher.errors import LauncherError
-
     if isinstance(exc, LauncherError):
         if out.json:
             print(json.dumps({"error": type(exc).__name__, "message": exc.message, "hint": exc.hint,
