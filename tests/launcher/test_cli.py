@@ -154,3 +154,12 @@ def test_ctrl_c_exits_130(job_yaml, capsys, monkeypatch):
     monkeypatch.setattr(cli, "cmd_plan", interrupted)
     assert main(["plan", str(job_yaml)]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_a_wrong_column_fails_validate_and_launch_before_anything_is_sent(job_yaml, capsys):
+    (job_yaml.parent / "data" / "medical.jsonl").write_text('{"question": "a?", "answer": "b."}\n{"question": "c?"}\n')
+    for argv in (["validate", str(job_yaml)], ["launch", str(job_yaml), "--dry-run"], ["plan", str(job_yaml)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: data.columns.response: column 'answer' is not in {job_yaml.parent / 'data' / 'medical.jsonl'}"
+                       " (row 2 has: question)\n"), argv
