@@ -14,6 +14,8 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+import traceback
 from typing import Any
 
 from launcher.config import load_config
@@ -229,17 +231,17 @@ def _report(exc: BaseException, out: Printer) -> int:
         else:
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    import tempfile
-    import traceback
-
     text = "".join(traceback.format_exception(exc))
     if os.environ.get(DEBUG_ENV) == "1":
         where = "above"
         sys.stderr.write(text)
     else:
-        fd, where = tempfile.mkstemp(prefix="sm-qlora-", suffix=".traceback")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        try:
+            fd, where = tempfile.mkstemp(prefix="sm-qlora-", suffix=".traceback")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        except OSError as err:  # a full or read-only disk: say so, still in one line
+            where = f"not kept ({err.strerror})"
     message = f"unexpected {type(exc).__name__}: {str(exc)[:300]} (a bug: the traceback is {where}; " \
               f"{DEBUG_ENV}=1 prints it)"
     if out.json:
@@ -281,11 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             return _report(exc, out)
         except BrokenPipeError:
             _quiet_stdout()
-            return _exit_code(exc)
-
-
-def _exit_code(exc: BaseException) -> int:
-    return getattr(exc, "exit_code", 1)
+            return getattr(exc, "exit_code", 1)
 
 
 if __name__ == "__main__":
