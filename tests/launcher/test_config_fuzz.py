@@ -44,7 +44,7 @@ def project_dir(tmp_path):
 
 def check(code: int, err: str) -> None:
     assert code in (0, 2), err
-    assert "Traceback" not in err and "unexpected" not in err, err
+    assert "Traceback" not in err and "error: unexpected " not in err, err
 
 
 @FUZZ
