@@ -1,27 +1,31 @@
-"""`sm-qlora`: a thin shell over `launch_job()` and `Job`. It parses arguments, calls the
-library, prints, and maps errors to the SPEC's exit codes (0 ok, 1 job failed/stopped,
-2 bad config or usage, 3 AWS, 130 interrupted). Imports are per verb so that `--help`
-and `validate` never load boto3 or the SageMaker SDK.
+"""`sm-qlora`: a thin shell over the library. Each verb is an argparse spec and a handler
+side by side (`handler(args, out) -> int`); the handler calls the library and prints.
+
+Exit codes (SPEC): 0 ok, 1 the job failed or was stopped (and any unexpected error),
+2 bad config or usage, 3 AWS refused or unreachable, 130 interrupted. No traceback reaches
+the user: `main` turns every error into one line (the traceback goes to a file, or to
+stderr with SM_QLORA_DEBUG=1). Imports are per verb so that `--help` and `validate` never
+load boto3 or the SageMaker SDK.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
+import traceback
 from typing import Any
 
-EXAMPLES = {
-    "validate": "sm-qlora validate examples/job.yaml --set training.learning_rate=1e-4",
-    "plan": "sm-qlora plan examples/job.yaml --output json",
-    "launch": "sm-qlora launch examples/job.yaml --dry-run\n  sm-qlora launch examples/local-tiny.yaml --local",
-    "status": "sm-qlora status medical-mixtral-20261129-101500 --output json",
-    "list": "sm-qlora list --max 20",
-    "logs": "sm-qlora logs medical-mixtral-20261129-101500 --follow",
-    "stop": "sm-qlora stop medical-mixtral-20261129-101500",
-    "plot": "sm-qlora plot medical-mixtral-20261129-101500 --out loss.png",
-    "download": "sm-qlora download medical-mixtral-20261129-101500 ./adapter",
-}
+from launcher.config import load_config
+from launcher.errors import LauncherError
+from launcher.instances import format_usd
+from launcher.job import launch_job
+from launcher.plan import Plan, make_plan
+from launcher.validate import validate_for_launch
+
+DEBUG_ENV = "SM_QLORA_DEBUG"
 
 
 class Printer:
@@ -39,72 +43,35 @@ class Printer:
         print(text, file=sys.stderr if self.json else sys.stdout, flush=True)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sm-qlora", description="Fine-tune LLMs with QLoRA on Amazon SageMaker.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  sm-qlora launch examples/job.yaml --dry-run")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--output", choices=["text", "json"], default="text", help="json: one JSON object on stdout")
-    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                        help="override a config field (repeatable)")
-    aws = argparse.ArgumentParser(add_help=False)
-    aws.add_argument("--region", default=None)
-    aws.add_argument("--profile", default=None)
-    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-
-    def verb(name: str, help: str, parents: list) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, parents=parents,
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=f"example:\n  {EXAMPLES[name]}")
-
-    v = verb("validate", "check the config; list every problem at once", [common])
-    v.add_argument("config")
-    v = verb("plan", "instance fit, parallelism, time and cost estimate", [common])
-    v.add_argument("config")
-    v.add_argument("--tokens", type=float, default=None, help="dataset tokens, if the data is not local")
-    v = verb("launch", "submit the training job (or --local / --dry-run)", [common])
-    v.add_argument("config")
-    v.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request; send nothing")
-    v.add_argument("--local", action="store_true", help="run the job on this machine under runs/<job>/")
-    v.add_argument("--wait", action="store_true", help="follow the job to its end")
-    v.add_argument("--resume", metavar="JOB", help="continue from JOB's checkpoints")
-    v = verb("status", "state, progress and cost so far", [common, aws])
-    v.add_argument("job")
-    v.add_argument("--plot", metavar="PNG", help="also write the loss curve here")
-    v = verb("list", "recent jobs", [common, aws])
-    v.add_argument("--max", type=int, default=20)
-    v = verb("logs", "log lines and a live progress bar", [common, aws])
-    v.add_argument("job")
-    v.add_argument("--follow", "-f", action="store_true")
-    v = verb("stop", "stop the job; its checkpoints stay", [common, aws])
-    v.add_argument("job")
-    v = verb("plot", "write a PNG of training and eval loss against steps", [common, aws])
-    v.add_argument("job")
-    v.add_argument("--out", default=None, help="PNG path (default: <job>-loss.png)")
-    v = verb("download", "fetch the trained adapter", [common, aws])
-    v.add_argument("job")
-    v.add_argument("dest")
+def add_verb(sub, name: str, help: str, parents: list, example: str, handler) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with one runnable example, run by `handler`."""
+    p = sub.add_parser(name, help=help, description=help, parents=parents,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"example:\n  {example}")
+    p.set_defaults(handler=handler)
     return p
 
 
-def cmd_validate(args, out: Printer) -> int:
-    from launcher.config import load_config
-    from launcher.plan import check_fits
+# --------------------------------------------------------------------------- validate
 
-    cfg = load_config(args.config, args.overrides)
-    check_fits(cfg)
-    out.result({"valid": True, "job_name": cfg.job_name, "config_sha256": cfg.digest()},
-               f"{args.config}: valid ({cfg.compute.instance_type} x{cfg.compute.instance_count}, "
-               f"model {cfg.model.id})")
+def cmd_validate(args, out: Printer) -> int:
+    cfg = validate_for_launch(load_config(args.config, args.overrides), local=args.local)
+    where = "this machine" if args.local else f"{cfg.compute.instance_type} x{cfg.compute.instance_count}"
+    out.result({"valid": True, "job_name": cfg.job_name, "config_sha256": cfg.digest(), "local": args.local},
+               f"{args.config}: valid for {where} (model {cfg.model.id})")
     return 0
 
 
-def cmd_plan(args, out: Printer) -> int:
-    from launcher.config import load_config
-    from launcher.plan import make_plan, render_plan
+def add_validate(sub, common, config) -> None:
+    v = add_verb(sub, "validate", "check the config as `launch` would; list every problem at once", [common, config],
+                 "sm-qlora validate examples/job.yaml --set training.learning_rate=1e-4", cmd_validate)
+    v.add_argument("config")
+    v.add_argument("--local", action="store_true", help="check it for `launch --local` (this machine)")
 
-    cfg = load_config(args.config, args.overrides)
-    plan = make_plan(cfg, dataset_tokens=args.tokens)
+
+# --------------------------------------------------------------------------- plan
+
+def cmd_plan(args, out: Printer) -> int:
+    plan = make_plan(load_config(args.config, args.overrides), dataset_tokens=args.tokens)
     if out.json:
         out.result(plan.as_dict())
     else:
@@ -112,9 +79,63 @@ def cmd_plan(args, out: Printer) -> int:
     return 0
 
 
-def cmd_launch(args, out: Printer) -> int:
-    from launcher.job import launch_job
+def add_plan(sub, common, config) -> None:
+    v = add_verb(sub, "plan", "instance fit, parallelism, time and cost estimate", [common, config],
+                 "sm-qlora plan examples/job.yaml --output json", cmd_plan)
+    v.add_argument("config")
+    v.add_argument("--tokens", type=float, default=None, help="dataset tokens, if the data is not local")
 
+
+def rich_console():
+    """A rich Console for the CLI's tables and bars. On a pipe or a file it does not wrap
+    at 80 columns, and a closed pipe raises BrokenPipeError (which `main` turns into a quiet
+    exit 0) instead of rich's own exit 1."""
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)
+
+    def broken_pipe() -> None:
+        raise BrokenPipeError
+
+    console.on_broken_pipe = broken_pipe
+    return console
+
+
+def render_plan(plan: Plan) -> None:
+    from rich.table import Table
+
+    console = rich_console()
+    tokens = f"{plan.dataset_tokens:,.0f}" if plan.dataset_tokens else "?"
+    console.print(f"[bold]{plan.model}[/bold]  shape: {plan.shape_source}")
+    console.print(f"dataset: {tokens} tokens ({plan.tokens_source}) x {plan.epochs} epoch(s); "
+                  f"{plan.tokens_per_micro_batch} tokens per micro-batch on {plan.configured}")
+    table = Table(title=f"instances by estimated cost (on-demand prices as read {plan.prices_read})")
+    for col in ("instance", "GPUs", "fits", "strategy", "rows", "GiB/GPU needed", "dtype", "tok/s", "hours", "cost",
+                "cost spot"):
+        table.add_column(col, justify="right" if col not in ("instance", "fits", "strategy", "dtype") else "left")
+    for r in plan.rows:
+        mark = " <- configured" if r.instance == plan.configured else ""
+        if plan.cheapest_fit and r.instance == plan.cheapest_fit.instance:
+            mark += " (cheapest fit)"
+        table.add_row(
+            r.instance + mark, f"{r.gpus}x {r.gpu} ({r.gpu_memory_gib:g} GiB)", "yes" if r.fits else "no",
+            r.strategy or "does not fit", str(r.rows_per_micro_batch), f"{r.needed_gib_per_gpu:g}", r.precision,
+            f"{r.tokens_per_sec:,}" if r.tokens_per_sec else "-", f"{r.hours:.1f}" if r.hours else "-",
+            format_usd(r.usd), f"{format_usd(r.spot_usd[0])}-{format_usd(r.spot_usd[1])}" if r.spot_usd else "-",
+            style="bold" if r.instance == plan.configured else ("dim" if not r.fits else None),
+        )
+    console.print(table)
+    worst = max(abs(c["error_pct"]) for c in plan.calibration)
+    console.print(f"memory model vs {len(plan.calibration)} measured H200 runs: max error {worst:.1f}%")
+    for a in plan.assumptions:
+        console.print(f"  - {a}")
+
+
+# --------------------------------------------------------------------------- launch
+
+def cmd_launch(args, out: Printer) -> int:
     if args.local:  # launch_job refuses --dry-run with --local
         job = launch_job(args.config, overrides=args.overrides, local=True, dry_run=args.dry_run,
                          resume=args.resume, echo=not out.json)
@@ -136,31 +157,133 @@ def cmd_launch(args, out: Printer) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    import os
+def add_launch(sub, common, config) -> None:
+    v = add_verb(sub, "launch", "submit the training job (or --local / --dry-run)", [common, config],
+                 "sm-qlora launch examples/job.yaml --dry-run\n  sm-qlora launch examples/local-tiny.yaml --local",
+                 cmd_launch)
+    v.add_argument("config")
+    v.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request; send nothing")
+    v.add_argument("--local", action="store_true", help="run the job on this machine under runs/<job>/")
+    v.add_argument("--wait", action="store_true", help="follow the job to its end")
+    v.add_argument("--resume", metavar="JOB", help="continue from JOB's checkpoints")
 
-    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
-    args = _parser().parse_args(argv)
-    out = Printer(args.output)
-    from launcher.errors import LauncherError
 
-    handlers = {"validate": cmd_validate, "plan": cmd_plan, "launch": cmd_launch}
-    try:
-        if args.verb in handlers:
-            return handlers[args.verb](args, out)
-        from launcher import control
+# --------------------------------------------------------------------------- the parser
 
-        return getattr(control, f"cmd_{args.verb}")(args, out)
-    except LauncherError as exc:
+def _legacy_job_verbs(sub, common, aws, control) -> None:
+    """The job verbs until launcher.control provides register(sub, common, aws)."""
+    specs = [
+        ("status", "state, progress and cost so far", "status JOB --output json", control.cmd_status),
+        ("list", "recent jobs", "list --max 20", control.cmd_list),
+        ("logs", "log lines and a live progress bar", "logs JOB --follow", control.cmd_logs),
+        ("stop", "stop the job; its checkpoints stay", "stop JOB", control.cmd_stop),
+        ("plot", "write a PNG of training and eval loss against steps", "plot JOB --out loss.png", control.cmd_plot),
+        ("download", "fetch the trained adapter", "download JOB ./adapter", control.cmd_download),
+    ]
+    job = "medical-mixtral-20261129-101500"
+    for name, help, example, handler in specs:
+        v = add_verb(sub, name, help, [common, aws], "sm-qlora " + example.replace("JOB", job), handler)
+        if name == "list":
+            v.add_argument("--max", type=int, default=20)
+            continue
+        v.add_argument("job")
+        if name == "status":
+            v.add_argument("--plot", metavar="PNG", help="also write the loss curve here")
+        elif name == "logs":
+            v.add_argument("--follow", "-f", action="store_true")
+        elif name == "plot":
+            v.add_argument("--out", default=None, help="PNG path (default: <job>-loss.png)")
+        elif name == "download":
+            v.add_argument("dest")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sm-qlora", description="Fine-tune LLMs with QLoRA on Amazon SageMaker.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  sm-qlora launch examples/job.yaml --dry-run")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--output", choices=["text", "json"], default="text", help="json: one JSON object on stdout")
+    config = argparse.ArgumentParser(add_help=False)  # only for the verbs that read a config
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a config field (repeatable; a {mapping} merges into its section)")
+    aws = argparse.ArgumentParser(add_help=False)
+    aws.add_argument("--region", default=None)
+    aws.add_argument("--profile", default=None)
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for add in (add_validate, add_plan, add_launch):
+        add(sub, common, config)
+    from launcher import control  # here, not at the top: control uses this module's Printer and helpers
+
+    if hasattr(control, "register"):
+        control.register(sub, common, aws)
+    else:
+        _legacy_job_verbs(sub, common, aws, control)
+    return p
+
+
+# --------------------------------------------------------------------------- main
+
+def _report(exc: BaseException, out: Printer) -> int:
+    if isinstance(exc, LauncherError):
         if out.json:
             print(json.dumps({"error": type(exc).__name__, "message": exc.message, "hint": exc.hint,
                               "problems": [{"path": p, "message": m} for p, m in getattr(exc, "problems", [])]}))
         else:
             print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    text = "".join(traceback.format_exception(exc))
+    if os.environ.get(DEBUG_ENV) == "1":
+        where = "above"
+        sys.stderr.write(text)
+    else:
+        try:
+            fd, where = tempfile.mkstemp(prefix="sm-qlora-", suffix=".traceback")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        except OSError as err:  # a full or read-only disk: say so, still in one line
+            where = f"not kept ({err.strerror})"
+    message = f"unexpected {type(exc).__name__}: {str(exc)[:300]} (a bug: the traceback is {where}; " \
+              f"{DEBUG_ENV}=1 prints it)"
+    if out.json:
+        print(json.dumps({"error": type(exc).__name__, "message": message, "hint": None, "problems": []}))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _quiet_stdout() -> None:
+    """The reader went away (`sm-qlora plan | head`): drop the rest of the output, as
+    standard tools do, instead of a BrokenPipeError at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture)
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+    out = Printer("text")
+    try:
+        args = build_parser().parse_args(argv)
+        out = Printer(args.output)
+        code = args.handler(args, out)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, message printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # LauncherError, and the guard: no traceback reaches the user
+        try:
+            return _report(exc, out)
+        except BrokenPipeError:
+            _quiet_stdout()
+            return getattr(exc, "exit_code", 1)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,12 @@ class Instance:
     def family(self) -> str:
         return self.name.rsplit(".", 1)[0]
 
-    @property
-    def total_gpu_memory_gib(self) -> float:
-        return self.gpu.memory_gib * self.gpu_count
+
+def format_usd(x: float | None, missing: str = "-") -> str:
+    """Money as every command shows it: cents below $100, whole dollars above."""
+    if x is None:
+        return missing
+    return f"${x:,.2f}" if abs(x) < 100 else f"${x:,.0f}"
 
 
 @dataclass(frozen=True)

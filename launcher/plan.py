@@ -28,11 +28,17 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from launcher.config import JobConfig
 from launcher.errors import ConfigError
 from launcher.instances import Instance, catalog
 from launcher.shapes import BUILT_IN, Shape, resolve
+
+try:
+    from entrypoint.hyperparams import Strategy
+except ImportError:  # until entrypoint/hyperparams.py exports it: the same three names
+    Strategy = Literal["single", "ddp", "model_parallel"]
 
 GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -64,6 +70,7 @@ MIXTRAL = BUILT_IN["mixtral-8x7b"]
 DDP_EFFICIENCY = 0.9
 STARTUP_HOURS = 0.25  # image pull, model download and 4-bit load before the first step
 CHARS_PER_TOKEN = 4.0
+AUTO_BATCH_MAX = 16  # more packed rows per micro-batch buys little once the GPU is busy (bench/README.md)
 
 
 # --------------------------------------------------------------------------- memory
@@ -196,7 +203,8 @@ class Row:
     gpus: int
     gpu_memory_gib: float
     fits: bool
-    strategy: str
+    strategy: Strategy | None  # None: the model does not fit this instance
+    rows_per_micro_batch: int
     needed_gib_per_gpu: float
     precision: str
     attention: str
@@ -214,7 +222,7 @@ class Plan:
     dataset_tokens: float | None
     tokens_source: str
     epochs: int
-    tokens_per_micro_batch: int
+    tokens_per_micro_batch: int  # on the configured instance
     configured: str
     instance_count: int
     rows: list[Row]
@@ -242,20 +250,47 @@ class Plan:
         return d
 
 
+def _fit(shape: Shape, inst: Instance, cfg: JobConfig, rows: int) -> tuple[Strategy | None, float]:
+    """How `inst` holds the model at `rows` packed rows per micro-batch (None: it cannot),
+    and the GiB each GPU needs that way."""
+    t, c = cfg.training, cfg.compute
+    tokens = rows * t.max_seq_length
+    single = needed_gib(shape, tokens, cfg.lora.r, checkpointing=t.gradient_checkpointing)
+    multi = inst.gpu_count > 1 or c.instance_count > 1
+    if c.strategy != "model_parallel" and single <= inst.gpu.memory_gib:
+        return (c.strategy if c.strategy != "auto" else ("ddp" if multi else "single")), single
+    if c.strategy in ("auto", "model_parallel") and inst.gpu_count > 1 and c.instance_count == 1:
+        split = needed_gib(shape, tokens, cfg.lora.r, checkpointing=t.gradient_checkpointing, split=inst.gpu_count)
+        return ("model_parallel" if split <= inst.gpu.memory_gib else None), split
+    return None, single
+
+
+def auto_batch_size(cfg: JobConfig, instance: Instance | None, shape: Shape | None = None) -> int:
+    """`per_device_batch_size: auto`: the most packed rows per micro-batch (at most
+    AUTO_BATCH_MAX) that the instance's GPUs hold by the memory model; 1 on this machine's
+    CPU (instance None), for a model of unknown shape, or where not even one row fits.
+    The strategy stays the one a single row gets: more rows never buy a model split (one
+    GPU busy at a time) in place of data parallel."""
+    shape = shape or resolve(cfg.model.id, network=False)
+    if instance is None or shape is None:
+        return 1
+    strategy = _fit(shape, instance, cfg, 1)[0]
+    if strategy is None:
+        return 1
+    return next(rows for rows in range(AUTO_BATCH_MAX, 0, -1) if _fit(shape, instance, cfg, rows)[0] == strategy)
+
+
+def micro_batch_rows(cfg: JobConfig, instance: Instance | None, shape: Shape | None = None) -> int:
+    rows = cfg.training.per_device_batch_size
+    return rows if isinstance(rows, int) else auto_batch_size(cfg, instance, shape)
+
+
 def evaluate(shape: Shape, inst: Instance, cfg: JobConfig, dataset_tokens: float | None) -> Row:
     t = cfg.training
-    tokens = t.per_device_batch_size * t.max_seq_length
-    r = cfg.lora.r
-    single = needed_gib(shape, tokens, r, checkpointing=t.gradient_checkpointing)
-    forced = cfg.compute.strategy
-    if forced in ("ddp", "auto") and single <= inst.gpu.memory_gib:
-        strategy, need = ("ddp" if inst.gpu_count > 1 or cfg.compute.instance_count > 1 else "single"), single
-    elif forced in ("model_parallel", "auto") and inst.gpu_count > 1 and cfg.compute.instance_count == 1:
-        need = needed_gib(shape, tokens, r, checkpointing=t.gradient_checkpointing, split=inst.gpu_count)
-        strategy = "model_parallel" if need <= inst.gpu.memory_gib else "does not fit"
-    else:
-        strategy, need = "does not fit", single
-    fits = strategy != "does not fit"
+    rows = micro_batch_rows(cfg, inst, shape)
+    strategy, need = _fit(shape, inst, cfg, rows)
+    fits = strategy is not None
+    tokens = rows * t.max_seq_length
     rate = tokens_per_second(shape, inst, tokens, strategy) * cfg.compute.instance_count if fits else None
     hours = usd = spot = None
     if fits and dataset_tokens:
@@ -265,8 +300,8 @@ def evaluate(shape: Shape, inst: Instance, cfg: JobConfig, dataset_tokens: float
         spot = (round(usd * (1 - hi), 2), round(usd * (1 - lo), 2))
     return Row(
         instance=inst.name, gpu=inst.gpu.model, gpus=inst.gpu_count, gpu_memory_gib=inst.gpu.memory_gib, fits=fits,
-        strategy=strategy, needed_gib_per_gpu=round(need, 1), precision="bf16" if inst.gpu.bf16 else "fp16",
-        attention="flash_attention_2" if inst.gpu.flash_attention else "sdpa",
+        strategy=strategy, rows_per_micro_batch=rows, needed_gib_per_gpu=round(need, 1),
+        precision="bf16" if inst.gpu.bf16 else "fp16", attention="flash_attention_2" if inst.gpu.flash_attention else "sdpa",
         tokens_per_sec=round(rate) if rate else None, hours=round(hours, 2) if hours else None,
         usd=round(usd, 2) if usd else None, spot_usd=spot, price_per_hour=inst.price_per_hour,
     )
@@ -290,68 +325,46 @@ def make_plan(cfg: JobConfig, dataset_tokens: float | None = None, network: bool
         source = "given with --tokens"
     rows = [evaluate(shape, inst, cfg, dataset_tokens) for inst in catalog().instances.values()]
     rows.sort(key=lambda r: (not r.fits, r.usd if r.usd is not None else r.price_per_hour))
+    configured = next(r for r in rows if r.instance == cfg.compute.instance_type)
     return Plan(model=cfg.model.id, shape_source=shape.source, dataset_tokens=dataset_tokens, tokens_source=source,
-                epochs=cfg.training.epochs, tokens_per_micro_batch=cfg.training.per_device_batch_size * cfg.training.max_seq_length,
+                epochs=cfg.training.epochs,
+                tokens_per_micro_batch=configured.rows_per_micro_batch * cfg.training.max_seq_length,
                 configured=cfg.compute.instance_type, instance_count=cfg.compute.instance_count, rows=rows,
                 prices_read=catalog().prices_read)
 
 
-def check_fits(cfg: JobConfig) -> None:
-    """validate and launch: the configured instance must hold the model. No network: a
-    model whose shape is not local or built in is not checked here."""
+def fit_problem(cfg: JobConfig) -> tuple[str, str] | None:
+    """The configured instance must hold the model. No network: a model whose shape is
+    not local or built in is not checked here."""
     shape = resolve(cfg.model.id, network=False)
     if shape is None:
-        return
+        return None
     row = evaluate(shape, catalog().get(cfg.compute.instance_type), cfg, None)
     if row.fits:
-        return
-    plan = make_plan(cfg, dataset_tokens=None, network=False)
-    cheapest = plan.cheapest_fit
+        return None
+    cheapest = make_plan(cfg, dataset_tokens=None, network=False).cheapest_fit
     hint = f"; the cheapest instance that fits is {cheapest.instance}" if cheapest else "; no catalog instance fits"
-    raise ConfigError([("compute.instance_type",
-                        f"{row.instance} ({row.gpus}x {row.gpu}, {row.gpu_memory_gib:g} GiB each) cannot hold "
-                        f"{shape.name} for QLoRA at {plan.tokens_per_micro_batch} tokens per micro-batch: it needs "
-                        f"~{row.needed_gib_per_gpu:g} GiB per GPU{hint} (see `sm-qlora plan`)")])
+    forced = f" with compute.strategy {cfg.compute.strategy}" if cfg.compute.strategy != "auto" else ""
+    return ("compute.instance_type",
+            f"{row.instance} ({row.gpus}x {row.gpu}, {row.gpu_memory_gib:g} GiB each) cannot hold {shape.name} for "
+            f"QLoRA{forced} at {row.rows_per_micro_batch * cfg.training.max_seq_length} tokens per micro-batch: it "
+            f"needs ~{row.needed_gib_per_gpu:g} GiB per GPU{hint} (see `sm-qlora plan`)")
 
 
-def choose_strategy(cfg: JobConfig) -> str:
-    """The parallelism `launch` sets the entrypoint up for: the plan's, unless forced."""
+def check_fits(cfg: JobConfig) -> None:
+    problem = fit_problem(cfg)
+    if problem:
+        raise ConfigError([problem])
+
+
+def choose_strategy(cfg: JobConfig) -> Strategy:
+    """The one decision on how the job spreads over the GPUs: compute.strategy when the
+    config forces one, else the plan's for the configured instance."""
     if cfg.compute.strategy != "auto":
         return cfg.compute.strategy
+    inst = catalog().get(cfg.compute.instance_type)
     shape = resolve(cfg.model.id, network=False)
-    if shape is None:
-        return "ddp"
-    row = evaluate(shape, catalog().get(cfg.compute.instance_type), cfg, None)
-    return {"single": "ddp", "does not fit": "ddp"}.get(row.strategy, row.strategy)
-
-
-def render_plan(plan: Plan) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:  # a pipe or a file: rich would wrap the table at 80 columns
-        console = Console(width=170)
-    tokens = f"{plan.dataset_tokens:,.0f}" if plan.dataset_tokens else "?"
-    console.print(f"[bold]{plan.model}[/bold]  shape: {plan.shape_source}")
-    console.print(f"dataset: {tokens} tokens ({plan.tokens_source}) x {plan.epochs} epoch(s); "
-                  f"{plan.tokens_per_micro_batch} tokens per micro-batch")
-    table = Table(title=f"instances by estimated cost (on-demand prices as read {plan.prices_read})")
-    for col in ("instance", "GPUs", "fits", "strategy", "GiB/GPU needed", "dtype", "tok/s", "hours", "$", "$ spot"):
-        table.add_column(col, justify="right" if col not in ("instance", "fits", "strategy", "dtype") else "left")
-    for r in plan.rows:
-        mark = " <- configured" if r.instance == plan.configured else ""
-        if plan.cheapest_fit and r.instance == plan.cheapest_fit.instance:
-            mark += " (cheapest fit)"
-        table.add_row(
-            r.instance + mark, f"{r.gpus}x {r.gpu} ({r.gpu_memory_gib:g} GiB)", "yes" if r.fits else "no", r.strategy,
-            f"{r.needed_gib_per_gpu:g}", r.precision, f"{r.tokens_per_sec:,}" if r.tokens_per_sec else "-",
-            f"{r.hours:.1f}" if r.hours else "-", f"{r.usd:,.0f}" if r.usd else "-",
-            f"{r.spot_usd[0]:,.0f}-{r.spot_usd[1]:,.0f}" if r.spot_usd else "-",
-            style="bold" if r.instance == plan.configured else ("dim" if not r.fits else None),
-        )
-    console.print(table)
-    worst = max(abs(c["error_pct"]) for c in plan.calibration)
-    console.print(f"memory model vs {len(plan.calibration)} measured H200 runs: max error {worst:.1f}%")
-    for a in plan.assumptions:
-        console.print(f"  - {a}")
+    strategy = evaluate(shape, inst, cfg, None).strategy if shape is not None else None
+    if strategy is not None:
+        return strategy
+    return "ddp" if inst.gpu_count > 1 or cfg.compute.instance_count > 1 else "single"

@@ -1,0 +1,32 @@
+"""The rules that depend on how a valid config is launched (on SageMaker or here, resumed
+or not). `sm-qlora validate` and `launch_job` both call `validate_for_launch`, so what one
+accepts the other accepts. Nothing here reaches the network."""
+
+from __future__ import annotations
+
+from launcher.config import JOB_NAME_RE, JobConfig
+from launcher.errors import ConfigError
+from launcher.plan import fit_problem
+
+
+def launch_problems(cfg: JobConfig, *, local: bool = False, resume: str | None = None) -> list[tuple[str, str]]:
+    problems = []
+    if not local:
+        if cfg.aws.hf_token_env:
+            problems.append(("aws.hf_token_env", "is for local runs; a SageMaker job reads the token from "
+                             "aws.hf_token_secret (a Secrets Manager ARN), so it never shows in DescribeTrainingJob"))
+        fit = fit_problem(cfg)  # on this machine the instance type is not used
+        if fit:
+            problems.append(fit)
+    if resume is not None and (not JOB_NAME_RE.fullmatch(resume) or len(resume) > 63):
+        what = "a local run's name (runs/<name>/)" if local else "a SageMaker training job name"
+        problems.append(("--resume", f"{resume!r} is not {what}: letters, digits and hyphens, at most 63"))
+    return problems
+
+
+def validate_for_launch(cfg: JobConfig, *, local: bool = False, resume: str | None = None) -> JobConfig:
+    """ConfigError listing every launch-time problem, else the config unchanged."""
+    problems = launch_problems(cfg, local=local, resume=resume)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
