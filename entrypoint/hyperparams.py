@@ -8,7 +8,7 @@ keys (`lora.r`), each value JSON-encoded; `flatten` and `unflatten` are the two 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,6 +19,9 @@ HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$"
 # one process per GPU (torchrun), model_parallel spreads one copy of the model over the
 # instance's GPUs, single uses one device.
 Strategy = Literal["single", "ddp", "model_parallel"]
+# What a config may say: auto leaves the choice to the launcher's plan (one flat Literal, so
+# a wrong value gets one error listing the four).
+StrategyChoice = Literal["auto", "ddp", "model_parallel", "single"]
 
 # Hyperparameters SageMaker and the training toolkit add on their own (the names in
 # sagemaker_training.params): accepted and ignored. A tuning job's objective metric
@@ -77,7 +80,9 @@ class TrainingSpec(Strict):
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
-    per_device_batch_size: int = Field(1, ge=1, le=1024)
+    # auto: the launcher's plan picks the most packed rows that fit the GPU (1 on a CPU);
+    # a job that receives "auto" unresolved runs 1.
+    per_device_batch_size: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
     gradient_accumulation_steps: int = Field(4, ge=1, le=4096)
     max_seq_length: int = Field(2048, ge=16, le=131072)
     packing: bool = Field(
@@ -107,7 +112,7 @@ class Hyperparameters(Strict):
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec = TrainingSpec()
     # "auto" only where a user wrote it (local runs); the job then picks ddp under torchrun.
-    strategy: Literal["auto"] | Strategy = "auto"
+    strategy: StrategyChoice = "auto"
 
     @model_validator(mode="after")
     def _columns_present(self) -> Hyperparameters:

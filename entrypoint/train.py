@@ -252,6 +252,8 @@ def run_job(interrupt: Interrupt, started: float) -> int:
         hp = read_hyperparameters()  # before torch: a bad value fails in a second
     except BadInput as exc:
         return _failure(str(exc), EXIT_BAD_INPUT)
+    if hp.training.per_device_batch_size == "auto":  # the launcher resolves it; sent by hand, 1 row
+        hp.training.per_device_batch_size = 1
     _quiet_progress_bars()
     from entrypoint.data import DataError
     from entrypoint.model import QuantizationError

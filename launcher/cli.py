@@ -141,6 +141,12 @@ def cmd_launch(args, out: Printer) -> int:
                          resume=args.resume, echo=not out.json)
         out.result(job.as_dict(), f"done: adapter in {job.adapter_uri}")
         return 0
+    if args.preflight and not args.dry_run:
+        from launcher.preflight import gate
+
+        code = gate(load_config(args.config, args.overrides), info=out.info)
+        if code:
+            return code
     job = launch_job(args.config, overrides=args.overrides, dry_run=args.dry_run, resume=args.resume)
     if args.dry_run:
         out.result(job.as_dict(), json.dumps(job.request, indent=2, default=str))
@@ -153,7 +159,9 @@ def cmd_launch(args, out: Printer) -> int:
         f"  adapter:  {job.adapter_uri}",
     ]))
     if args.wait:
-        return job.logs(follow=True, as_json=out.json)
+        from launcher.control import follow_job
+
+        return follow_job(job, out, follow=True)
     return 0
 
 
@@ -166,36 +174,10 @@ def add_launch(sub, common, config) -> None:
     v.add_argument("--local", action="store_true", help="run the job on this machine under runs/<job>/")
     v.add_argument("--wait", action="store_true", help="follow the job to its end")
     v.add_argument("--resume", metavar="JOB", help="continue from JOB's checkpoints")
+    v.add_argument("--preflight", action="store_true", help="run the account checks first; stop if one fails")
 
 
 # --------------------------------------------------------------------------- the parser
-
-def _legacy_job_verbs(sub, common, aws, control) -> None:
-    """The job verbs until launcher.control provides register(sub, common, aws)."""
-    specs = [
-        ("status", "state, progress and cost so far", "status JOB --output json", control.cmd_status),
-        ("list", "recent jobs", "list --max 20", control.cmd_list),
-        ("logs", "log lines and a live progress bar", "logs JOB --follow", control.cmd_logs),
-        ("stop", "stop the job; its checkpoints stay", "stop JOB", control.cmd_stop),
-        ("plot", "write a PNG of training and eval loss against steps", "plot JOB --out loss.png", control.cmd_plot),
-        ("download", "fetch the trained adapter", "download JOB ./adapter", control.cmd_download),
-    ]
-    job = "medical-mixtral-20261129-101500"
-    for name, help, example, handler in specs:
-        v = add_verb(sub, name, help, [common, aws], "sm-qlora " + example.replace("JOB", job), handler)
-        if name == "list":
-            v.add_argument("--max", type=int, default=20)
-            continue
-        v.add_argument("job")
-        if name == "status":
-            v.add_argument("--plot", metavar="PNG", help="also write the loss curve here")
-        elif name == "logs":
-            v.add_argument("--follow", "-f", action="store_true")
-        elif name == "plot":
-            v.add_argument("--out", default=None, help="PNG path (default: <job>-loss.png)")
-        elif name == "download":
-            v.add_argument("dest")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sm-qlora", description="Fine-tune LLMs with QLoRA on Amazon SageMaker.",
@@ -212,12 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in (add_validate, add_plan, add_launch):
         add(sub, common, config)
-    from launcher import control  # here, not at the top: control uses this module's Printer and helpers
+    # here, not at the top: these modules use this one's Printer and helpers
+    from launcher import control, merge, preflight
 
-    if hasattr(control, "register"):
-        control.register(sub, common, aws)
-    else:
-        _legacy_job_verbs(sub, common, aws, control)
+    control.register(sub, common, aws)
+    merge.register(sub, common, aws)
+    preflight.register(sub, common, config)
     return p
 
 

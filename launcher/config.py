@@ -29,7 +29,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from entrypoint.hyperparams import HUB_ID_PATTERN, Hyperparameters, Strict
+from entrypoint.hyperparams import HUB_ID_PATTERN, Hyperparameters, StrategyChoice, Strict
 from launcher.datafiles import DATA_SUFFIXES, column_problems
 from launcher.errors import ConfigError
 from launcher.instances import catalog
@@ -50,7 +50,6 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MAX_USER_TAGS = 46
 
 # "auto" or one of the job's strategies: the same Literal the hyperparameters use.
-StrategyChoice = Hyperparameters.model_fields["strategy"].annotation
 
 
 def job_name_for(base: str, now: float | None = None) -> str:
@@ -252,12 +251,16 @@ class JobConfig(Hyperparameters):
             )
         return v
 
-    def hyperparameters(self, strategy: str | None = None) -> Hyperparameters:
+    def hyperparameters(self, strategy: str | None = None, rows: int | None = None) -> Hyperparameters:
         """The part the job sees, validated again by the same model (deep copies: submit
-        rewrites local paths to S3 URIs in it, never in the config)."""
+        rewrites local paths to S3 URIs in it, never in the config). `rows` resolves
+        `per_device_batch_size: auto` (the plan's choice)."""
+        training = self.training.model_copy(deep=True)
+        if rows is not None and training.per_device_batch_size == "auto":
+            training.per_device_batch_size = rows
         return Hyperparameters(
             model=self.model.model_copy(deep=True), data=self.data.model_copy(deep=True),
-            lora=self.lora.model_copy(deep=True), training=self.training.model_copy(deep=True),
+            lora=self.lora.model_copy(deep=True), training=training,
             strategy=strategy or self.compute.strategy,
         )
 

@@ -184,6 +184,13 @@ class Job:
             out.append(target)
         return out
 
+    def merge(self, dest: str | Path | None = None, **options) -> dict[str, Any]:
+        """The base model with this job's adapter merged in (bf16 safetensors): on this
+        machine for a local run, as a small SageMaker job for a SageMaker one."""
+        from launcher.merge import merge_job
+
+        return merge_job(self, dest, **options)
+
     def plot(self, path: str | Path | None = None) -> Path:
         """Write a PNG of training and eval loss against steps, from the job's logs."""
         from launcher.plot import write_loss_png
@@ -267,15 +274,17 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
     - `resume=JOB`: continue from JOB's checkpoints (SageMaker: a new job on JOB's checkpoint
       S3 URI; local: the same runs/JOB/, which must be neither running nor Completed).
     """
+    from launcher.validate import validate_for_launch
+
     cfg = load_config(config, overrides)
+    if local and dry_run:
+        raise ConfigError([("--dry-run", "is for SageMaker jobs; --local sends nothing anyway")])
+    validate_for_launch(cfg, local=local, resume=resume)  # what `validate` checks: exit 2, nothing sent
     if local:
-        if dry_run:
-            raise ConfigError([("--dry-run", "is for SageMaker jobs; --local sends nothing anyway")])
         return run_local(cfg, resume=resume, echo=echo)
-    from launcher.plan import check_fits, choose_strategy
+    from launcher.plan import choose_strategy
     from launcher.sagemaker_job import SageMakerBackend
 
-    check_fits(cfg)  # an instance that cannot hold the model: exit 2, nothing sent
     submitted = _submit(cfg, choose_strategy(cfg), dry_run=dry_run, resume=resume)
     region = cfg.aws.region or _session_region(cfg)
     job = Job(name=submitted.job_name, submitted=submitted,

@@ -28,17 +28,12 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
+from entrypoint.hyperparams import Strategy
 from launcher.config import JobConfig
 from launcher.errors import ConfigError
 from launcher.instances import Instance, catalog
 from launcher.shapes import BUILT_IN, Shape, resolve
-
-try:
-    from entrypoint.hyperparams import Strategy
-except ImportError:  # until entrypoint/hyperparams.py exports it: the same three names
-    Strategy = Literal["single", "ddp", "model_parallel"]
 
 GIB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)

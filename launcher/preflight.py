@@ -313,13 +313,13 @@ def cmd_preflight(args, out) -> int:
     return code
 
 
-def register(sub, common, aws) -> None:
-    """`aws` (--region/--profile) is not taken: the config names the region and profile,
-    and `--set aws.region=...` overrides them."""
+def register(sub, common, config) -> None:
+    """No --region/--profile: the config names the region and profile, and `--set
+    aws.region=...` (the `config` parent) overrides them."""
     import argparse
 
     help_ = "account-side checks before paying: credentials, role + trust + PassRole, bucket, quota, token secret"
-    v = sub.add_parser("preflight", help=help_, description=help_, parents=[common],
+    v = sub.add_parser("preflight", help=help_, description=help_, parents=[common, config],
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"example:\n  {EXAMPLE}")
     v.add_argument("config")
     v.set_defaults(handler=cmd_preflight)

@@ -127,26 +127,10 @@ def test_a_failed_merge_leaves_nothing_and_an_existing_model_is_not_overwritten(
 # --------------------------------------------------------------------------- the launcher's side
 
 def cli(argv: list[str]) -> int:
-    """The verb as the CLI will wire it: a parser built with merge.register()."""
-    import argparse
+    """The verb through the real `sm-qlora` entry point."""
+    from launcher.cli import main
 
-    from launcher.cli import Printer
-    from launcher.merge import register
-
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--output", choices=["text", "json"], default="text")
-    aws = argparse.ArgumentParser(add_help=False)
-    aws.add_argument("--region")
-    aws.add_argument("--profile")
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="verb"), common, aws)
-    args = parser.parse_args(argv)
-    from launcher.errors import LauncherError
-
-    try:
-        return args.handler(args, Printer(args.output))
-    except LauncherError as exc:
-        return exc.exit_code
+    return main(argv)
 
 
 def fake_local_run(runs: Path, name: str, tiny_model: Path, adapter: Path, status: str = "Completed") -> Path:

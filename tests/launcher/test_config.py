@@ -14,8 +14,6 @@ def problems(cfg: dict, *overrides: str) -> dict[str, str]:
     return dict(info.value.problems)
 
 
-@pytest.mark.xfail(strict=True, reason="examples/*.yaml still name paths from the repo root; relative paths are "
-                   "now read from the config file's directory (the lead changes examples/ on merge)")
 def test_the_shipped_example_configs_are_valid(tiny_model):
     assert load_config("examples/local-tiny.yaml").model.id.endswith("examples/tiny-mixtral")
     cfg = load_config("examples/job.yaml")

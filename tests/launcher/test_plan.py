@@ -183,8 +183,6 @@ def test_auto_batch_size_is_the_most_rows_that_fit(job_dict):
     assert P._fit(BUILT_IN["mixtral-8x7b"], p4d, mixtral, rows + 1)[0] == "model_parallel"
 
 
-@pytest.mark.xfail(strict=True, reason="training.per_device_batch_size accepts 'auto' once entrypoint/hyperparams.py "
-                   "has it (helper 'job')")
 def test_plan_rows_use_the_auto_batch_size(job_dict):
     plan = plan_for(job_dict, "training.per_device_batch_size=auto")
     rows = {r.instance: r for r in plan.rows}

@@ -10,7 +10,6 @@ STS, IAM (GetRole), S3 and Secrets Manager are moto over HTTP (the `aws` fixture
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import boto3
@@ -223,18 +222,7 @@ def test_trust_policies_as_the_wire_sends_them():
 
 
 def cli(argv: list[str]) -> int:
-    """The verb as the CLI will wire it: a parser built with preflight.register()."""
-    from launcher.cli import Printer
-    from launcher.errors import LauncherError
+    """The verb through the real `sm-qlora` entry point."""
+    from launcher.cli import main
 
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--output", choices=["text", "json"], default="text")
-    common.add_argument("--set", dest="overrides", action="append", default=[])
-    aws = argparse.ArgumentParser(add_help=False)
-    parser = argparse.ArgumentParser()
-    pf.register(parser.add_subparsers(dest="verb"), common, aws)
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args, Printer(args.output))
-    except LauncherError as exc:
-        return exc.exit_code
+    return main(argv)
