@@ -16,6 +16,10 @@ OUTPUT_DIR = "SM_OUTPUT_DIR"              # `failure` goes here (SageMaker's Fai
 INPUT_CONFIG_DIR = "SM_INPUT_CONFIG_DIR"  # hyperparameters.json
 HPS = "SM_HPS"                            # the hyperparameters, decoded (the toolkit sets it)
 HOSTS = "SM_HOSTS"
+CURRENT_HOST = "SM_CURRENT_HOST"
+CHANNELS = "SM_CHANNELS"                  # the input channels, a JSON list
+INPUT_DIR = "SM_INPUT_DIR"
+OUTPUT_DATA_DIR = "SM_OUTPUT_DATA_DIR"
 TRAINING_JOB_NAME = "TRAINING_JOB_NAME"
 
 # Ours: set by the launcher (Estimator environment) or the local runner.

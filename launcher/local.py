@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from entrypoint import container as ct
-from entrypoint.hyperparams import flatten
+from entrypoint.hyperparams import Strategy, flatten
 from entrypoint.progress import Progress
 from launcher.channels import input_channels
 from launcher.config import JobConfig
@@ -32,7 +32,7 @@ from launcher.errors import ConfigError, JobFailed
 from launcher.logs import FileSource, read_complete_lines
 
 HOST = "algo-1"
-TRAINER = ("-m", "entrypoint")  # what the owner runs under sys.executable
+TRAINER = ("-m", "entrypoint")  # what the owner runs under sys.executable (torchrun for ddp)
 JOB_NAME_RE = re.compile(r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,62}$")  # SageMaker's rule for job names
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each one: checkpoint and stop
 
@@ -113,12 +113,46 @@ def claim(cfg: JobConfig, name: str, resume: bool, warn: Callable[[str], None]) 
     return root, fd
 
 
-def lay_out(cfg: JobConfig, name: str, resume: bool) -> tuple[Path, dict[str, str]]:
+def gpu_count() -> int:
+    """The GPUs a job here gets, counted as the training toolkit counts them (nvidia-smi),
+    within CUDA_VISIBLE_DEVICES when it is set."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() not in ("", "-1")])
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        listed = subprocess.run([exe, "--list-gpus"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.splitlines())
+
+
+def strategy_here(cfg: JobConfig, gpus: int) -> Strategy:
+    """compute.strategy when the config forces one, else as on SageMaker: one process per
+    GPU (ddp) where there are several, one process otherwise."""
+    if cfg.compute.strategy != "auto":
+        return cfg.compute.strategy
+    return "ddp" if gpus > 1 else "single"
+
+
+def trainer_command(strategy: Strategy, gpus: int) -> list[str]:
+    """As the toolkit starts the job: torchrun, one process per GPU, for ddp on several GPUs;
+    the entrypoint alone otherwise (model_parallel spreads one process over the GPUs)."""
+    if strategy == "ddp" and gpus > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *TRAINER]
+    return [sys.executable, *TRAINER]
+
+
+def lay_out(cfg: JobConfig, name: str, resume: bool, strategy: Strategy = "single") -> tuple[Path, dict[str, str]]:
     """Fill runs/<name>/ as /opt/ml looks inside a job; return it and the environment."""
+    from launcher.plan import micro_batch_rows
+
     root = runs_dir() / name
     for sub in ("input/config", "input/data", "model", "checkpoints", "output"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    hp = cfg.hyperparameters(strategy="auto")
+    hp = cfg.hyperparameters(strategy=strategy, rows=micro_batch_rows(cfg, None))
     channels = {}
     for channel in input_channels(hp):
         if not channel.is_local:
@@ -137,18 +171,18 @@ def lay_out(cfg: JobConfig, name: str, resume: bool) -> tuple[Path, dict[str, st
     env = {
         ct.MODEL_DIR: str(root / "model"),
         ct.OUTPUT_DIR: str(root / "output"),
-        "SM_OUTPUT_DATA_DIR": str(root / "output" / "data"),
-        "SM_INPUT_DIR": str(root / "input"),
+        ct.OUTPUT_DATA_DIR: str(root / "output" / "data"),
+        ct.INPUT_DIR: str(root / "input"),
         ct.INPUT_CONFIG_DIR: str(root / "input" / "config"),
-        "SM_CHANNELS": json.dumps(sorted(channels)),
+        ct.CHANNELS: json.dumps(sorted(channels)),
         ct.HOSTS: json.dumps([HOST]),
-        "SM_CURRENT_HOST": HOST,
+        ct.CURRENT_HOST: HOST,
         ct.CHECKPOINT_DIR: str(root / "checkpoints"),
         ct.JOB_NAME: name,
         "PYTHONUNBUFFERED": "1",
     }
     for channel, path in channels.items():
-        env[f"SM_CHANNEL_{channel.upper()}"] = path
+        env[ct.channel_env(channel)] = path
     if cfg.aws.hf_token_env:
         env[ct.HF_TOKEN_ENV] = cfg.aws.hf_token_env
     if cfg.aws.hf_token_secret:
@@ -163,7 +197,9 @@ def _write(path: Path, text: str) -> None:
 
 
 def start(cfg: JobConfig, name: str, resume: bool, lock_fd: int) -> tuple[Path, subprocess.Popen]:
-    root, sm_env = lay_out(cfg, name, resume)
+    gpus = gpu_count()
+    strategy = strategy_here(cfg, gpus)
+    root, sm_env = lay_out(cfg, name, resume, strategy)
     package_root = Path(__file__).resolve().parent.parent
     env = os.environ | sm_env
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root), os.environ.get("PYTHONPATH")]))
@@ -173,7 +209,7 @@ def start(cfg: JobConfig, name: str, resume: bool, lock_fd: int) -> tuple[Path, 
                 ended=None, exit_code=None, failure_reason=None, base_job_name=cfg.job_name)
     with (root / "output" / "job.log").open("ab") as log:
         proc = subprocess.Popen(  # the trainer inherits the lock: the run is alive while either lives
-            [sys.executable, *TRAINER], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+            trainer_command(strategy, gpus), cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, pass_fds=(lock_fd,))
     try:
         write_state(root, pid=proc.pid)

@@ -143,15 +143,16 @@ def test_sigterm_checkpoints_and_resume_ends_like_an_uninterrupted_run(finished,
 
 def test_a_bad_data_row_fails_the_job_with_its_file_and_row(tiny_model, runs, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "a?", "answer": "b."}\n{"question": "c?"}\n')
+    # the launcher checks the first 100 rows before it starts anything; the job checks every row
+    bad.write_text('{"question": "a?", "answer": "b."}\n' * 101 + '{"question": "c?"}\n')
     cfg = config(tiny_model)
     cfg["data"]["train"] = str(bad)
     with pytest.raises(JobFailed) as info:
         launch_job(cfg, local=True)
-    assert "bad.jsonl: row 2: missing column 'answer'" in str(info.value)
+    assert "bad.jsonl: row 102: missing column 'answer'" in str(info.value)
     job = Job.attach(next(runs.iterdir()).name)
     assert job.status() == "Failed"
-    assert "row 2" in (job.local_dir / "output" / "failure").read_text()
+    assert "row 102" in (job.local_dir / "output" / "failure").read_text()
 
 
 def test_invalid_hyperparameters_stop_the_job_at_once_with_one_line(runs, tmp_path):
@@ -168,22 +169,42 @@ def test_invalid_hyperparameters_stop_the_job_at_once_with_one_line(runs, tmp_pa
     assert "Traceback" not in proc.stderr
 
 
-def test_torchrun_data_parallel_trains_once_and_rank0_alone_writes(tiny_model, runs):
-    """What SageMaker starts on a multi-GPU instance (torch_distributed), on CPU with gloo."""
+def test_a_local_run_honours_compute_strategy():
     from launcher.config import load_config
-    from launcher.local import lay_out
-    from tests.conftest import free_port
+    from launcher.local import strategy_here, trainer_command
 
-    cfg = load_config(config(tiny_model, max_steps=6, save_steps=3, logging_steps=3))
-    root, sm_env = lay_out(cfg, "ddp-test", resume=False)
-    env = os.environ | sm_env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={free_port()}", "-m", "entrypoint"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    assert [x for x in lines if x.startswith("[info]")][0].startswith("[info] job=") and "world=2" in proc.stdout
-    assert "strategy=ddp" in proc.stdout
+    cfg = load_config(BASE | {"model": {"id": "org/model"}})
+    assert strategy_here(cfg, 0) == "single" and strategy_here(cfg, 4) == "ddp"
+    forced = load_config(BASE | {"model": {"id": "org/model"}, "compute": {"strategy": "model_parallel"}})
+    assert strategy_here(forced, 4) == "model_parallel"
+    assert trainer_command("model_parallel", 4)[1:] == ["-m", "entrypoint"]  # one process over every GPU
+    assert trainer_command("ddp", 1)[1:] == ["-m", "entrypoint"]
+    assert trainer_command("ddp", 4)[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                                             "-m", "entrypoint"]
+
+
+def test_a_local_ddp_run_starts_torchrun_and_rank0_alone_writes(tiny_model, runs, tmp_path, monkeypatch):
+    """What SageMaker starts on a multi-GPU instance (torch_distributed), here through the
+    local runner: it counts GPUs as the toolkit does (nvidia-smi; a stand-in listing two)
+    and starts torchrun with one process per GPU. There is no CUDA, so they train on CPU
+    with gloo."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: Stand-in (UUID: GPU-0)"\n'
+                                     'echo "GPU 1: Stand-in (UUID: GPU-1)"\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = config(tiny_model, max_steps=6, save_steps=3, logging_steps=3)
+    cfg["compute"] = {"instance_type": "ml.g5.12xlarge", "strategy": "ddp"}
+    job = launch_job(cfg, local=True)
+    root = job.local_dir
+    hps = json.loads((root / "input" / "config" / "hyperparameters.json").read_text())
+    assert json.loads(hps["strategy"]) == "ddp"
+    lines = (root / "output" / "job.log").read_text().splitlines()
+    info = [x for x in lines if x.startswith("[info] job=")]
+    assert len(info) == 1 and "world=2" in info[0] and "strategy=ddp" in info[0]
     assert len([x for x in lines if x.startswith("[done] steps=6 ")]) == 1  # printed by rank 0 only
     assert len([x for x in lines if x.startswith("[checkpoint] step=3 ")]) == 1
     assert (root / "model" / "adapter_model.safetensors").is_file()
