@@ -31,7 +31,8 @@ def usable() -> str | None:
 class Container:
     def __init__(self, command: list[str], *, opt: Path, env: dict[str, str], log: Path):
         hosts = opt.parent / "hosts"
-        hosts.write_text("127.0.0.1 localhost algo-1\n")
+        # this machine's names (torchrun's rendezvous uses its hostname) and algo-1
+        hosts.write_text(Path("/etc/hosts").read_text() + "\n127.0.0.1 algo-1\n")
         self.log = log
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -59,6 +60,7 @@ class Container:
         deadline = time.time() + timeout
         while needle not in self.text():
             if self.proc.poll() is not None or time.time() > deadline:
+                self.kill()
                 raise AssertionError(f"no {needle!r} in the container log:\n{self.text()[-4000:]}")
             time.sleep(0.2)
 

@@ -7,6 +7,8 @@ over any of them (ContainerEntrypoint: at most 100 strings of at most 256 charac
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import re
 
@@ -81,10 +83,10 @@ def _walk(shape, value, path: str, found: list[str]) -> None:
             found.append(f"{path}: {value} is outside {meta.get('min')}..{meta.get('max')}")
 
 
-@pytest.fixture
-def checked_requests(monkeypatch):
+@contextlib.contextmanager
+def capturing():
     """Checks each CreateTrainingJob that leaves the launcher (dry runs too: their hook
-    answers after this point); yields the list of checked requests."""
+    answers after this point) and collects its parameters."""
     from botocore.client import BaseClient
 
     seen: list[dict] = []
@@ -94,8 +96,15 @@ def checked_requests(monkeypatch):
         if operation_name == "CreateTrainingJob":
             problems = violations(api_params)
             assert not problems, "SageMaker would refuse this request:\n" + "\n".join(problems)
-            seen.append(api_params)
+            seen.append(copy.deepcopy(api_params))
         return real(self, operation_name, api_params)
 
-    monkeypatch.setattr(BaseClient, "_make_api_call", checking)
-    yield seen
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(BaseClient, "_make_api_call", checking)
+        yield seen
+
+
+@pytest.fixture
+def checked_requests():
+    with capturing() as seen:
+        yield seen
