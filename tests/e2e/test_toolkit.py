@@ -184,23 +184,46 @@ def test_sigterm_to_pid1_checkpoints_and_stops_well_inside_120_s(stopped):
     assert stopped["seconds"] < SIGKILL_AFTER_S / 2
 
 
-def test_a_spot_restart_resumes_and_ends_like_an_uninterrupted_run(submitted, stopped, uninterrupted):
+@pytest.fixture(scope="module")
+def restarted(submitted, stopped):
+    """A second container from the same request; SageMaker restores checkpoint_s3_uri into
+    its /opt/ml/checkpoints, here the stopped container's directory as it was left."""
+    container, ml = start(submitted, "restarted", checkpoints=stopped["ml"] / "checkpoints")
+    rc = container.wait(timeout=600)
+    return {"rc": rc, "log": container.text(), "ml": ml}
+
+
+def test_a_spot_restart_resumes_from_the_stop_checkpoint_by_itself(stopped, restarted, uninterrupted):
+    log = restarted["log"]
+    assert restarted["rc"] == 0, log[-5000:]
+    stopped_at = int(re.search(r"^\[stopped\] step=(\d+)", stopped["log"], re.M).group(1))
+    assert re.search(rf"^\[resume\] step={stopped_at} ", log, re.M)
+    assert f"[train] step={stopped_at}/" not in log  # no step trained twice
+    assert progress(log).done.step == progress(uninterrupted["log"]).done.step == STEPS
+    resumed, whole = progress(log).train_loss, progress(uninterrupted["log"]).train_loss
+    assert [s for s, _ in resumed] == [s for s, _ in whole if s > stopped_at]
+
+
+@pytest.mark.xfail(strict=True, reason="job: a DDP checkpoint holds rank 0's RNG state only and every rank "
+                   "restores it, so rank 1's dropout differs after a resume (entrypoint/checkpoints.py, train.py)")
+def test_a_spot_restart_ends_with_the_uninterrupted_runs_adapter(restarted, uninterrupted):
     import torch
     from safetensors.torch import load_file
 
-    # SageMaker restores checkpoint_s3_uri into /opt/ml/checkpoints of the new container.
-    container, ml = start(submitted, "restarted", checkpoints=stopped["ml"] / "checkpoints")
-    rc = container.wait(timeout=600)
-    log = container.text()
-    assert rc == 0, log[-5000:]
-    stopped_at = int(re.search(r"^\[stopped\] step=(\d+)", stopped["log"], re.M).group(1))
-    assert re.search(rf"^\[resume\] step={stopped_at} ", log, re.M)
-    assert progress(log).done.step == progress(uninterrupted["log"]).done.step == STEPS
-    a = load_file(str(ml / "model" / "adapter_model.safetensors"))
+    a = load_file(str(restarted["ml"] / "model" / "adapter_model.safetensors"))
     b = load_file(str(uninterrupted["ml"] / "model" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # as tests/e2e/test_local_run.py
+
+
+@pytest.mark.xfail(strict=True, reason="job: one write per log line (issue 9); as the toolkit re-prints "
+                   "them, a blank line follows [eval] and [done]")
+def test_each_job_line_is_reprinted_once_with_no_blank_line_after_it(uninterrupted):
+    lines = uninterrupted["log"].splitlines()
+    after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if progress(line).last_train or line.startswith("[done]")]
+    assert after and all(x.strip() for x in after)
+    assert len([x for x in lines if x.startswith("[done]")]) == 1
 
 
 @pytest.mark.xfail(strict=True, reason="fixed on branch job")
