@@ -288,3 +288,25 @@ def test_a_spot_budget_keeps_max_wait_at_least_max_runtime(aws, job_dict):
     done = submit(load_config(job_dict), "single", dry_run=True, max_runtime_s=7200)
     stop = done.request["StoppingCondition"]
     assert stop["MaxRuntimeInSeconds"] == 7200 and stop["MaxWaitTimeInSeconds"] >= 7200
+
+
+def test_an_installed_package_ships_the_same_source_dir(tmp_path):
+    """pip-installed from a copy of the tracked files (no git checkout at run time), the
+    launcher packs a byte-identical tarball."""
+    import shutil
+    import sys
+
+    from launcher.submit import code_tarball
+
+    tracked = subprocess.run(["git", "ls-files", "pyproject.toml", "README.md", "launcher", "entrypoint"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    src = tmp_path / "src"
+    for rel in tracked:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, src / rel)
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--target", str(site), str(src)], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-c", "import sys, launcher.submit as s; sys.stdout.buffer.write(s.code_tarball())"],
+                         cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, capture_output=True, check=True)
+    assert out.stdout == code_tarball()
