@@ -13,7 +13,9 @@ v2 quirks handled here (each verified against sagemaker 2.257):
   key is silently ignored);
 - `disable_output_compression=True` writes the adapter files as they are, no model.tar.gz;
 - code and data are uploaded by us to content-addressed keys, and the Estimator gets an
-  s3:// source_dir, so it uploads nothing itself (and `--dry-run` sends nothing).
+  s3:// source_dir, so it uploads nothing itself (and `--dry-run` sends nothing);
+- `container_entry_point` replaces the image's PID 1 with a wrapper that still runs the
+  image's start script and `train`, and passes SIGTERM on (see launcher/container_entry.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 import sys
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,8 @@ from entrypoint.progress import METRIC_DEFINITIONS
 from launcher import __version__
 from launcher.aws import client, session, split_s3, translated
 from launcher.config import JobConfig
-from launcher.errors import AWSError, ConfigError
+from launcher.container_entry import container_entry_point
+from launcher.errors import AWSError, ConfigError, LauncherError
 from launcher.instances import catalog
 
 # The newest HF PyTorch training image SageMaker SDK v2 knows (2.8.0 / transformers 4.56.2).
@@ -43,9 +47,23 @@ PYTORCH_VERSION = "2.8.0"
 TRANSFORMERS_VERSION = "4.56.2"
 PY_VERSION = "py312"
 ENTRY_SCRIPT = "sm_qlora_entry.py"
-# bitsandbytes is not pinned in the HF image; the training toolkit pip-installs this file.
-REQUIREMENTS = "bitsandbytes==0.50.2\n"
+MERGE_SCRIPT = "sm_qlora_merge.py"
+# The training toolkit pip-installs this file at every job start. A floor, not a pin: the
+# HF image ships bitsandbytes, so pip finds it satisfied and downloads nothing (a job in a
+# VPC without internet access starts too).
+REQUIREMENTS = "bitsandbytes>=0.46\n"
+# The source dir, named in code so that an installed package ships the same files as a
+# git checkout, and a stray or planted file next to them never travels. A test holds this
+# list equal to the tracked entrypoint/*.py. `merge` is the merge job's module (issue 12);
+# a module of this list that is absent is left out.
+SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "data", "hyperparams", "merge",
+                  "model", "progress", "train")
 SECRET_ENV = "SM_QLORA_HF_TOKEN_SECRET"
+MAX_RUNTIME_ENV = "SM_QLORA_MAX_RUNTIME_S"
+# torchrun SIGKILLs its workers 30 s after it is told to stop; the wrapper signals the
+# workers, not torchrun, and this gives any later shutdown of torchrun's the same 120 s
+# SageMaker allows (the variable exists in torch >= 2.9; older torch ignores it).
+SHUTDOWN_TIMEOUT_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "110"}
 REDACTED = "***redacted***"
 SENSITIVE = ("TOKEN", "SECRET_VALUE", "PASSWORD", "API_KEY", "ACCESS_KEY")
 
@@ -74,16 +92,30 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def code_tarball() -> bytes:
-    """entrypoint/ as a package, a one-line script that runs it, and requirements.txt,
-    packed byte-for-byte reproducibly (sorted, zero mtimes) so its hash names it."""
+def source_files() -> dict[str, bytes]:
+    """The source dir by name: entry scripts, requirements.txt and the modules of
+    SOURCE_MODULES read from the installed entrypoint package. A symlink is refused, not
+    followed: what it points at is not the package's."""
     pkg = Path(__file__).resolve().parent.parent / "entrypoint"
     files: dict[str, bytes] = {
         ENTRY_SCRIPT: b"from entrypoint.train import main\n\nmain()\n",
+        MERGE_SCRIPT: b"from entrypoint.merge import main\n\nmain()\n",
         "requirements.txt": REQUIREMENTS.encode(),
     }
-    for path in sorted(pkg.rglob("*.py")):
-        files[f"entrypoint/{path.relative_to(pkg).as_posix()}"] = path.read_bytes()
+    for module in SOURCE_MODULES:
+        path = pkg / f"{module}.py"
+        if path.is_symlink():
+            raise LauncherError(f"{path} is a symlink; the source dir ships only the package's own files",
+                                "replace it with the file itself")
+        if path.is_file():
+            files[f"entrypoint/{module}.py"] = path.read_bytes()
+    return files
+
+
+def code_tarball(files: dict[str, bytes] | None = None) -> bytes:
+    """The source dir packed byte-for-byte reproducibly (sorted, zero mtimes), so its
+    hash names it."""
+    files = source_files() if files is None else files
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in sorted(files):
@@ -151,16 +183,20 @@ class Uploads:
         return uri
 
 
+def distribution_for(strategy: str) -> dict | None:
+    """The Estimator `distribution` for the caller's strategy: ddp is one process per GPU
+    through torchrun; model_parallel and single are one process."""
+    return {"torch_distributed": {"enabled": True}} if strategy == "ddp" else None
+
+
 def resolve_strategy(cfg: JobConfig) -> tuple[str, dict | None]:
-    """Which parallelism the job uses and the Estimator `distribution` for it."""
+    """Compatibility for callers that do not decide the strategy themselves."""
     from launcher.plan import choose_strategy
 
     strategy = choose_strategy(cfg)
     inst = catalog().get(cfg.compute.instance_type)
     multi = inst.gpu_count > 1 or cfg.compute.instance_count > 1
-    if strategy == "ddp" and multi:
-        return strategy, {"torch_distributed": {"enabled": True}}
-    return strategy, None
+    return strategy, distribution_for(strategy) if multi else None
 
 
 def redact(obj: Any) -> Any:
@@ -175,20 +211,24 @@ def redact(obj: Any) -> Any:
 
 
 def _estimator(cfg: JobConfig, *, sm_session, source_dir: str, hyperparameters: dict, distribution,
-               checkpoint_s3_uri: str, tags: list[dict]):
+               checkpoint_s3_uri: str, tags: list[dict], max_runtime_s: int | None):
     _quiet_sdk_logging()
     from sagemaker.huggingface import HuggingFace
 
     c = cfg.compute
     image = {"image_uri": c.image_uri} if c.image_uri else {
         "transformers_version": TRANSFORMERS_VERSION, "pytorch_version": PYTORCH_VERSION, "py_version": PY_VERSION}
-    environment = {"SM_QLORA_LAUNCHER_VERSION": __version__, "PYTHONUNBUFFERED": "1"}
+    environment = {"SM_QLORA_LAUNCHER_VERSION": __version__, "PYTHONUNBUFFERED": "1", **SHUTDOWN_TIMEOUT_ENV}
     if cfg.aws.hf_token_secret:
         environment[SECRET_ENV] = cfg.aws.hf_token_secret  # the ARN, not the token
     max_run = int(c.max_run_hours * 3600)
+    if max_runtime_s is not None:
+        max_run = int(max_runtime_s)
+        environment[MAX_RUNTIME_ENV] = str(max_run)  # the job plans its own end inside it
     kwargs: dict[str, Any] = {}
     if c.spot:
-        kwargs.update(use_spot_instances=True, max_wait=int((c.max_wait_hours or c.max_run_hours) * 3600))
+        # MaxWait covers the run and the waits for capacity: never below MaxRuntime.
+        kwargs.update(use_spot_instances=True, max_wait=max(max_run, int((c.max_wait_hours or c.max_run_hours) * 3600)))
     if distribution:
         kwargs["distribution"] = distribution
     return HuggingFace(
@@ -210,6 +250,7 @@ def _estimator(cfg: JobConfig, *, sm_session, source_dir: str, hyperparameters: 
         debugger_hook_config=False,
         disable_profiler=True,
         disable_output_compression=True,
+        container_entry_point=container_entry_point(ENTRY_SCRIPT),
         sagemaker_session=sm_session,
         **image,
         **kwargs,
@@ -265,22 +306,48 @@ def previous_checkpoint_uri(cfg: JobConfig, job: str, dry_run: bool) -> str:
     return uri
 
 
-def submit(cfg: JobConfig, *, dry_run: bool = False, resume: str | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Submitted:
+    """What submit() did: the job's name and where its results will be."""
+
+    job_name: str
+    strategy: str
+    uploaded: list[str]
+    checkpoint_s3_uri: str
+    output_s3_uri: str
+    request: dict | None  # the CreateTrainingJob parameters, secrets redacted (dry run only)
+    source_files: list[str]  # what the source dir tarball holds
+
+    # Compatibility with callers that read the old dict result (launcher/job.py).
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
+def submit(cfg: JobConfig, strategy: str | None = None, *, dry_run: bool = False, resume: str | None = None,
+           max_runtime_s: int | None = None) -> Submitted:
     """Upload what is local, build the Estimator and create the training job.
 
-    Returns {"job_name", "request" (dry run only), "uploaded", "checkpoint_s3_uri", ...}.
+    `strategy` is the caller's (the plan's) decision; None decides it here (compatibility).
+    `max_runtime_s` (a budget) replaces compute.max_run_hours as MaxRuntimeInSeconds.
     """
     if cfg.aws.hf_token_env:
         raise ConfigError([("aws.hf_token_env", "is for local runs; a SageMaker job reads the token from "
                             "aws.hf_token_secret (a Secrets Manager ARN), so it never shows in DescribeTrainingJob")])
+    if strategy is None:
+        strategy, distribution = resolve_strategy(cfg)
+    else:
+        distribution = distribution_for(strategy)
     name = job_name_for(cfg.job_name)
     # before any upload: a job to resume that does not exist stops here
     checkpoint_s3_uri = (previous_checkpoint_uri(cfg, resume, dry_run) if resume
                          else f"{cfg.output.s3_uri}/checkpoints/{name}")
     uploads = Uploads(cfg, dry_run)
     hp = cfg.hyperparameters()
-    strategy, distribution = resolve_strategy(cfg)
     hp.strategy = strategy
+    files = source_files()
     inputs: dict[str, str] = {}
     with translated("upload inputs to S3"):
         for channel in ("train", "validation"):
@@ -294,7 +361,7 @@ def submit(cfg: JobConfig, *, dry_run: bool = False, resume: str | None = None) 
             hp.model.id = uploads.directory(Path(hp.model.id))
         if hp.model.id.startswith("s3://"):
             inputs["model"] = hp.model.id
-        source_dir = uploads.blob(code_tarball(), "sourcedir.tar.gz")
+        source_dir = uploads.blob(code_tarball(files), "sourcedir.tar.gz")
     tags = [
         {"Key": "sm-qlora:config-sha256", "Value": cfg.digest()},
         {"Key": "sm-qlora:launcher-version", "Value": __version__},
@@ -314,21 +381,13 @@ def submit(cfg: JobConfig, *, dry_run: bool = False, resume: str | None = None) 
     with translated("create the training job"):
         estimator = _estimator(cfg, sm_session=_sm_session(cfg, boto_sess), source_dir=source_dir,
                                hyperparameters=flatten(hp), distribution=distribution,
-                               checkpoint_s3_uri=checkpoint_s3_uri, tags=tags)
+                               checkpoint_s3_uri=checkpoint_s3_uri, tags=tags, max_runtime_s=max_runtime_s)
         try:
             estimator.fit(inputs=inputs or None, job_name=name, wait=False, logs=False)
         except RuntimeError as exc:
             if dry_run and "dry run" in str(exc):
                 raise AWSError(f"internal: {exc}") from None
             raise
-    result: dict[str, Any] = {
-        "job_name": name,
-        "strategy": strategy,
-        "uploaded": uploads.uploaded,
-        "checkpoint_s3_uri": checkpoint_s3_uri,
-        "output_s3_uri": f"{cfg.output.s3_uri}/jobs",
-    }
-    if dry_run:
-        result["request"] = redact(hook.request)
-    return result
-
+    return Submitted(job_name=name, strategy=strategy, uploaded=uploads.uploaded,
+                     checkpoint_s3_uri=checkpoint_s3_uri, output_s3_uri=f"{cfg.output.s3_uri}/jobs",
+                     request=redact(hook.request) if dry_run else None, source_files=sorted(files))

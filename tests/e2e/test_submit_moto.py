@@ -3,8 +3,12 @@ loopback port; read the job back with boto3 and check the request a user relies 
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import subprocess
+import tarfile
+from pathlib import Path
 
 import boto3
 import pytest
@@ -13,8 +17,14 @@ from entrypoint.hyperparams import Hyperparameters, unflatten
 from entrypoint.progress import METRIC_DEFINITIONS
 from launcher.cli import main
 from launcher.config import load_config
-from launcher.errors import AWSError
+from launcher.errors import AWSError, LauncherError
 from launcher.job import launch_job
+from launcher.submit import ENTRY_SCRIPT, SOURCE_MODULES, Submitted, submit
+from tests.conftest import ROOT
+from tests.e2e.container.service_model import checked_requests, violations  # noqa: F401 (a fixture)
+
+# Every CreateTrainingJob built here, dry run or not, is held to botocore's service model.
+pytestmark = pytest.mark.usefixtures("checked_requests")
 
 SPEC_LINES = {
     "train:loss": ("[train] step=120/3000 epoch=0.04 loss=1.2345 lr=1.98e-04 grad_norm=0.53 "
@@ -97,17 +107,69 @@ def test_data_is_uploaded_once_by_content(aws, job_dict):
     assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket="my-bucket")["Contents"]) == keys
 
 
-def test_the_code_tarball_holds_the_entrypoint_package(aws, job_dict):
-    import io
-    import tarfile
-
-    launch_job(job_dict)
+def tarball_in_s3() -> tarfile.TarFile:
     s3 = boto3.client("s3")
     key = next(o["Key"] for o in s3.list_objects_v2(Bucket="my-bucket")["Contents"] if o["Key"].endswith(".tar.gz"))
-    body = s3.get_object(Bucket="my-bucket", Key=key)["Body"].read()
-    names = tarfile.open(fileobj=io.BytesIO(body)).getnames()
-    assert {"sm_qlora_entry.py", "requirements.txt", "entrypoint/train.py", "entrypoint/hyperparams.py"} <= set(names)
-    assert not any(n.startswith("launcher") for n in names)
+    return tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket="my-bucket", Key=key)["Body"].read()))
+
+
+def tracked_entrypoint_modules() -> set[str]:
+    out = subprocess.run(["git", "ls-files", "entrypoint/*.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return {Path(line).stem for line in out.stdout.split()}
+
+
+def test_the_code_tarball_holds_exactly_the_entrypoint_package(aws, job_dict):
+    launch_job(job_dict)
+    names = set(tarball_in_s3().getnames())
+    modules = {f"entrypoint/{m}.py" for m in tracked_entrypoint_modules()}
+    assert names == {"sm_qlora_entry.py", "sm_qlora_merge.py", "requirements.txt"} | modules
+    assert tarball_in_s3().extractfile("sm_qlora_merge.py").read() == b"from entrypoint.merge import main\n\nmain()\n"
+
+
+def test_the_source_manifest_is_the_tracked_package():
+    # Named in code, so an installed package (no git checkout) ships the same files.
+    tracked = tracked_entrypoint_modules()
+    on_disk = {m for m in SOURCE_MODULES if (ROOT / "entrypoint" / f"{m}.py").is_file()}
+    assert on_disk == tracked
+    assert set(SOURCE_MODULES) - tracked <= {"merge"}  # the merge job's module, from its own branch
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """A secret next to the package: an untracked module, then a module swapped for a symlink to it."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("AKIAPLANTEDSECRET")
+    stray = ROOT / "entrypoint" / "stray_secret.py"
+    stray.write_text("KEY = 'AKIAPLANTEDSECRET'\n")
+    yield secret
+    stray.unlink()
+
+
+def test_no_stray_file_or_symlink_reaches_s3(aws, job_dict, planted, monkeypatch):
+    launch_job(job_dict)
+    tar = tarball_in_s3()
+    assert b"AKIAPLANTEDSECRET" not in b"".join(tar.extractfile(m).read() for m in tar.getmembers())
+    assert "entrypoint/stray_secret.py" not in tar.getnames()
+    # A module that is a symlink is refused before anything is uploaded.
+    from launcher import submit as submit_mod
+
+    fake_pkg = planted.parent / "pkg"
+    (fake_pkg / "entrypoint").mkdir(parents=True)
+    (fake_pkg / "launcher").mkdir()
+    for m in SOURCE_MODULES:
+        if (ROOT / "entrypoint" / f"{m}.py").is_file():
+            (fake_pkg / "entrypoint" / f"{m}.py").write_bytes((ROOT / "entrypoint" / f"{m}.py").read_bytes())
+    (fake_pkg / "entrypoint" / "data.py").unlink()
+    (fake_pkg / "entrypoint" / "data.py").symlink_to(planted)
+    monkeypatch.setattr(submit_mod, "__file__", str(fake_pkg / "launcher" / "submit.py"))
+    with pytest.raises(LauncherError, match="data.py is a symlink"):
+        submit_mod.source_files()
+
+
+def test_requirements_set_a_floor_the_image_already_meets(aws, job_dict):
+    launch_job(job_dict)
+    reqs = tarball_in_s3().extractfile("requirements.txt").read().decode().split()
+    assert reqs and all("==" not in r for r in reqs)
 
 
 def test_dry_run_prints_the_request_and_sends_nothing(monkeypatch, capsys, job_dict, tmp_path):
@@ -181,3 +243,70 @@ def test_a_local_model_directory_becomes_the_model_channel_once(aws, job_dict, t
     prefix = model_uri[len("s3://my-bucket/"):]
     assert {f"{prefix}/config.json", f"{prefix}/tokenizer.json", f"{prefix}/.sm-qlora-complete"} <= keys
     assert launch_job(job_dict).extra["uploaded"] == []
+
+
+def test_the_container_starts_through_the_sigterm_wrapper_within_the_api_limits(aws, job_dict, checked_requests):  # noqa: F811
+    request = launch_job(job_dict, dry_run=True).request
+    entry = request["AlgorithmSpecification"]["ContainerEntrypoint"]
+    assert entry[:2] == ["bash", "-c"] and "start_with_right_hostname.sh train" in entry[2]
+    assert any(f" {ENTRY_SCRIPT} " in part and "kill -TERM" in part for part in entry)
+    assert checked_requests and checked_requests[-1]["AlgorithmSpecification"]["ContainerEntrypoint"] == entry
+
+
+def test_the_service_model_check_catches_what_sagemaker_refuses(aws, job_dict):
+    request = launch_job(job_dict, dry_run=True).request
+    assert violations(request) == []
+    request["AlgorithmSpecification"]["ContainerEntrypoint"] = ["bash", "-c", "x" * 257]
+    request["Tags"].append({"Key": "bad$key", "Value": "v"})
+    problems = violations(request)
+    assert any("ContainerEntrypoint[2]: 257 characters" in p for p in problems)
+    assert any("Tags[" in p and "bad$key" in p for p in problems)
+
+
+def test_submit_returns_a_typed_result_and_maps_the_callers_strategy(aws, job_dict):
+    from launcher.config import load_config
+
+    cfg = load_config(job_dict)
+    done = submit(cfg, "model_parallel", dry_run=True, max_runtime_s=5400)
+    assert isinstance(done, Submitted) and done.strategy == "model_parallel"
+    hps = done.request["HyperParameters"]
+    assert hps["strategy"] == '"model_parallel"' and "sagemaker_torch_distributed_enabled" not in hps
+    assert done.request["StoppingCondition"]["MaxRuntimeInSeconds"] == 5400
+    assert done.request["Environment"]["SM_QLORA_MAX_RUNTIME_S"] == "5400"
+    assert "entrypoint/train.py" in done.source_files and "sm_qlora_merge.py" in done.source_files
+    with pytest.raises(AttributeError):
+        done.job_name = "x"  # frozen
+    ddp = submit(cfg, "ddp", dry_run=True)
+    assert ddp.request["HyperParameters"]["sagemaker_torch_distributed_enabled"] == "true"
+    assert "SM_QLORA_MAX_RUNTIME_S" not in ddp.request["Environment"]
+
+
+def test_a_spot_budget_keeps_max_wait_at_least_max_runtime(aws, job_dict):
+    from launcher.config import load_config
+
+    job_dict["compute"] |= {"spot": True, "max_run_hours": 1, "instance_type": "ml.g6e.xlarge"}
+    done = submit(load_config(job_dict), "single", dry_run=True, max_runtime_s=7200)
+    stop = done.request["StoppingCondition"]
+    assert stop["MaxRuntimeInSeconds"] == 7200 and stop["MaxWaitTimeInSeconds"] >= 7200
+
+
+def test_an_installed_package_ships_the_same_source_dir(tmp_path):
+    """pip-installed from a copy of the tracked files (no git checkout at run time), the
+    launcher packs a byte-identical tarball."""
+    import shutil
+    import sys
+
+    from launcher.submit import code_tarball
+
+    tracked = subprocess.run(["git", "ls-files", "pyproject.toml", "README.md", "launcher", "entrypoint"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    src = tmp_path / "src"
+    for rel in tracked:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, src / rel)
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--target", str(site), str(src)], check=True, capture_output=True)
+    out = subprocess.run([sys.executable, "-c", "import sys, launcher.submit as s; sys.stdout.buffer.write(s.code_tarball())"],
+                         cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, capture_output=True, check=True)
+    assert out.stdout == code_tarball()
