@@ -2,7 +2,8 @@
 
     from launcher import launch_job
     job = launch_job("job.yaml")          # or local=True to run on this machine
-    job.logs(follow=True)
+    for line in job.lines(follow=True):   # parsed log lines, to the job's end
+        print(line)
     job.download("adapter/")
 """
 

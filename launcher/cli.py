@@ -149,7 +149,8 @@ def cmd_launch(args, out: Printer) -> int:
             return code
     job = launch_job(args.config, overrides=args.overrides, dry_run=args.dry_run, resume=args.resume)
     if args.dry_run:
-        out.result(job.as_dict(), json.dumps(job.request, indent=2, default=str))
+        out.result(job.as_dict(), json.dumps(job.request, indent=2, default=str) + "\nsource dir (sourcedir.tar.gz): "
+                   + " ".join(job.submitted.source_files))
         return 0
     out.result(job.as_dict(), "\n".join([
         f"submitted {job.name}",

@@ -93,13 +93,6 @@ class Job:
         until a description says where, for a SageMaker job this session did not launch)."""
         return self.backend.adapter_uri(self.last_description)
 
-    @property
-    def extra(self) -> dict[str, Any]:
-        """Deprecated: what `submitted` holds, as the old untyped dict. Kept only until
-        tests/e2e/test_submit_moto.py reads `job.submitted.uploaded`; delete then."""
-        s = self.submitted
-        return {"strategy": s.strategy, "uploaded": s.uploaded, "arn": self.arn} if s is not None else {}
-
     def as_dict(self) -> dict[str, Any]:
         out = {"job_name": self.name, "local": self.is_local, "adapter": None if self.request else self.adapter_uri}
         if self.is_local:
@@ -113,8 +106,7 @@ class Job:
         if self.submitted is not None:
             out.update(strategy=self.submitted.strategy, uploaded=self.submitted.uploaded)
         if self.request is not None:
-            out["dry_run"] = True
-            out["request"] = self.request
+            out.update(dry_run=True, request=self.request, source_files=self.submitted.source_files)
         return out
 
     # ------------------------------------------------------------ state (I/O)
@@ -207,14 +199,6 @@ class Job:
                             f"sm-qlora logs {self.name}")
         return desc
 
-    def logs(self, follow: bool = False, as_json: bool = False) -> int:
-        """Deprecated: print the log and return the CLI's exit code. Kept only until
-        cli.py calls launcher.control.follow_job; use `lines()` instead."""
-        from launcher.cli import Printer
-        from launcher.control import follow_job
-
-        return follow_job(self, Printer("json" if as_json else "text"), follow)
-
 
 def inside(dest: Path, rel: str, source: str) -> Path:
     """dest/rel, refused when it resolves outside dest (a `../` or absolute key)."""
@@ -284,8 +268,9 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
         return run_local(cfg, resume=resume, echo=echo)
     from launcher.plan import choose_strategy
     from launcher.sagemaker_job import SageMakerBackend
+    from launcher.submit import submit
 
-    submitted = _submit(cfg, choose_strategy(cfg), dry_run=dry_run, resume=resume)
+    submitted = submit(cfg, choose_strategy(cfg), dry_run=dry_run, resume=resume)
     region = cfg.aws.region or _session_region(cfg)
     job = Job(name=submitted.job_name, submitted=submitted,
               backend=SageMakerBackend(submitted.job_name, region, cfg.aws.profile, submitted.output_s3_uri))
@@ -300,31 +285,6 @@ def _session_region(cfg: JobConfig) -> str | None:
     from launcher.aws import session
 
     return session(cfg.aws.region, cfg.aws.profile).region_name
-
-
-@dataclass(frozen=True)
-class _Submitted:
-    job_name: str
-    strategy: str
-    uploaded: list
-    checkpoint_s3_uri: str
-    output_s3_uri: str
-    request: dict | None = None
-    source_files: list = field(default_factory=list)
-
-
-def _submit(cfg: JobConfig, strategy: str, *, dry_run: bool, resume: str | None):
-    """submit() until it takes the strategy and returns a Submitted; delete this then
-    and call `submit(cfg, strategy, dry_run=..., resume=...)` directly."""
-    import inspect
-
-    from launcher.submit import submit
-
-    if "strategy" in inspect.signature(submit).parameters:
-        return submit(cfg, strategy, dry_run=dry_run, resume=resume)
-    r = submit(cfg, dry_run=dry_run, resume=resume)
-    return _Submitted(r["job_name"], r["strategy"], r["uploaded"], r["checkpoint_s3_uri"], r["output_s3_uri"],
-                      r.get("request"), r.get("source_files", []))
 
 
 def run_local(cfg: JobConfig, resume: str | None = None, echo: bool = False) -> Job:

@@ -28,19 +28,21 @@ import logging
 import os
 import sys
 import tarfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from entrypoint.hyperparams import flatten
+from entrypoint import container
+from entrypoint.hyperparams import Strategy, flatten
 from entrypoint.progress import METRIC_DEFINITIONS
 from launcher import __version__
-from launcher.aws import client, session, split_s3, translated
-from launcher.config import JobConfig
+from launcher.aws import client, is_not_found, session, split_s3, translated
+from launcher.channels import input_channels
+from launcher.config import JobConfig, job_name_for
 from launcher.container_entry import container_entry_point
 from launcher.errors import AWSError, ConfigError, LauncherError
 from launcher.instances import catalog
+from launcher.plan import micro_batch_rows
 
 # The newest HF PyTorch training image SageMaker SDK v2 knows (2.8.0 / transformers 4.56.2).
 PYTORCH_VERSION = "2.8.0"
@@ -58,8 +60,8 @@ REQUIREMENTS = "bitsandbytes>=0.46\n"
 # a module of this list that is absent is left out.
 SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "data", "hyperparams", "merge",
                   "model", "progress", "train")
-SECRET_ENV = "SM_QLORA_HF_TOKEN_SECRET"
-MAX_RUNTIME_ENV = "SM_QLORA_MAX_RUNTIME_S"
+SECRET_ENV = container.HF_TOKEN_SECRET
+MAX_RUNTIME_ENV = container.MAX_RUNTIME_S
 # torchrun SIGKILLs its workers 30 s after it is told to stop; the wrapper signals the
 # workers, not torchrun, and this gives any later shutdown of torchrun's the same 120 s
 # SageMaker allows (the variable exists in torch >= 2.9; older torch ignores it).
@@ -78,10 +80,6 @@ def _quiet_sdk_logging() -> None:
         sm_logger.addHandler(logging.StreamHandler(sys.stderr))
     sm_logger.setLevel(logging.WARNING)
     logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
-
-
-def job_name_for(base: str) -> str:
-    return f"{base}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
 def sha256_file(path: Path) -> str:
@@ -146,7 +144,7 @@ class Uploads:
             self.s3.head_object(Bucket=bucket, Key=key)
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if is_not_found(exc):
                 return False
             raise
 
@@ -189,16 +187,6 @@ def distribution_for(strategy: str) -> dict | None:
     return {"torch_distributed": {"enabled": True}} if strategy == "ddp" else None
 
 
-def resolve_strategy(cfg: JobConfig) -> tuple[str, dict | None]:
-    """Compatibility for callers that do not decide the strategy themselves."""
-    from launcher.plan import choose_strategy
-
-    strategy = choose_strategy(cfg)
-    inst = catalog().get(cfg.compute.instance_type)
-    multi = inst.gpu_count > 1 or cfg.compute.instance_count > 1
-    return strategy, distribution_for(strategy) if multi else None
-
-
 def redact(obj: Any) -> Any:
     """Blank every value whose key looks like a secret (defence in depth: the token is
     never put in the request in the first place)."""
@@ -218,13 +206,13 @@ def _estimator(cfg: JobConfig, *, sm_session, source_dir: str, hyperparameters: 
     c = cfg.compute
     image = {"image_uri": c.image_uri} if c.image_uri else {
         "transformers_version": TRANSFORMERS_VERSION, "pytorch_version": PYTORCH_VERSION, "py_version": PY_VERSION}
-    environment = {"SM_QLORA_LAUNCHER_VERSION": __version__, "PYTHONUNBUFFERED": "1", **SHUTDOWN_TIMEOUT_ENV}
+    environment = {container.LAUNCHER_VERSION: __version__, "PYTHONUNBUFFERED": "1", **SHUTDOWN_TIMEOUT_ENV}
     if cfg.aws.hf_token_secret:
         environment[SECRET_ENV] = cfg.aws.hf_token_secret  # the ARN, not the token
-    max_run = int(c.max_run_hours * 3600)
-    if max_runtime_s is not None:
-        max_run = int(max_runtime_s)
-        environment[MAX_RUNTIME_ENV] = str(max_run)  # the job plans its own end inside it
+    max_run = int(max_runtime_s if max_runtime_s is not None else c.max_run_hours * 3600)
+    # SageMaker stops the job at MaxRuntime; the job plans its own end inside it (a last
+    # checkpoint and the adapter), so it never ends with nothing to show.
+    environment[MAX_RUNTIME_ENV] = str(max_run)
     kwargs: dict[str, Any] = {}
     if c.spot:
         # MaxWait covers the run and the waits for capacity: never below MaxRuntime.
@@ -318,49 +306,32 @@ class Submitted:
     request: dict | None  # the CreateTrainingJob parameters, secrets redacted (dry run only)
     source_files: list[str]  # what the source dir tarball holds
 
-    # Compatibility with callers that read the old dict result (launcher/job.py).
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key, default)
-
-
-def submit(cfg: JobConfig, strategy: str | None = None, *, dry_run: bool = False, resume: str | None = None,
+def submit(cfg: JobConfig, strategy: Strategy, *, dry_run: bool = False, resume: str | None = None,
            max_runtime_s: int | None = None) -> Submitted:
     """Upload what is local, build the Estimator and create the training job.
 
-    `strategy` is the caller's (the plan's) decision; None decides it here (compatibility).
+    `strategy` is the caller's decision (launch_job: the plan's); this only maps it.
     `max_runtime_s` (a budget) replaces compute.max_run_hours as MaxRuntimeInSeconds.
+    The config was checked by validate_for_launch (the one set of rules `validate` runs).
     """
-    if cfg.aws.hf_token_env:
-        raise ConfigError([("aws.hf_token_env", "is for local runs; a SageMaker job reads the token from "
-                            "aws.hf_token_secret (a Secrets Manager ARN), so it never shows in DescribeTrainingJob")])
-    if strategy is None:
-        strategy, distribution = resolve_strategy(cfg)
-    else:
-        distribution = distribution_for(strategy)
+    distribution = distribution_for(strategy)
     name = job_name_for(cfg.job_name)
     # before any upload: a job to resume that does not exist stops here
     checkpoint_s3_uri = (previous_checkpoint_uri(cfg, resume, dry_run) if resume
                          else f"{cfg.output.s3_uri}/checkpoints/{name}")
     uploads = Uploads(cfg, dry_run)
-    hp = cfg.hyperparameters()
-    hp.strategy = strategy
+    hp = cfg.hyperparameters(strategy, rows=micro_batch_rows(cfg, catalog().get(cfg.compute.instance_type)))
     files = source_files()
     inputs: dict[str, str] = {}
     with translated("upload inputs to S3"):
-        for channel in ("train", "validation"):
-            value = getattr(hp.data, channel)
-            if value is None or value.startswith("hf://"):
-                continue
-            uri = value if value.startswith("s3://") else uploads.file(Path(value))
-            inputs[channel] = uri
-            setattr(hp.data, channel, uri)  # the job sees where its data came from, not a laptop path
-        if "://" not in hp.model.id and Path(hp.model.id).is_dir():
-            hp.model.id = uploads.directory(Path(hp.model.id))
-        if hp.model.id.startswith("s3://"):
-            inputs["model"] = hp.model.id
+        for channel in input_channels(hp):
+            uri = channel.source
+            if channel.is_local:
+                uri = uploads.directory(Path(uri)) if channel.name == "model" else uploads.file(Path(uri))
+            inputs[channel.name] = uri
+            section, key = channel.field.split(".")
+            setattr(getattr(hp, section), key, uri)  # the job sees where its input came from, not a laptop path
         source_dir = uploads.blob(code_tarball(files), "sourcedir.tar.gz")
     tags = [
         {"Key": "sm-qlora:config-sha256", "Value": cfg.digest()},

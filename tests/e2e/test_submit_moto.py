@@ -103,7 +103,7 @@ def test_data_is_uploaded_once_by_content(aws, job_dict):
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="my-bucket")["Contents"])
     assert [k for k in keys if k.endswith("medical.jsonl")] and [k for k in keys if k.endswith("sourcedir.tar.gz")]
     second = launch_job(job_dict, overrides=["lora.r=8"])
-    assert first.extra["uploaded"] and second.extra["uploaded"] == []
+    assert first.submitted.uploaded and second.submitted.uploaded == []
     assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket="my-bucket")["Contents"]) == keys
 
 
@@ -242,7 +242,7 @@ def test_a_local_model_directory_becomes_the_model_channel_once(aws, job_dict, t
     keys = {o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="my-bucket")["Contents"]}
     prefix = model_uri[len("s3://my-bucket/"):]
     assert {f"{prefix}/config.json", f"{prefix}/tokenizer.json", f"{prefix}/.sm-qlora-complete"} <= keys
-    assert launch_job(job_dict).extra["uploaded"] == []
+    assert launch_job(job_dict).submitted.uploaded == []
 
 
 def test_the_container_starts_through_the_sigterm_wrapper_within_the_api_limits(aws, job_dict, checked_requests):  # noqa: F811
