@@ -54,7 +54,9 @@ def latest(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save(root: Path, step: int, model, optimizer, scheduler, scaler, rng: dict, state: dict, keep: int) -> Path:
+def save(root: Path, step: int, model, optimizer, scheduler, scaler, rngs: list[dict], state: dict,
+         keep: int) -> Path:
+    """`rngs`: each rank's RNG state as its step began, in rank order."""
     final = root / f"step-{step}"
     if (final / COMPLETE).is_file():
         return final
@@ -63,7 +65,8 @@ def save(root: Path, step: int, model, optimizer, scheduler, scaler, rng: dict, 
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)  # the peft adapter only
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng}, tmp / "trainer.pt")
+                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rngs[0], "rng_ranks": rngs},
+               tmp / "trainer.pt")
     (tmp / "state.json").write_text(json.dumps(state | {"step": step}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -73,8 +76,10 @@ def save(root: Path, step: int, model, optimizer, scheduler, scaler, rng: dict, 
     return final
 
 
-def load(path: Path, model, optimizer, scheduler, scaler) -> dict:
-    """Restore into the live objects; returns state.json (its `step` and history)."""
+def load(path: Path, model, optimizer, scheduler, scaler, rank: int = 0, world: int = 1) -> dict:
+    """Restore into the live objects; returns state.json (its `step` and history). Each
+    rank takes its own RNG state when the world is the one that saved it; on another world
+    size (a 2-GPU run resumed on 1) every rank takes rank 0's."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -88,7 +93,8 @@ def load(path: Path, model, optimizer, scheduler, scaler) -> dict:
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob["scaler"] is not None:
         scaler.load_state_dict(blob["scaler"])
-    set_rng_state(blob["rng"])
+    ranks = blob.get("rng_ranks") or [blob["rng"]]
+    set_rng_state(ranks[rank] if len(ranks) == world else blob["rng"])
     return json.loads((path / "state.json").read_text())
 
 

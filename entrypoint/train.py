@@ -146,6 +146,16 @@ class DistContext:
 
             dist.barrier()
 
+    def gather(self, obj: Any) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when it is true on any: stop and checkpoint decisions are
         taken together, or the ranks' collectives fall out of step and hang."""
@@ -431,7 +441,7 @@ def resume(ctx: DistContext, model: Model, optim: Optim) -> tuple[int, History]:
     newest = checkpoints.latest(container.checkpoint_dir())
     if newest is None:
         return 0, History()
-    state = checkpoints.load(newest, model.peft, optim.optimizer, optim.scheduler, optim.scaler)
+    state = checkpoints.load(newest, model.peft, optim.optimizer, optim.scheduler, optim.scaler, ctx.rank, ctx.world)
     ctx.say("resume", step=state["step"], path=newest)
     return state["step"], History(**state.get("history", {}))
 
@@ -580,9 +590,10 @@ def checkpoint(hp: Hyperparameters, ctx: DistContext, model: Model, optim: Optim
     from entrypoint import checkpoints
 
     began = time.time()
+    rngs = ctx.gather(rng)  # each rank's own: a resume replays every rank's dropout as it was
     if ctx.is_main:
         path = checkpoints.save(container.checkpoint_dir(), step, model.peft, optim.optimizer, optim.scheduler,
-                                optim.scaler, rng, {"history": asdict(history), "total_steps": optim.total_steps},
+                                optim.scaler, rngs, {"history": asdict(history), "total_steps": optim.total_steps},
                                 hp.training.save_total_limit)
         emit("checkpoint", step=step, path=path, **({"reason": reason} if reason else {}))
     ctx.barrier()

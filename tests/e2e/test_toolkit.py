@@ -204,8 +204,6 @@ def test_a_spot_restart_resumes_from_the_stop_checkpoint_by_itself(stopped, rest
     assert [s for s, _ in resumed] == [s for s, _ in whole if s > stopped_at]
 
 
-@pytest.mark.xfail(strict=True, reason="job: a DDP checkpoint holds rank 0's RNG state only and every rank "
-                   "restores it, so rank 1's dropout differs after a resume (entrypoint/checkpoints.py, train.py)")
 def test_a_spot_restart_ends_with_the_uninterrupted_runs_adapter(restarted, uninterrupted):
     import torch
     from safetensors.torch import load_file
@@ -217,8 +215,6 @@ def test_a_spot_restart_ends_with_the_uninterrupted_runs_adapter(restarted, unin
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # as tests/e2e/test_local_run.py
 
 
-@pytest.mark.xfail(strict=True, reason="job: one write per log line (issue 9); as the toolkit re-prints "
-                   "them, a blank line follows [eval] and [done]")
 def test_each_job_line_is_reprinted_once_with_no_blank_line_after_it(uninterrupted):
     lines = uninterrupted["log"].splitlines()
     after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if progress(line).last_train or line.startswith("[done]")]
@@ -226,7 +222,6 @@ def test_each_job_line_is_reprinted_once_with_no_blank_line_after_it(uninterrupt
     assert len([x for x in lines if x.startswith("[done]")]) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch job")
 def test_a_tuning_jobs_reserved_hyperparameter_is_accepted(submitted):
     # A tuning job adds this, not JSON-encoded, to every training job it starts.
     container, ml = start(submitted, "tuning", extra_hyperparameters={"_tuning_objective_metric": "train:loss"})
