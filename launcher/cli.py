@@ -111,6 +111,9 @@ def render_plan(plan: Plan) -> None:
     console.print(f"[bold]{plan.model}[/bold]  shape: {plan.shape_source}")
     console.print(f"dataset: {tokens} tokens ({plan.tokens_source}) x {plan.epochs} epoch(s); "
                   f"{plan.tokens_per_micro_batch} tokens per micro-batch on {plan.configured}")
+    if plan.max_cost_usd is not None:
+        console.print(f"budget: {format_usd(plan.max_cost_usd)} cap -> MaxRuntime {plan.max_runtime_hours:.1f} h on "
+                      f"{plan.configured} x{plan.instance_count} (estimate {format_usd(plan.chosen.usd)})")
     table = Table(title=f"instances by estimated cost (on-demand prices as read {plan.prices_read})")
     for col in ("instance", "GPUs", "fits", "strategy", "rows", "GiB/GPU needed", "dtype", "tok/s", "hours", "cost",
                 "cost spot"):

@@ -93,6 +93,9 @@ class ComputeSpec(Strict):
     max_wait_hours: float | None = Field(None, gt=0, le=672)
     volume_size_gb: int = Field(200, ge=1, le=16384)
     image_uri: str | None = None  # override the pinned HF training image
+    # A budget: MaxRuntimeInSeconds becomes this over the on-demand price of the instances,
+    # and a plan whose estimate is above it is refused.
+    max_cost_usd: float | None = Field(None, gt=0)
     strategy: StrategyChoice = "auto"  # auto: the plan decides (launcher.plan.choose_strategy)
 
     @field_validator("instance_type")

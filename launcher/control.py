@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from launcher.instances import format_usd
 from launcher.job import Job, list_jobs
 from launcher.logs import money
 from launcher.render import exit_code, follow_job, state_text
@@ -50,6 +51,7 @@ def cmd_status(args, out) -> int:
         f"{s['job_name']}: {state_text(s['status'], s['secondary_status'])}" + (" [local]" if s["local"] else ""),
         f"  progress: step {step}  loss {s['loss'] or '-'}  eval_loss {s['eval_loss'] or '-'}  eta {s['eta'] or '-'}",
         f"  elapsed:  {s['elapsed_s'] if s['elapsed_s'] is not None else '-'} s   cost so far: {money(s['cost']) or '-'}"
+        + (f" of at most {format_usd(s['cost']['max_usd'])} (MaxRuntime)" if s["cost"].get("max_usd") else "")
         + (f" ({s['instance_type']} x{s['cost']['instance_count']})" if s["instance_type"] else ""),
     ]
     if s["failure_reason"]:

@@ -266,11 +266,12 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
     validate_for_launch(cfg, local=local, resume=resume)  # what `validate` checks: exit 2, nothing sent
     if local:
         return run_local(cfg, resume=resume, echo=echo)
-    from launcher.plan import choose_strategy
+    from launcher.plan import budget_runtime_s, choose_strategy
     from launcher.sagemaker_job import SageMakerBackend
     from launcher.submit import submit
 
-    submitted = submit(cfg, choose_strategy(cfg), dry_run=dry_run, resume=resume)
+    submitted = submit(cfg, choose_strategy(cfg), dry_run=dry_run, resume=resume,
+                       max_runtime_s=budget_runtime_s(cfg))
     region = cfg.aws.region or _session_region(cfg)
     job = Job(name=submitted.job_name, submitted=submitted,
               backend=SageMakerBackend(submitted.job_name, region, cfg.aws.profile, submitted.output_s3_uri))

@@ -206,6 +206,9 @@ def cost_so_far(desc: dict, price_per_hour: float | None = None, now: float | No
     out = {"seconds": round(seconds), "instance_count": count, "price_per_hour": price_per_hour,
            "usd": round(seconds / 3600 * count * price_per_hour, 2) if price_per_hour else None,
            "spot": bool(desc.get("EnableManagedSpotTraining"))}
+    max_runtime = desc.get("StoppingCondition", {}).get("MaxRuntimeInSeconds")
+    if max_runtime and price_per_hour:  # the most it can cost: SageMaker stops it at MaxRuntime
+        out["max_usd"] = round(max_runtime / 3600 * count * price_per_hour, 2)
     training = desc.get("TrainingTimeInSeconds")
     if billable is not None and training:
         out["spot_saving_pct"] = round(100 * (1 - billable / training), 1)
@@ -214,7 +217,9 @@ def cost_so_far(desc: dict, price_per_hour: float | None = None, now: float | No
 
 def money(cost: dict) -> str | None:
     """The one way a cost is written for a person: $12.34, or None when unpriced."""
-    return f"${cost['usd']:.2f}" if cost.get("usd") is not None else None
+    from launcher.instances import format_usd
+
+    return format_usd(cost["usd"]) if cost.get("usd") is not None else None
 
 
 def timestamp_s(value) -> float | None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from entrypoint.hyperparams import Strategy
 from launcher.config import JobConfig
 from launcher.errors import ConfigError
-from launcher.instances import Instance, catalog
+from launcher.instances import Instance, catalog, format_usd
 from launcher.shapes import BUILT_IN, Shape, resolve
 
 GIB = 2**30
@@ -224,6 +224,8 @@ class Plan:
     assumptions: list[str] = field(default_factory=lambda: list(ASSUMPTIONS))
     calibration: list[dict] = field(default_factory=calibration)
     prices_read: str = ""
+    max_cost_usd: float | None = None       # compute.max_cost_usd
+    max_runtime_hours: float | None = None  # what the cap leaves as MaxRuntime
 
     @property
     def chosen(self) -> Row:
@@ -325,7 +327,34 @@ def make_plan(cfg: JobConfig, dataset_tokens: float | None = None, network: bool
                 epochs=cfg.training.epochs,
                 tokens_per_micro_batch=configured.rows_per_micro_batch * cfg.training.max_seq_length,
                 configured=cfg.compute.instance_type, instance_count=cfg.compute.instance_count, rows=rows,
-                prices_read=catalog().prices_read)
+                prices_read=catalog().prices_read, max_cost_usd=cfg.compute.max_cost_usd,
+                max_runtime_hours=budget_runtime_s(cfg) / 3600 if cfg.compute.max_cost_usd else None)
+
+
+def budget_runtime_s(cfg: JobConfig) -> int | None:
+    """compute.max_cost_usd as MaxRuntimeInSeconds: the cap over the on-demand price of
+    the instances (spot included: a spot job then costs less than its cap), never above
+    compute.max_run_hours. None without a cap."""
+    c = cfg.compute
+    if c.max_cost_usd is None:
+        return None
+    per_hour = catalog().get(c.instance_type).price_per_hour * c.instance_count
+    return max(1, int(min(c.max_cost_usd / per_hour, c.max_run_hours) * 3600))
+
+
+def budget_problem(cfg: JobConfig) -> tuple[str, str] | None:
+    """A plan whose estimated cost is above compute.max_cost_usd is refused, naming both.
+    Data that is not local cannot be counted here: then only MaxRuntime holds the cap."""
+    cap = cfg.compute.max_cost_usd
+    if cap is None:
+        return None
+    row = make_plan(cfg, network=False).chosen
+    if row.usd is None or row.usd <= cap:
+        return None
+    return ("compute.max_cost_usd",
+            f"the plan estimates {format_usd(row.usd)} ({row.hours:.1f} h on {row.instance} "
+            f"x{cfg.compute.instance_count}), above the cap {format_usd(cap)}; raise the cap, train less "
+            "(training.epochs, training.max_steps) or see `sm-qlora plan` for cheaper instances")
 
 
 def fit_problem(cfg: JobConfig) -> tuple[str, str] | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from launcher.config import JOB_NAME_RE, JobConfig
 from launcher.errors import ConfigError
-from launcher.plan import fit_problem
+from launcher.plan import budget_problem, fit_problem
 
 
 def launch_problems(cfg: JobConfig, *, local: bool = False, resume: str | None = None) -> list[tuple[str, str]]:
@@ -18,6 +18,8 @@ def launch_problems(cfg: JobConfig, *, local: bool = False, resume: str | None =
         fit = fit_problem(cfg)  # on this machine the instance type is not used
         if fit:
             problems.append(fit)
+        elif budget := budget_problem(cfg):
+            problems.append(budget)
     if resume is not None and (not JOB_NAME_RE.fullmatch(resume) or len(resume) > 63):
         what = "a local run's name (runs/<name>/)" if local else "a SageMaker training job name"
         problems.append(("--resume", f"{resume!r} is not {what}: letters, digits and hyphens, at most 63"))
