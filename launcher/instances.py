@@ -36,6 +36,10 @@ class Instance:
     def family(self) -> str:
         return self.name.rsplit(".", 1)[0]
 
+    @property
+    def total_gpu_memory_gib(self) -> float:
+        return self.gpu.memory_gib * self.gpu_count
+
 
 def format_usd(x: float | None, missing: str = "-") -> str:
     """Money as every command shows it: cents below $100, whole dollars above."""

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -22,6 +23,12 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from launcher.aws import client, translated
+from launcher.errors import ConfigError, JobFailed
+from launcher.instances import catalog
+from launcher.sagemaker_job import SageMakerBackend
+from launcher.shapes import resolve
 
 MERGE_SCRIPT = "sm_qlora_merge.py"  # submit.code_tarball() ships it: `from entrypoint.merge import main; main()`
 HEADROOM = 1.2  # bf16 weights x 1.2: CUDA context, the LoRA factors and one layer's merge temporaries
@@ -36,7 +43,6 @@ def bf16_gib(total_params: int) -> float:
 def choose_instance(shape, model_id: str, fallback: str | None) -> tuple[str, str]:
     """(instance type, why): the cheapest catalog instance whose total GPU memory holds the
     base in bf16 with headroom; the adapter job's own instance when the shape is unknown."""
-    from launcher.instances import catalog
 
     if shape is None:
         if fallback is None:
@@ -54,7 +60,6 @@ def choose_instance(shape, model_id: str, fallback: str | None) -> tuple[str, st
 
 
 def _config_error(path: str, msg: str):
-    from launcher.errors import ConfigError
 
     return ConfigError([(path, msg)])
 
@@ -66,7 +71,6 @@ def _decoded(hyperparameters: dict[str, str]) -> dict[str, Any]:
 
 
 def _completed(job) -> dict:
-    from launcher.errors import JobFailed
 
     desc = job.describe()
     if desc["TrainingJobStatus"] != "Completed":
@@ -80,7 +84,6 @@ def _completed(job) -> dict:
 def merge_local(job, dest: str | Path, dtype: str = "auto", echo=print) -> dict[str, Any]:
     """Merge runs/<job>/model into DEST on this machine (a subprocess, so a crash in torch
     leaves this process and DEST clean)."""
-    from launcher.errors import ConfigError, JobFailed
 
     if str(dest).startswith("s3://"):
         raise ConfigError([("DEST", "a local run merges on this machine: give a directory, not an S3 URI")])
@@ -132,7 +135,6 @@ def default_output(desc: dict) -> str:
 def merge_request(desc: dict, adapter_uri: str, *, name: str, output: str, instance_type: str,
                   dtype: str = "auto", params: int | None = None) -> dict[str, Any]:
     """The CreateTrainingJob request of the merge job, from the adapter job's description."""
-    from launcher.errors import ConfigError
 
     raw = desc.get("HyperParameters", {})
     if "sagemaker_submit_directory" not in raw:
@@ -179,16 +181,12 @@ def merge_request(desc: dict, adapter_uri: str, *, name: str, output: str, insta
 
 def merge_sagemaker(job, dest: str | None, *, dtype: str = "auto", instance_type: str | None = None,
                     wait: bool = False, dry_run: bool = False, echo=print) -> dict[str, Any]:
-    from launcher.aws import translated
-    from launcher.errors import ConfigError
 
     if dest and not dest.startswith("s3://") and not wait and not dry_run:
         raise ConfigError([("DEST", "a local directory needs --wait (the merged files are downloaded at the end); "
                                     "or give an s3:// prefix")])
     desc = _completed(job)
     model_id = _decoded(desc.get("HyperParameters", {})).get("model", {}).get("id", "")
-    from launcher.instances import catalog
-    from launcher.shapes import resolve
 
     shape = resolve(model_id)
     why = "asked for"
@@ -198,7 +196,7 @@ def merge_sagemaker(job, dest: str | None, *, dtype: str = "auto", instance_type
         raise ConfigError([("--instance-type", f"{instance_type!r} is not a SageMaker GPU training instance")])
     name = merge_job_name(job.name)
     output = dest.rstrip("/") if dest and dest.startswith("s3://") else default_output(desc)
-    request = merge_request(desc, job.adapter_uri_from(desc), name=name, output=output,
+    request = merge_request(desc, job.backend.adapter_uri(desc), name=name, output=output,
                             instance_type=instance_type, dtype=dtype,
                             params=shape.total_params if shape else None)
     result = {"job_name": job.name, "local": False, "merge_job": name, "instance_type": instance_type,
@@ -206,12 +204,12 @@ def merge_sagemaker(job, dest: str | None, *, dtype: str = "auto", instance_type
     if dry_run:
         return result | {"dry_run": True, "request": request}
     with translated(f"create the merge job {name}"):
-        job._sm().create_training_job(**request)
+        client("sagemaker", job.region, job.backend.profile).create_training_job(**request)
     echo(f"merge job {name} on {instance_type} ({why})")
     if wait:
         from launcher.job import Job
 
-        merge = Job(name=name, region=job.region, profile=job.profile, output_s3_uri=output)
+        merge = Job(name=name, backend=SageMakerBackend(name, job.region, job.backend.profile, output))
         merge.wait()
         if dest and not dest.startswith("s3://"):
             result["files"] = [str(p) for p in merge.download(dest)]
@@ -264,7 +262,6 @@ def cmd_merge(args, out) -> int:
 
 
 def register(sub, common, aws) -> None:
-    import argparse
 
     v = sub.add_parser("merge", help="the base model with the adapter merged in (bf16), ready to serve",
                        description="the base model with the adapter merged in (bf16 safetensors), ready to serve; "

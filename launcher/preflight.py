@@ -16,10 +16,14 @@ no AWS library exposes them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from launcher.aws import client, split_s3
+from launcher.config import load_config
 
 SAGEMAKER_PRINCIPAL = "sagemaker.amazonaws.com"
 
@@ -183,7 +187,6 @@ def bucket_region(location: str | None) -> str:
 
 
 def check_bucket(s3, uri: str, region: str) -> Check:
-    from launcher.aws import split_s3
 
     bucket, _ = split_s3(uri)
     name = "bucket"
@@ -265,7 +268,6 @@ CHECK_NAMES = ("role", "role trust", "iam:PassRole", "bucket", "instance quota",
 
 def preflight(cfg) -> list[Check]:
     """Every check, in order; read-only. `cfg` is a JobConfig (launcher.config.load_config)."""
-    from launcher.aws import client
 
     region, profile = cfg.aws.region, cfg.aws.profile
     first, ident = check_identity(client("sts", region, profile))
@@ -298,7 +300,6 @@ EXAMPLE = "sm-qlora preflight examples/job.yaml --output json"
 
 
 def cmd_preflight(args, out) -> int:
-    from launcher.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     checks = preflight(cfg)
@@ -316,7 +317,6 @@ def cmd_preflight(args, out) -> int:
 def register(sub, common, config) -> None:
     """No --region/--profile: the config names the region and profile, and `--set
     aws.region=...` (the `config` parent) overrides them."""
-    import argparse
 
     help_ = "account-side checks before paying: credentials, role + trust + PassRole, bucket, quota, token secret"
     v = sub.add_parser("preflight", help=help_, description=help_, parents=[common, config],

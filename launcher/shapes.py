@@ -60,6 +60,11 @@ class Shape:
         return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
 
     @property
+    def total_params(self) -> int:
+        """Every weight: what a bf16 copy of the model holds (the merge sizes its instance by it)."""
+        return self.layers * self.layer_quantized_params + self.embedding_params
+
+    @property
     def active_params_per_token(self) -> int:
         """What one token passes through: attention, top-k experts, the output head."""
         per_layer = self.attention_params + self.experts_per_token * self.expert_params

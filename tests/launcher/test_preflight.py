@@ -57,9 +57,7 @@ def account(aws, monkeypatch):
                                     AssumeRolePolicyDocument=json.dumps(SAGEMAKER_TRUST))
     secret = boto3.client("secretsmanager").create_secret(Name="hf-token", SecretString="hf_neverRead")["ARN"]
     state = {"quota": quota_client(1), "iam": simulating_iam("allowed"), "secret": secret}
-    from launcher import aws as aws_mod
-
-    real_client = aws_mod.client
+    real_client = pf.client
 
     def client(service, region=None, profile=None):
         if service == "service-quotas":
@@ -68,7 +66,7 @@ def account(aws, monkeypatch):
             return state["iam"]
         return real_client(service, region, profile)
 
-    monkeypatch.setattr(aws_mod, "client", client)
+    monkeypatch.setattr(pf, "client", client)  # preflight's own name for launcher.aws.client
     return state
 
 
