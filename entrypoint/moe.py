@@ -145,7 +145,7 @@ class _Experts(torch.autograd.Function):
             xs = x.index_select(0, token).to(compute)
             ys = torch.empty_like(xs)
             start = 0
-            for projs, n in zip(plan, counts):
+            for projs, n in zip(plan, counts, strict=True):
                 if n:
                     xe = xs[start:start + n]
                     w1, w3, w2 = projs
@@ -177,7 +177,7 @@ class _Experts(torch.autograd.Function):
             xs = x.index_select(0, token).to(compute)
             dxs = torch.empty_like(xs)
             start = 0
-            for e, (projs, n) in enumerate(zip(plan, ctx.counts)):
+            for e, (projs, n) in enumerate(zip(plan, ctx.counts, strict=True)):
                 if n:
                     sl = slice(start, start + n)
                     dxs[sl] = _expert_backward(xs[sl], gy_all[sl], projs, grads, 6 * e)
