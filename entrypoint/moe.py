@@ -104,9 +104,15 @@ def _weight(p: Proj, dtype: torch.dtype, fold: bool) -> torch.Tensor:
     w = p.base.weight
     state = w.quant_state if getattr(w, "quant_state", None) is not None else p.base.quant_state
     full = bnbf.dequantize_4bit(w.data, state).to(dtype)
-    if fold and p.lora_a is not None:
+    if fold:
         full.addmm_(p.lora_b.to(dtype), p.lora_a.to(dtype), alpha=p.scaling)
     return full
+
+
+def _folds(p: Proj, keep, dtype: torch.dtype) -> bool:
+    """Fold LoRA into W only in fp32: in bf16/fp16 W + s*B@A rounds the (small) LoRA delta
+    to W's precision, which moved LoRA gradients measurably (cosine 0.98 over 20 steps)."""
+    return p.lora_a is not None and keep is None and dtype == torch.float32
 
 
 def _keep(p: Proj, like: torch.Tensor) -> torch.Tensor | None:
@@ -116,11 +122,15 @@ def _keep(p: Proj, like: torch.Tensor) -> torch.Tensor | None:
     return F.dropout(torch.ones_like(like), p.dropout, training=True)
 
 
-def _project(x: torch.Tensor, p: Proj, keep) -> torch.Tensor:
+def _project(x: torch.Tensor, p: Proj, keep, acc: torch.dtype) -> torch.Tensor:
+    """x W^T + s (x*keep) A^T B^T: matmuls in x's (compute) dtype, the sum in acc, as
+    bitsandbytes + PEFT do under autocast (their outputs come back in the input's dtype)."""
     dtype = x.dtype
-    y = x @ _weight(p, dtype, fold=keep is None).t()
-    if keep is not None:
-        y.addmm_((x * keep) @ p.lora_a.to(dtype).t(), p.lora_b.to(dtype).t(), alpha=p.scaling)
+    fold = _folds(p, keep, dtype)
+    y = (x @ _weight(p, dtype, fold).t()).to(acc)
+    if p.lora_a is not None and not fold:
+        lin = x if keep is None else x * keep
+        y += ((lin @ p.lora_a.to(dtype).t()) @ p.lora_b.to(dtype).t() * p.scaling).to(acc)
     return y
 
 
@@ -143,18 +153,18 @@ class _Experts(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             order, token, counts = _order(selected, len(plan))
             xs = x.index_select(0, token).to(compute)
-            ys = torch.empty_like(xs)
+            ys = torch.empty(xs.shape, dtype=x.dtype, device=x.device)
             start = 0
             for projs, n in zip(plan, counts, strict=True):
                 if n:
                     xe = xs[start:start + n]
                     w1, w3, w2 = projs
                     k1, k3 = _keep(w1, xe), _keep(w3, xe)
-                    h = F.silu(_project(xe, w1, k1)) * _project(xe, w3, k3)
-                    ys[start:start + n] = _project(h, w2, _keep(w2, h))
+                    h = (F.silu(_project(xe, w1, k1, x.dtype)) * _project(xe, w3, k3, x.dtype)).to(compute)
+                    ys[start:start + n] = _project(h, w2, _keep(w2, h), x.dtype)
                 start += n
             flat_w = weights.reshape(-1).index_select(0, order)
-            out = torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype) * flat_w[:, None])
+            out = torch.zeros_like(x).index_add_(0, token, ys * flat_w[:, None].to(x.dtype))
         ctx.counts = counts
         ctx.save_for_backward(x, weights, order, token, ys)
         return out
@@ -175,44 +185,49 @@ class _Experts(torch.autograd.Function):
             grad_flat_w = (g.float() * ys.float()).sum(-1)
             gy_all = (g * flat_w[:, None].to(g.dtype)).to(compute)
             xs = x.index_select(0, token).to(compute)
-            dxs = torch.empty_like(xs)
+            dxs = torch.empty(xs.shape, dtype=x.dtype, device=x.device)
             start = 0
             for e, (projs, n) in enumerate(zip(plan, ctx.counts, strict=True)):
                 if n:
                     sl = slice(start, start + n)
                     dxs[sl] = _expert_backward(xs[sl], gy_all[sl], projs, grads, 6 * e)
                 start += n
-            dx = torch.zeros_like(x).index_add_(0, token, dxs.to(x.dtype))
+            dx = torch.zeros_like(x).index_add_(0, token, dxs)
             grad_w = torch.empty_like(grad_flat_w).index_copy_(0, order, grad_flat_w)
         return (dx, grad_w.view_as(weights).to(weights.dtype), None, None, *grads)
 
 
 def _expert_backward(xe, gy, projs, grads, at: int) -> torch.Tensor:
-    """Recompute one expert's activations, then its input gradient; LoRA gradients go to grads."""
+    """Recompute one expert's activations, then its input gradient (in the accumulation
+    dtype of grads' caller); LoRA gradients go to grads. Elementwise work runs in acc
+    (fp32 under autocast), matmuls in xe's compute dtype, as in the stock path."""
+    acc = gy.dtype if gy.dtype == torch.float32 else torch.float32
     w1, w3, w2 = projs
     k1, k3 = _keep(w1, xe), _keep(w3, xe)
-    a1, a3 = _project(xe, w1, k1), _project(xe, w3, k3)
+    a1, a3 = _project(xe, w1, k1, acc), _project(xe, w3, k3, acc)
     s1 = F.silu(a1)
-    h = s1 * a3
+    h = (s1 * a3).to(xe.dtype)
     k2 = _keep(w2, h)
     dh = _input_grad(gy, w2, k2, h, grads, at + 4)
     sig = torch.sigmoid(a1)
-    da1 = dh * a3 * (sig * (1 + a1 * (1 - sig)))
-    da3 = dh * s1
-    del h, dh, s1, sig
+    da1 = (dh * a3 * (sig * (1 + a1 * (1 - sig)))).to(xe.dtype)
+    da3 = (dh * s1).to(xe.dtype)
+    del h, dh, s1, sig, a1, a3
     return _input_grad(da1, w1, k1, xe, grads, at) + _input_grad(da3, w3, k3, xe, grads, at + 2)
 
 
 def _input_grad(gy, p: Proj, keep, inp, grads, at: int) -> torch.Tensor:
-    """d(input) of y = inp W^T + s (inp*keep) A^T B^T, and the LoRA grads into grads[at:at+2]."""
+    """d(input) in fp32 of y = inp W^T + s (inp*keep) A^T B^T; the LoRA grads into grads[at:at+2]."""
     dtype = gy.dtype
-    dx = gy @ _weight(p, dtype, fold=keep is None)
+    fold = _folds(p, keep, dtype)
+    dx = (gy @ _weight(p, dtype, fold)).float()
     if p.lora_a is not None:
         a, b = p.lora_a.to(dtype), p.lora_b.to(dtype)
         lora_in = inp if keep is None else inp * keep
-        gb = gy @ b  # (n, r)
-        grads[at] = (p.scaling * gb.t() @ lora_in).to(p.lora_a.dtype)
-        grads[at + 1] = (p.scaling * gy.t() @ (lora_in @ a.t())).to(p.lora_b.dtype)
-        if keep is not None:
-            dx += p.scaling * (gb @ a) * keep
+        gb = gy @ b * p.scaling  # (n, r)
+        grads[at] = (gb.t() @ lora_in).to(p.lora_a.dtype)
+        grads[at + 1] = (gy.t() @ (lora_in @ a.t()) * p.scaling).to(p.lora_b.dtype)
+        if not fold:
+            lora_dx = gb @ a
+            dx += (lora_dx if keep is None else lora_dx * keep).float()
     return dx
