@@ -122,11 +122,14 @@ def layer_bench(work: Path, tokens: list[int]) -> list[dict]:
     return rows
 
 
-def numerics(work: Path, steps: int) -> dict:
-    """Same weights, data and LoRA init; stock vs fast, bf16 autocast, checkpointing on."""
+def numerics(work: Path, steps: int, pair=(False, True), sync: bool = False) -> dict:
+    """Same weights, data and LoRA init, bf16 autocast, checkpointing on; pair = (fast?, fast?).
+    sync: after each step the second model takes the first one's LoRA weights, so every
+    step compares gradients at identical weights (Adam turns tiny bf16 differences on
+    near-zero gradients into diverging trajectories otherwise)."""
     path = make(work, 2, SMALL, "small-L2")
     nets = []
-    for fast in (False, True):
+    for fast in pair:
         torch.manual_seed(0)
         net = lora_model(path, checkpointing=True)
         set_fast(net, fast)
@@ -144,13 +147,20 @@ def numerics(work: Path, steps: int) -> dict:
             out.append((loss.item(), torch.cat([p.grad.flatten().float() for p in net.parameters() if p.requires_grad])))
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if sync:
+            with torch.no_grad():
+                for a, b in zip([p for p in nets[0][0].parameters() if p.requires_grad],
+                                [p for p in nets[1][0].parameters() if p.requires_grad], strict=True):
+                    b.copy_(a)
         losses.append([out[0][0], out[1][0]])
         cosines.append(torch.nn.functional.cosine_similarity(out[0][1], out[1][1], dim=0).item())
     worst = max(abs(a - b) / abs(a) for a, b in losses)
-    print(f"numerics {steps} steps: max loss rel diff {worst:.2e}, min grad cos {min(cosines):.5f}", flush=True)
+    print(f"numerics {pair} sync={sync} {steps} steps: max loss rel diff {worst:.2e}, min grad cos {min(cosines):.5f}"
+          f" {[round(c, 4) for c in cosines]}", flush=True)
     del nets
     torch.cuda.empty_cache()
-    return {"losses": losses, "grad_cos": cosines, "max_loss_rel_diff": worst, "min_grad_cos": min(cosines)}
+    return {"pair": pair, "sync": sync, "losses": losses, "grad_cos": cosines, "max_loss_rel_diff": worst,
+            "min_grad_cos": min(cosines)}
 
 
 def checkpoint_time(model_dirs: list[Path], work: Path) -> list[dict]:
@@ -197,7 +207,9 @@ def main() -> None:
     if not args.skip_layer:
         result["layer"] = layer_bench(args.work, args.tokens)
     if not args.skip_numerics:
-        result["numerics"] = numerics(args.work, args.steps)
+        result["numerics"] = [numerics(args.work, args.steps, (False, True), sync=True),
+                              numerics(args.work, args.steps, (False, False)),  # stock against itself
+                              numerics(args.work, args.steps, (False, True))]
     if args.ckpt:
         result["checkpoint"] = checkpoint_time(args.ckpt, args.work)
     if args.out:
