@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from entrypoint import checkpoints  # noqa: E402
+from entrypoint import checkpoints, moe  # noqa: E402
 from entrypoint import model as M  # noqa: E402
 from entrypoint.hyperparams import LoraSpec  # noqa: E402
 from entrypoint.moe import speed_up  # noqa: E402
@@ -90,8 +90,9 @@ def layer_bench(work: Path, tokens: list[int]) -> list[dict]:
         x = torch.randn(1, n, 4096, device="cuda", requires_grad=True)
         gy = torch.randn(1, n, 4096, device="cuda")
         got = {}
-        for fast in (False, True):
-            set_fast(net, fast)
+        for fast in (False, "exact", "half"):
+            set_fast(net, bool(fast))
+            moe.EXACT = fast != "half"
 
             def step(x=x, gy=gy, block=block):
                 x.grad = None
@@ -109,14 +110,15 @@ def layer_bench(work: Path, tokens: list[int]) -> list[dict]:
             y = step().detach().float()
             grads = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in params]).float()
             got[fast] = (y, grads)
-            rows.append({"tokens": n, "path": "fast" if fast else "stock", "fwd_bwd_ms": 1e3 * med,
+            rows.append({"tokens": n, "path": fast or "stock", "fwd_bwd_ms": 1e3 * med,
                          "all_ms": [1e3 * t for t in times], "peak_extra_gib": peak})
             print(f"layer tokens={n} {rows[-1]['path']:5s} fwd+bwd {1e3 * med:7.1f} ms  peak +{peak:.2f} GiB", flush=True)
         cos = torch.nn.functional.cosine_similarity
-        rows[-1]["out_cos"] = cos(got[0][0].flatten(), got[1][0].flatten(), dim=0).item()
-        rows[-1]["grad_cos"] = cos(got[0][1], got[1][1], dim=0).item()
-        print(f"  speed-up {rows[-2]['fwd_bwd_ms'] / rows[-1]['fwd_bwd_ms']:.2f}x  output cos {rows[-1]['out_cos']:.5f}"
-              f"  grad cos {rows[-1]['grad_cos']:.5f}", flush=True)
+        for i, mode in ((-2, "exact"), (-1, "half")):
+            rows[i]["out_cos"] = cos(got[False][0].flatten(), got[mode][0].flatten(), dim=0).item()
+            rows[i]["grad_cos"] = cos(got[False][1], got[mode][1], dim=0).item()
+            print(f"  {mode}: speed-up {rows[-3]['fwd_bwd_ms'] / rows[i]['fwd_bwd_ms']:.2f}x  output cos "
+                  f"{rows[i]['out_cos']:.5f}  grad cos {rows[i]['grad_cos']:.5f}", flush=True)
     del net
     torch.cuda.empty_cache()
     return rows
@@ -197,6 +199,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip-layer", action="store_true")
+    ap.add_argument("--half", action="store_true", help="numerics of moe.EXACT=False too")
+    ap.add_argument("--drift", action="store_true", help="unsynced runs: stock vs stock, stock vs fast")
     ap.add_argument("--skip-numerics", action="store_true")
     ap.add_argument("--ckpt", type=Path, nargs="*", default=[], help="model dirs to time the checkpoint on")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sm-qlora-moe"))
@@ -207,9 +211,14 @@ def main() -> None:
     if not args.skip_layer:
         result["layer"] = layer_bench(args.work, args.tokens)
     if not args.skip_numerics:
-        result["numerics"] = [numerics(args.work, args.steps, (False, True), sync=True),
-                              numerics(args.work, args.steps, (False, False)),  # stock against itself
-                              numerics(args.work, args.steps, (False, True))]
+        result["numerics"] = [numerics(args.work, args.steps, (False, True), sync=True)]
+        if args.half:
+            moe.EXACT = False
+            result["numerics_half"] = numerics(args.work, args.steps, (False, True), sync=True)
+            moe.EXACT = True
+        if args.drift:
+            result["numerics"] += [numerics(args.work, args.steps, (False, False)),  # stock against itself
+                                   numerics(args.work, args.steps, (False, True))]
     if args.ckpt:
         result["checkpoint"] = checkpoint_time(args.ckpt, args.work)
     if args.out:

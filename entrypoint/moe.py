@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 
 PROJECTIONS = ("w1", "w3", "w2")  # order matters: dropout masks are replayed in it
+# Elementwise work (SwiGLU, sums of base and LoRA outputs) in fp32, as bnb + PEFT do under
+# autocast. False keeps it in bf16/fp16: faster, further from the stock numerics (bench/README.md).
+EXACT = True
 
 
 @dataclass
@@ -152,6 +155,7 @@ class _Experts(torch.autograd.Function):
         ctx.plan, ctx.compute, ctx.rng = plan, compute, _rng_state(x.device)
         with torch.autocast(x.device.type, enabled=False):
             order, token, counts = _order(selected, len(plan))
+            acc = x.dtype if EXACT else compute
             xs = x.index_select(0, token).to(compute)
             ys = torch.empty(xs.shape, dtype=x.dtype, device=x.device)
             start = 0
@@ -160,8 +164,8 @@ class _Experts(torch.autograd.Function):
                     xe = xs[start:start + n]
                     w1, w3, w2 = projs
                     k1, k3 = _keep(w1, xe), _keep(w3, xe)
-                    h = (F.silu(_project(xe, w1, k1, x.dtype)) * _project(xe, w3, k3, x.dtype)).to(compute)
-                    ys[start:start + n] = _project(h, w2, _keep(w2, h), x.dtype)
+                    h = (F.silu(_project(xe, w1, k1, acc)) * _project(xe, w3, k3, acc)).to(compute)
+                    ys[start:start + n] = _project(h, w2, _keep(w2, h), acc)
                 start += n
             flat_w = weights.reshape(-1).index_select(0, order)
             out = torch.zeros_like(x).index_add_(0, token, ys * flat_w[:, None].to(x.dtype))
@@ -201,7 +205,7 @@ def _expert_backward(xe, gy, projs, grads, at: int) -> torch.Tensor:
     """Recompute one expert's activations, then its input gradient (in the accumulation
     dtype of grads' caller); LoRA gradients go to grads. Elementwise work runs in acc
     (fp32 under autocast), matmuls in xe's compute dtype, as in the stock path."""
-    acc = gy.dtype if gy.dtype == torch.float32 else torch.float32
+    acc = torch.float32 if EXACT else xe.dtype
     w1, w3, w2 = projs
     k1, k3 = _keep(w1, xe), _keep(w3, xe)
     a1, a3 = _project(xe, w1, k1, acc), _project(xe, w3, k3, acc)
