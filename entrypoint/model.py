@@ -134,9 +134,11 @@ def lora_targets(model: nn.Module, requested) -> list[str] | str:
     return requested
 
 
-def attach_lora(model, lora, gradient_checkpointing: bool, fast_moe: bool = True):
-    """PEFT LoRA on the 4-bit model; with fast_moe, Mixtral's expert blocks run through
-    entrypoint.moe (same modules and adapter format, faster forward and backward)."""
+def attach_lora(model, lora, gradient_checkpointing: bool, fast_moe: bool = False):
+    """PEFT LoRA on the 4-bit model. fast_moe routes Mixtral's expert blocks through
+    entrypoint.moe (same modules and adapter format): 2.2x less memory per MoE layer but,
+    measured on the H200, 0.79x the speed of the stock path, so it is off by default
+    (bench/README.md)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(
