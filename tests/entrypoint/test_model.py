@@ -28,7 +28,7 @@ def test_every_expert_of_the_tiny_mixtral_is_4bit(tiny_model, fp32):
 
 
 def test_router_names_match_only_the_routers():
-    from transformers import MixtralConfig, MistralConfig
+    from transformers import MistralConfig, MixtralConfig
 
     names = M.router_names(MixtralConfig(num_hidden_layers=12))
     assert names[1] == "model.layers.1.block_sparse_moe.gate" and len(names) == 12
