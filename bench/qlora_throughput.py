@@ -17,7 +17,7 @@ plain recipe, in one command, on the same model, data and GPU.
 the entrypoint alone). Both count only real (non-padding) tokens in tokens/s. Needs one CUDA GPU (about 40 GiB
 free at the default sizes) and the `[train]` extra.
 
-    python bench/qlora_throughput.py --layers 2 4 --steps 30 --out bench/results/h200.json
+    python bench/qlora_throughput.py --layers 2 4 8 --steps 20 --repeats 2 --rows 8 4 --out bench/results/h200.json
 """
 
 from __future__ import annotations
@@ -182,10 +182,50 @@ def run_plain(model_dir: Path, data: Path, seq: int, steps: int) -> dict:
     return json.loads(result[len("RESULT "):])
 
 
-def fit(points: dict[int, float], at: int) -> float:
-    (x0, y0), (x1, y1) = sorted(points.items())[0], sorted(points.items())[-1]
-    slope = (y1 - y0) / (x1 - x0)
-    return y0 + slope * (at - x0)
+def fit(points: list[tuple[int, float]], at: int) -> float:
+    """Least squares a + b * layers over every (layers, value) point, repeats included."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my + slope * (at - mx)
+
+
+def summarize(runs: list[dict], recipe: str) -> dict:
+    mine = [r for r in runs if r["recipe"] == recipe]
+    peak = [(r["layers"], r["peak_gib"]) for r in mine]
+    step = [(r["layers"], r["step_s"]) for r in mine]
+    tokens = sum(r["tokens_per_step"] for r in mine) / len(mine)
+    return {"peak_gib_32_layers": fit(peak, 32), "tokens_per_sec_32_layers": tokens / fit(step, 32),
+            "peak_gib_per_layer": fit(peak, 1) - fit(peak, 0), "step_s_per_layer": fit(step, 1) - fit(step, 0),
+            "tokens_per_step": tokens, "points": len(mine), "max_fit_error": max(
+                abs(y - fit(step, x)) / y for x, y in step)}
+
+
+def ratio_spread(runs: list[dict], recipe: str, base: str) -> dict:
+    """The 32-layer tokens/s ratio fitted on each repeat alone: median, min, max."""
+    ratios = []
+    for rep in sorted({r["repeat"] for r in runs}):
+        these = [r for r in runs if r["repeat"] == rep]
+        if len({r["layers"] for r in these if r["recipe"] == recipe}) > 1 and \
+                len({r["layers"] for r in these if r["recipe"] == base}) > 1:
+            ratios.append(summarize(these, recipe)["tokens_per_sec_32_layers"]
+                          / summarize(these, base)["tokens_per_sec_32_layers"])
+    ratios.sort()
+    return {"median": ratios[len(ratios) // 2] if ratios else None, "min": min(ratios, default=None),
+            "max": max(ratios, default=None), "per_repeat": ratios}
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    import torch
+
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name(0)}
+    for pkg in ("transformers", "peft", "bitsandbytes", "accelerate"):
+        out[pkg] = version(pkg)
+    return out
 
 
 def main() -> None:
@@ -193,16 +233,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default=SHAPE)
     ap.add_argument("--no-plain", action="store_true", help="measure the entrypoint only")
-    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rows", type=int, nargs="+", default=[4, 1],
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rows", type=int, nargs="+", default=[8, 4],
                     help="ours: packed rows of --seq tokens per micro-batch (per_device_batch_size)")
-    ap.add_argument("--examples", type=int, default=600)
+    ap.add_argument("--examples", type=int, default=1200)
+    ap.add_argument("--repeats", type=int, default=2, help="every (layers, recipe) point this many times, interleaved")
+    ap.add_argument("--merge", type=Path, default=None, help="add the runs of an earlier --out file (another repeat)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sm-qlora-bench"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    import torch
 
     SHAPE = args.shape
     args.work.mkdir(parents=True, exist_ok=True)
@@ -210,43 +251,57 @@ def main() -> None:
     models = build_model(args.work, args.layers)
     data = args.work / "medical-long.jsonl"
     build_data(data, args.examples, args.seq)
-    print(f"model built in {time.time() - t0:.0f}s on {torch.cuda.get_device_name(0)}", flush=True)
-    results = {"gpu": torch.cuda.get_device_name(0), "shape": SHAPE, "seq": args.seq, "runs": []}
+    results = {"versions": versions(), "shape": SHAPE, "seq": args.seq, "steps": args.steps, "runs": []}
+    print(f"model built in {time.time() - t0:.0f}s; {results['versions']}", flush=True)
+    first = 0
+    if args.merge and args.merge.is_file():
+        earlier = json.loads(args.merge.read_text())
+        results["runs"] = earlier["runs"]
+        results["merged_from"] = earlier.get("versions")
+        first = 1 + max(r.get("repeat", 0) for r in earlier["runs"])
     recipes = [f"ours-b{b}" for b in args.rows] + ([] if args.no_plain else ["plain"])
-    for n in sorted(models):
-        for name in recipes:
-            t = time.time()
-            r = (run_ours(models[n], data, args.seq, args.steps, args.work, int(name.split("-b")[1]))
-                 if name.startswith("ours") else run_plain(models[n], data, args.seq, args.steps))
-            r |= {"recipe": name, "layers": n}
-            results["runs"].append(r)
-            print(f"{name:8s} L={n}: {r['tokens_per_sec']:8.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  "
-                  f"step {r['step_s']:.3f}s  padding {100 * r['padding_fraction']:.0f}%  ({time.time() - t:.0f}s)",
-                  flush=True)
-    summary = {}
+    for rep in range(first, first + args.repeats):
+        for n in sorted(models):
+            for name in recipes:
+                t = time.time()
+                r = (run_ours(models[n], data, args.seq, args.steps, args.work, int(name.split("-b")[1]))
+                     if name.startswith("ours") else run_plain(models[n], data, args.seq, args.steps))
+                r |= {"recipe": name, "layers": n, "repeat": rep}
+                results["runs"].append(r)
+                print(f"#{rep} {name:8s} L={n}: {r['tokens_per_sec']:8.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  "
+                      f"step {r['step_s']:.3f}s  padding {100 * r['padding_fraction']:.0f}%  ({time.time() - t:.0f}s)",
+                      flush=True)
+            if args.out:  # a run cut short by a time limit keeps what it measured
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results, indent=2))
+    report(results, recipes, args.out)
+
+
+def report(results: dict, recipes: list[str], out: Path | None) -> None:
+    runs = results["runs"]
+    recipes = [x for x in recipes if any(r["recipe"] == x for r in runs)]
+    summary = {name: summarize(runs, name) for name in recipes}
+    base_name = "plain" if "plain" in summary else recipes[0]
     for name in recipes:
-        runs = {r["layers"]: r for r in results["runs"] if r["recipe"] == name}
-        peak = {n: r["peak_gib"] for n, r in runs.items()}
-        step = {n: r["step_s"] for n, r in runs.items()}
-        tokens = sum(r["tokens_per_step"] for r in runs.values()) / len(runs)
-        summary[name] = {"peak_gib_32_layers": fit(peak, 32), "tokens_per_sec_32_layers": tokens / fit(step, 32),
-                         "peak_gib_per_layer": fit(peak, 1) - fit(peak, 0), "step_s_per_layer": fit(step, 1) - fit(step, 0),
-                         "tokens_per_step": tokens}
+        summary[name]["ratio_vs_" + base_name] = ratio_spread(runs, name, base_name)
     results["summary"] = summary
-    base = summary.get("plain", summary[recipes[0]])
-    print(f"\n{SHAPE}-shaped, 4-bit NF4, max_seq_length {args.seq}, fitted on {sorted(models)} layers, "
-          "extrapolated to 32:")
-    print(f"{'recipe':10s}{'tok/step':>10s}{'tok/s':>9s}{'x base':>9s}{'peak GiB':>10s}{'x base':>9s}"
-          f"{'GiB/layer':>11s}{'s/layer':>9s}  fits A100-40GB")
+    base = summary[base_name]
+    layers = sorted({r["layers"] for r in runs})
+    print(f"\n{results['shape']}-shaped, 4-bit NF4, max_seq_length {results['seq']}, least-squares fit on {layers} "
+          f"layers ({len(runs)} runs), extrapolated to 32:")
+    print(f"{'recipe':10s}{'tok/step':>10s}{'tok/s':>9s}{'x base':>9s}{'x base (median [min, max] of repeats)':>40s}"
+          f"{'peak GiB':>10s}{'GiB/layer':>11s}{'s/layer':>9s}{'fit err':>9s}")
     for name in recipes:
         o = summary[name]
+        sp = o["ratio_vs_" + base_name]
+        spread = f"{sp['median']:.2f} [{sp['min']:.2f}, {sp['max']:.2f}]" if sp["median"] else "-"
         print(f"{name:10s}{o['tokens_per_step']:10.0f}{o['tokens_per_sec_32_layers']:9.0f}"
-              f"{o['tokens_per_sec_32_layers'] / base['tokens_per_sec_32_layers']:9.2f}{o['peak_gib_32_layers']:10.1f}"
-              f"{o['peak_gib_32_layers'] / base['peak_gib_32_layers']:9.2f}{o['peak_gib_per_layer']:11.3f}"
-              f"{o['step_s_per_layer']:9.3f}  {o['peak_gib_32_layers'] < 39.4}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+              f"{o['tokens_per_sec_32_layers'] / base['tokens_per_sec_32_layers']:9.2f}{spread:>40s}"
+              f"{o['peak_gib_32_layers']:10.1f}{o['peak_gib_per_layer']:11.3f}{o['step_s_per_layer']:9.3f}"
+              f"{100 * o['max_fit_error']:8.1f}%")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -19,16 +19,47 @@ def test_every_expert_of_the_tiny_mixtral_is_4bit(tiny_model, fp32):
     import bitsandbytes as bnb
 
     base = M.load_4bit(str(tiny_model), fp32, {"": "cpu"}, "sdpa")
-    assert M.check_quantized(base)["linear4bit"] == 2 * (4 + 1 + 4 * 3)  # attn, router, 4 experts x w1/w2/w3
+    assert M.check_quantized(base)["linear4bit"] == 2 * (4 + 4 * 3)  # attn, 4 experts x w1/w2/w3
     experts = [m for n, m in base.named_modules() if n.endswith((".w1", ".w2", ".w3"))]
     assert len(experts) == 24 and all(isinstance(m, bnb.nn.Linear4bit) for m in experts)
+    routers = [m for n, m in base.named_modules() if n.endswith("block_sparse_moe.gate")]
+    assert len(routers) == 2 and all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in routers)
+    assert type(base.lm_head) is nn.Linear  # naming the routers must not drop the default skip of the head
+
+
+def test_router_names_match_only_the_routers():
+    from transformers import MistralConfig, MixtralConfig
+
+    names = M.router_names(MixtralConfig(num_hidden_layers=12))
+    assert names[1] == "model.layers.1.block_sparse_moe.gate" and len(names) == 12
+    assert not any(n in "model.layers.11.block_sparse_moe.gate" for n in names[:11])  # layer 1 is not layer 11
+    assert M.router_names(MistralConfig()) == []  # dense models: gate_proj stays 4-bit
+
+
+def test_eval_on_a_cpu_with_avx512_bf16(tiny_model, fp32, monkeypatch):
+    """bitsandbytes re-packs 4-bit weights for AVX512-BF16 CPUs in eval without grad and
+    asserts out_features % 32 == 0; a 4-bit router (4 outputs here) failed `make demo`.
+    Forced on whatever CPU runs the test."""
+    import bitsandbytes as bnb
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    base = M.load_4bit(str(tiny_model), fp32, {"": "cpu"}, "sdpa")
+    layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu for m in layers)
+    base.eval()
+    with torch.no_grad():
+        logits = base(input_ids=torch.arange(1, 17)[None]).logits
+    assert all(m.out_features % 32 == 0 for m in layers)
+    assert all(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)  # the path ran
+    assert logits.shape == (1, 16, 2048) and torch.isfinite(logits).all()
 
 
 def test_experts_left_in_full_precision_fail_the_check(tiny_model, fp32):
     base = M.load_4bit(str(tiny_model), fp32, {"": "cpu"}, "sdpa", skip_modules=["experts"])
     with pytest.raises(M.QuantizationError) as info:
         M.check_quantized(base)
-    assert "24 large weights are not 4-bit" in str(info.value)
+    assert "24 large weights are not 4-bit" in str(info.value)  # the routers are not counted: never 4-bit
     assert "block_sparse_moe.experts.0.w1" in str(info.value)
 
 

@@ -1,0 +1,138 @@
+"""The fast MoE expert pass against transformers + PEFT, on the tiny 4-bit Mixtral (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entrypoint import model as M
+from entrypoint import moe
+from entrypoint.hyperparams import LoraSpec
+
+STEPS = 20
+
+
+def lora_net(tiny_model, fast: bool, dtype=torch.float32, dropout: float = 0.0):
+    precision = M.Precision(dtype, str(dtype), "test")
+    torch.manual_seed(0)  # the same LoRA A init in both models
+    base = M.load_4bit(str(tiny_model), precision, {"": "cpu"}, "sdpa")
+    net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=dropout, target_modules="auto"),
+                        gradient_checkpointing=True, fast_moe=fast)
+    g = torch.Generator().manual_seed(1)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; non-zero B exercises every LoRA gradient from step 1
+            p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p)
+    return net
+
+
+def lora_grads(net) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+                      for p in net.parameters() if p.requires_grad])  # an expert no token picked has none
+
+
+def train_side_by_side(tiny_model, steps: int, dtype=torch.float32, autocast=None):
+    nets = [lora_net(tiny_model, fast, dtype) for fast in (False, True)]
+    assert moe.speed_up(nets[1]) == 2  # both MoE blocks of the tiny model run the fast pass
+    assert not any(hasattr(m, "_stock_forward") for m in nets[0].modules())
+    opts = [torch.optim.AdamW([p for p in n.parameters() if p.requires_grad], lr=1e-2) for n in nets]
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, 2048, (2, 48), generator=g)
+        step = []
+        for net, opt in zip(nets, opts, strict=True):
+            net.train()
+            with autocast or torch.autocast("cpu", enabled=False):
+                loss = net(input_ids=ids, labels=ids).loss
+            loss.backward()
+            step.append((loss.item(), lora_grads(net)))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        (stock_loss, stock_grad), (fast_loss, fast_grad) = step
+        out.append((stock_loss, fast_loss, torch.nn.functional.cosine_similarity(stock_grad, fast_grad, dim=0).item()))
+    return out
+
+
+def test_fast_moe_tracks_transformers_for_20_steps(tiny_model):
+    for stock_loss, fast_loss, cos in train_side_by_side(tiny_model, STEPS):
+        assert abs(fast_loss - stock_loss) <= 0.01 * abs(stock_loss)
+        assert cos >= 0.999
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16-fallback"])
+def test_fast_moe_in_half_precision(tiny_model, dtype):
+    """bf16 on Ampere+, fp16 on V100/T4: the same autocast the job uses, on CPU."""
+    steps = train_side_by_side(tiny_model, 3, dtype, torch.autocast("cpu", dtype=dtype))
+    for stock_loss, fast_loss, cos in steps:
+        assert abs(fast_loss - stock_loss) <= 0.01 * abs(stock_loss)
+        assert cos >= 0.999
+
+
+def test_dropout_masks_replayed_in_backward_give_exact_gradients(tiny_model):
+    """With LoRA dropout the backward redraws the forward's masks from the saved RNG state;
+    its gradients must equal plain autograd through the same computation and masks."""
+    net = lora_net(tiny_model, fast=True, dropout=0.3)
+    net.train()
+    block = net.base_model.model.model.layers[0].block_sparse_moe
+    params = [p for p in block.parameters() if p.requires_grad]
+    x = torch.randn(1, 40, 64, requires_grad=True)
+    torch.manual_seed(7)
+    block(x)[0].square().sum().backward()
+    fast = [x.grad.clone()] + [p.grad.clone() for p in params]
+    x.grad = None
+    for p in params:
+        p.grad = None
+    torch.manual_seed(7)
+    reference_moe(block, x).square().sum().backward()
+    reference = [x.grad] + [p.grad for p in params]
+    for a, b in zip(fast, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def reference_moe(block, hidden):
+    """entrypoint.moe's forward, differentiated by autograd (masks drawn in the same order)."""
+    x = hidden.view(-1, hidden.shape[-1])
+    weights = torch.softmax(block.gate(x), dim=1, dtype=torch.float)
+    weights, selected = torch.topk(weights, block.top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    plan = moe._plan(block)
+    order, token, counts = moe._order(selected, len(plan))
+    xs, ws = x[token], weights.reshape(-1)[order]
+    out, start = torch.zeros_like(x), 0
+    for (w1, w3, w2), n in zip(plan, counts, strict=True):
+        if n:
+            xe = xs[start:start + n]
+            k1, k3 = moe._keep(w1, xe), moe._keep(w3, xe)
+            h = torch.nn.functional.silu(moe._project(xe, w1, k1, x.dtype)) * moe._project(xe, w3, k3, x.dtype)
+            y = moe._project(h, w2, moe._keep(w2, h), x.dtype)
+            out = out.index_add(0, token[start:start + n], y * ws[start:start + n, None])
+        start += n
+    return out.view_as(hidden)
+
+
+def test_adapter_trained_fast_loads_on_a_stock_model(tiny_model, tmp_path):
+    from peft import PeftModel
+
+    net = lora_net(tiny_model, fast=True)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(3))
+    net.train()
+    for _ in range(2):
+        net(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    net.save_pretrained(tmp_path)
+    net.eval()
+    with torch.no_grad():
+        trained = net(input_ids=ids).logits
+    stock = PeftModel.from_pretrained(
+        M.load_4bit(str(tiny_model), M.choose_precision(torch.device("cpu")), {"": "cpu"}, "sdpa"), tmp_path)
+    assert not any(hasattr(m, "_stock_forward") for m in stock.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_left_unquantized_keep_the_stock_forward(tiny_model):
+    base = M.load_4bit(str(tiny_model), M.choose_precision(torch.device("cpu")), {"": "cpu"}, "sdpa",
+                       skip_modules=["experts"])
+    assert moe.speed_up(base) == 0
