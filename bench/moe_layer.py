@@ -49,7 +49,7 @@ def lora_model(path: Path, checkpointing: bool, dropout: float = 0.0):
     base = M.load_4bit(str(path), p, {"": 0}, "sdpa")
     M.check_quantized(base)
     net = M.attach_lora(base, LoraSpec(r=16, alpha=32, dropout=dropout, target_modules="auto"),
-                        gradient_checkpointing=checkpointing, fast_moe=False)
+                        gradient_checkpointing=checkpointing, low_memory_moe=False)
     g = torch.Generator().manual_seed(1)
     for n, prm in net.named_parameters():
         if "lora_B" in n:  # non-zero B, so every LoRA gradient is exercised from step 0

@@ -134,8 +134,8 @@ def lora_targets(model: nn.Module, requested) -> list[str] | str:
     return requested
 
 
-def attach_lora(model, lora, gradient_checkpointing: bool, fast_moe: bool = False):
-    """PEFT LoRA on the 4-bit model. fast_moe routes Mixtral's expert blocks through
+def attach_lora(model, lora, gradient_checkpointing: bool, low_memory_moe: bool = False):
+    """PEFT LoRA on the 4-bit model. low_memory_moe routes Mixtral's expert blocks through
     entrypoint.moe (same modules and adapter format): 2.2x less memory per MoE layer but,
     measured on the H200, 0.79x the speed of the stock path, so it is off by default
     (bench/README.md)."""
@@ -151,7 +151,7 @@ def attach_lora(model, lora, gradient_checkpointing: bool, fast_moe: bool = Fals
     )
     model = get_peft_model(model, config)
     model.config.use_cache = False
-    if fast_moe:
+    if low_memory_moe:
         from entrypoint.moe import speed_up
 
         speed_up(model)

@@ -1,5 +1,5 @@
 """A fused MoE expert pass for 4-bit Mixtral with LoRA (transformers 4.x module layout).
-Opt-in (`attach_lora(..., fast_moe=True)`): on an H200 it takes 2.2x less memory per MoE
+Opt-in (`attach_lora(..., low_memory_moe=True)`): on an H200 it takes 2.2x less memory per MoE
 layer than the stock path but runs at 0.79x its speed (bench/README.md), because its
 elementwise work on (tokens x ffn) tensors is not fused yet.
 

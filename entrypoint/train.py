@@ -394,7 +394,8 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
     base = models.load_4bit(channel("model") or hp.model.id, precision, device_map, attn, token=token,
                             revision=hp.model.revision, trust_remote_code=hp.model.trust_remote_code)
     quant = models.check_quantized(base)
-    peft_model = models.attach_lora(base, hp.lora, hp.training.gradient_checkpointing)
+    peft_model = models.attach_lora(base, hp.lora, hp.training.gradient_checkpointing,
+                                    low_memory_moe=hp.training.low_memory_moe)
     trainable, total = models.parameter_counts(peft_model)
     ctx.say("model", linear4bit=quant["linear4bit"], trainable=trainable, total=total,
             trainable_pct=f"{100 * trainable / total:.3f}",

@@ -17,7 +17,7 @@ def lora_net(tiny_model, fast: bool, dtype=torch.float32, dropout: float = 0.0):
     torch.manual_seed(0)  # the same LoRA A init in both models
     base = M.load_4bit(str(tiny_model), precision, {"": "cpu"}, "sdpa")
     net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=dropout, target_modules="auto"),
-                        gradient_checkpointing=True, fast_moe=fast)
+                        gradient_checkpointing=True, low_memory_moe=fast)
     g = torch.Generator().manual_seed(1)
     for name, p in net.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; non-zero B exercises every LoRA gradient from step 1
@@ -53,14 +53,14 @@ def train_side_by_side(tiny_model, steps: int, dtype=torch.float32, autocast=Non
     return out
 
 
-def test_fast_moe_tracks_transformers_for_20_steps(tiny_model):
+def test_low_memory_moe_tracks_transformers_for_20_steps(tiny_model):
     for stock_loss, fast_loss, cos in train_side_by_side(tiny_model, STEPS):
         assert abs(fast_loss - stock_loss) <= 0.01 * abs(stock_loss)
         assert cos >= 0.999
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16-fallback"])
-def test_fast_moe_in_half_precision(tiny_model, dtype):
+def test_low_memory_moe_in_half_precision(tiny_model, dtype):
     """bf16 on Ampere+, fp16 on V100/T4: the same autocast the job uses, on CPU."""
     steps = train_side_by_side(tiny_model, 3, dtype, torch.autocast("cpu", dtype=dtype))
     for stock_loss, fast_loss, cos in steps:
