@@ -278,7 +278,9 @@ def test_submit_returns_a_typed_result_and_maps_the_callers_strategy(aws, job_di
         done.job_name = "x"  # frozen
     ddp = submit(cfg, "ddp", dry_run=True)
     assert ddp.request["HyperParameters"]["sagemaker_torch_distributed_enabled"] == "true"
-    assert "SM_QLORA_MAX_RUNTIME_S" not in ddp.request["Environment"]
+    # without a budget the job still plans its end inside MaxRuntime (compute.max_run_hours)
+    max_run = str(int(cfg.compute.max_run_hours * 3600))
+    assert ddp.request["Environment"]["SM_QLORA_MAX_RUNTIME_S"] == max_run
 
 
 def test_a_spot_budget_keeps_max_wait_at_least_max_runtime(aws, job_dict):
