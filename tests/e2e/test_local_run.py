@@ -183,17 +183,22 @@ def test_a_local_run_honours_compute_strategy():
                                              "-m", "entrypoint"]
 
 
+def two_stand_in_gpus(tmp_path) -> str:
+    """A PATH whose nvidia-smi lists two GPUs (there is no CUDA: the ranks use gloo on CPU)."""
+    fake = tmp_path / "bin"
+    fake.mkdir(exist_ok=True)
+    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: Stand-in (UUID: GPU-0)"\n'
+                                     'echo "GPU 1: Stand-in (UUID: GPU-1)"\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    return f"{fake}{os.pathsep}{os.environ['PATH']}"
+
+
 def test_a_local_ddp_run_starts_torchrun_and_rank0_alone_writes(tiny_model, runs, tmp_path, monkeypatch):
     """What SageMaker starts on a multi-GPU instance (torch_distributed), here through the
     local runner: it counts GPUs as the toolkit does (nvidia-smi; a stand-in listing two)
     and starts torchrun with one process per GPU. There is no CUDA, so they train on CPU
     with gloo."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "nvidia-smi").write_text('#!/bin/sh\necho "GPU 0: Stand-in (UUID: GPU-0)"\n'
-                                     'echo "GPU 1: Stand-in (UUID: GPU-1)"\n')
-    (fake / "nvidia-smi").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", two_stand_in_gpus(tmp_path))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = config(tiny_model, max_steps=6, save_steps=3, logging_steps=3)
@@ -209,3 +214,44 @@ def test_a_local_ddp_run_starts_torchrun_and_rank0_alone_writes(tiny_model, runs
     assert len([x for x in lines if x.startswith("[checkpoint] step=3 ")]) == 1
     assert (root / "model" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["step-3"]
+
+
+def test_sigterm_under_torchrun_leaves_one_checkpoint_that_one_process_continues(tiny_model, runs, tmp_path):
+    """Stop a 2-process ddp run: every rank stops at the same step and rank 0 writes one
+    complete checkpoint; a resume on a machine with one process (no GPUs) continues it."""
+    cfg = config(tiny_model, max_steps=12, save_steps=2, logging_steps=2)
+    cfg["compute"] = {"instance_type": "ml.g5.12xlarge", "strategy": "ddp"}
+    cfg_path = tmp_path / "job.json"
+    cfg_path.write_text(json.dumps(cfg))
+    env = os.environ | {"PYTHONPATH": str(ROOT), "PATH": two_stand_in_gpus(tmp_path), "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "launch", str(cfg_path), "--local"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline, log = time.time() + 240, None
+    while time.time() < deadline and log is None:
+        found = [p for p in runs.glob("*/output/job.log") if "[checkpoint] step=2 " in p.read_text()]
+        log = found[0] if found else None
+        time.sleep(0.05)
+    assert log is not None, "no checkpoint appeared"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    text = log.read_text()
+    assert "world=2" in text
+    stops = re.findall(r"^\[stopped\] step=(\d+) reason=signal_15", text, re.M)
+    assert len(stops) == 1, text[-2000:]
+    stopped = int(stops[0])
+    assert 2 <= stopped < 12, "the run ended before the signal could stop it"
+    root = log.parent.parent
+    assert (root / "checkpoints" / f"step-{stopped}" / "COMPLETE").is_file()
+    assert not list((root / "checkpoints").glob("*.partial"))
+
+    env["PATH"] = os.environ["PATH"]  # no GPUs now: one process takes the run over
+    resumed = subprocess.run([sys.executable, "-m", "launcher", "launch", str(cfg_path), "--local",
+                              "--resume", root.name], capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    text = log.read_text()
+    assert re.search(rf"^\[resume\] step={stopped} ", text, re.M)
+    assert "world=1" in text.split("[resume]")[0].rsplit("[info] job=", 1)[1]
+    assert re.search(r"^\[done\] steps=12 ", text, re.M)
+    assert (root / "model" / "adapter_model.safetensors").is_file()
