@@ -75,3 +75,21 @@ def checkpoint_dir() -> Path:
 def max_runtime_s() -> float | None:
     raw = os.environ.get(MAX_RUNTIME_S)
     return float(raw) if raw else None
+
+
+def container_started(fallback: float) -> float:
+    """When this container's main process (PID 1) started: SageMaker's MaxRuntime clock runs
+    from about then, not from when the toolkit got round to starting the job (pip install,
+    torchrun). `fallback` (the job's own start) outside a training container, when /proc
+    says nothing, or when PID 1 is older than an hour (not a container of this job's)."""
+    if not os.environ.get(TRAINING_JOB_NAME):
+        return fallback
+    try:
+        after_name = Path("/proc/1/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(after_name[19])  # field 22, starttime, in clock ticks since boot
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return fallback
+    return started if 0 <= fallback - started <= 3600 else fallback

@@ -317,7 +317,7 @@ def recipe(hp: Hyperparameters, interrupt: Interrupt, started: float) -> int:
 
 def _deadline(started: float) -> float | None:
     max_runtime = container.max_runtime_s()
-    return started + max_runtime if max_runtime else None
+    return container.container_started(started) + max_runtime if max_runtime else None
 
 
 # --------------------------------------------------------------------------- setup

@@ -19,7 +19,7 @@ import traceback
 from typing import Any
 
 from launcher.config import load_config
-from launcher.errors import LauncherError
+from launcher.errors import ConfigError, LauncherError
 from launcher.instances import format_usd
 from launcher.job import launch_job
 from launcher.plan import Plan, make_plan
@@ -139,7 +139,9 @@ def render_plan(plan: Plan) -> None:
 # --------------------------------------------------------------------------- launch
 
 def cmd_launch(args, out: Printer) -> int:
-    if args.local:  # launch_job refuses --dry-run with --local
+    if args.local and args.preflight:
+        raise ConfigError([("--preflight", "checks an AWS account; --local sends nothing to AWS")])
+    if args.local:  # launch_job refuses --dry-run with --local; a local run always waits
         job = launch_job(args.config, overrides=args.overrides, local=True, dry_run=args.dry_run,
                          resume=args.resume, echo=not out.json)
         out.result(job.as_dict(), f"done: adapter in {job.adapter_uri}")

@@ -124,9 +124,12 @@ class ComputeSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _single_instance_model_parallel(self) -> ComputeSpec:
+    def _one_instance_strategies(self) -> ComputeSpec:
         if self.strategy == "model_parallel" and self.instance_count > 1:
             raise ValueError("model_parallel spreads one model over one instance's GPUs; use instance_count: 1")
+        if self.strategy == "single" and self.instance_count > 1:
+            raise ValueError("single trains in one process: each extra instance would repeat the whole job "
+                             "(and be paid for); use ddp, or instance_count: 1")
         return self
 
 

@@ -178,8 +178,9 @@ def follow_lines(job, *, follow: bool, poll_s: float = 5.0, describe_every_s: fl
 def progress_of(job, limit: int = 200) -> Progress:
     """What the last `limit` lines of each stream say (step, loss curves, outcome)."""
     progress = Progress()
-    for line in job.log_source().tail(limit):
-        progress.update(line.message)
+    with translated(f"read the log of {job.name}"):  # refused or unreachable: exit 3, one line
+        for line in job.log_source().tail(limit):
+            progress.update(line.message)
     return progress
 
 

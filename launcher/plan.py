@@ -24,13 +24,14 @@ rate and memory bandwidth, half each). Every assumption is printed with the plan
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from entrypoint.hyperparams import Strategy
 from launcher.config import JobConfig
+from launcher.datafiles import READERS, RowError
 from launcher.errors import ConfigError
 from launcher.instances import Instance, catalog, format_usd
 from launcher.shapes import BUILT_IN, Shape, resolve
@@ -146,11 +147,15 @@ ASSUMPTIONS = [
 
 def count_tokens(cfg: JobConfig) -> tuple[int | None, str]:
     """Tokens in the training set: counted with the model's tokenizer when it is a local
-    directory, else estimated from characters; None when the data is not local."""
-    train = cfg.data.train
-    if "://" in train or not Path(train).is_file():
+    directory, else estimated from characters; None when the data is not local or a row
+    cannot be read (the job refuses that row, naming it)."""
+    train = Path(cfg.data.train)
+    if "://" in cfg.data.train or not train.is_file():
         return None, "unknown (data is not a local file; pass --tokens)"
-    texts = list(_row_texts(Path(train), cfg))
+    try:
+        texts = list(_row_texts(train, cfg))
+    except (RowError, OSError) as exc:
+        return None, f"not counted ({train}: {exc}; pass --tokens)"
     tok_path = Path(cfg.model.id) / "tokenizer.json"
     if tok_path.is_file():
         try:
@@ -165,28 +170,25 @@ def count_tokens(cfg: JobConfig) -> tuple[int | None, str]:
     return int(chars / CHARS_PER_TOKEN) + 8 * len(texts), f"estimate: {CHARS_PER_TOKEN:g} characters per token"
 
 
-def _row_texts(path: Path, cfg: JobConfig):
+def _row_texts(path: Path, cfg: JobConfig) -> Iterator[str]:
+    """The text of each row, read as the config check reads it (launcher.datafiles)."""
+    if path.suffix == ".parquet":  # compressed: a rough guess from the size
+        yield "x" * int(path.stat().st_size / 2)
+        return
+    if path.suffix not in READERS:
+        return
     cols = cfg.data.columns
-    if path.suffix in (".jsonl", ".json"):
-        lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [json.dumps(r) for r in json.loads(path.read_text())]
-        for line in lines:
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if cfg.data.format == "instruction":
-                yield f"{row.get(cols.prompt, '')} {row.get(cols.response, '')}"
-            elif cfg.data.format == "chat":
-                yield " ".join(m.get("content", "") for m in row.get(cols.messages, []))
-            else:
-                yield str(row.get(cols.text, ""))
-    elif path.suffix == ".csv":
-        import csv
-
-        with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                yield " ".join(str(v) for v in row.values())
-    else:
-        yield "x" * int(path.stat().st_size / 2)  # parquet is compressed; a rough guess
+    for row_no, row in READERS[path.suffix](path):
+        if not isinstance(row, dict):
+            raise RowError(f"row {row_no}: expected an object, got {type(row).__name__}")
+        if cfg.data.format == "instruction":
+            yield f"{row.get(cols.prompt, '')} {row.get(cols.response, '')}"
+        elif cfg.data.format == "chat":
+            messages = row.get(cols.messages)
+            yield " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict)) \
+                if isinstance(messages, list) else ""
+        else:
+            yield str(row.get(cols.text, ""))
 
 
 # --------------------------------------------------------------------------- the plan
