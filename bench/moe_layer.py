@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from entrypoint import checkpoints, moe  # noqa: E402
 from entrypoint import model as M  # noqa: E402
 from entrypoint.hyperparams import LoraSpec  # noqa: E402
-from entrypoint.moe import speed_up  # noqa: E402
+from entrypoint.moe import use_low_memory_moe  # noqa: E402
 
 FULL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
             vocab_size=32000, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)
@@ -59,7 +59,7 @@ def lora_model(path: Path, checkpointing: bool, dropout: float = 0.0):
 
 def set_fast(net, fast: bool) -> None:
     if fast:
-        speed_up(net)
+        use_low_memory_moe(net)
         return
     for m in net.modules():
         if "forward" in vars(m) and hasattr(m, "_stock_forward"):
@@ -171,7 +171,7 @@ def checkpoint_time(model_dirs: list[Path], work: Path) -> list[dict]:
     rows = []
     for path in model_dirs:
         net = lora_model(path, checkpointing=True, dropout=0.05)
-        speed_up(net)
+        use_low_memory_moe(net)
         opt = bnb.optim.AdamW8bit([p for p in net.parameters() if p.requires_grad], lr=1e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         ids = torch.randint(0, 32000, (1, 512)).cuda()

@@ -42,6 +42,10 @@ def channel_env(name: str) -> str:
     """SM_CHANNEL_TRAIN etc.: where an input channel was downloaded to."""
     return f"SM_CHANNEL_{name.upper()}"
 
+# The source dir's entry scripts (the toolkit runs `sagemaker_program` of the hyperparameters).
+ENTRY_SCRIPT = "sm_qlora_entry.py"   # the training job: entrypoint.train.main
+MERGE_SCRIPT = "sm_qlora_merge.py"   # the merge job: entrypoint.merge.main
+
 # Where SageMaker syncs checkpoint_s3_uri to and from (Estimator checkpoint_local_path).
 CHECKPOINT_PATH = OPT_ML / "checkpoints"
 

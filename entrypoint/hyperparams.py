@@ -114,7 +114,8 @@ class Hyperparameters(Strict):
     data: DataSpec
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec = TrainingSpec()
-    # "auto" only where a user wrote it (local runs); the job then picks ddp under torchrun.
+    # The launcher decides it (plan.choose_strategy, local.strategy_here); "auto" arrives only in
+    # hyperparameters written by hand, and the job then picks ddp under torchrun.
     strategy: StrategyChoice = "auto"
 
     @model_validator(mode="after")

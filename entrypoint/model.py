@@ -152,9 +152,9 @@ def attach_lora(model, lora, gradient_checkpointing: bool, low_memory_moe: bool 
     model = get_peft_model(model, config)
     model.config.use_cache = False
     if low_memory_moe:
-        from entrypoint.moe import speed_up
+        from entrypoint.moe import use_low_memory_moe
 
-        speed_up(model)
+        use_low_memory_moe(model)
     return model
 
 

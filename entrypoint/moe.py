@@ -45,7 +45,7 @@ class Proj:
     dropout: float
 
 
-def speed_up(model) -> int:
+def use_low_memory_moe(model) -> int:
     """Route every Mixtral sparse-MoE block of `model` through the fused expert pass.
     Returns how many blocks were switched; blocks whose experts are not 4-bit (with or
     without LoRA) keep the stock forward."""
@@ -86,7 +86,7 @@ def _plan(block) -> list[list[Proj]] | None:
 
 def _moe_forward(self, hidden_states: torch.Tensor):
     plan = _plan(self)
-    if plan is None:  # adapters disabled or merged since speed_up
+    if plan is None:  # adapters disabled or merged since use_low_memory_moe
         return self._stock_forward(hidden_states)
     batch, seq, hidden = hidden_states.shape
     if self.training and self.jitter_noise > 0:

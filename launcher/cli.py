@@ -183,6 +183,31 @@ def add_launch(sub, common, config) -> None:
     v.add_argument("--preflight", action="store_true", help="run the account checks first; stop if one fails")
 
 
+# --------------------------------------------------------------------------- preflight
+
+def cmd_preflight(args, out: Printer) -> int:
+    from launcher.preflight import exit_code, preflight
+
+    checks = preflight(load_config(args.config, args.overrides))
+    code = exit_code(checks)
+    problems = sum(c.ok is False for c in checks)
+    unchecked = sum(c.ok is None for c in checks)
+    summary = ("AWS could not be reached" if code == 3 else
+               f"{problems} problem(s) to fix before launching" if problems else
+               f"ready to launch ({unchecked} check(s) could not be made)" if unchecked else "ready to launch")
+    out.result({"ok": code == 0, "exit_code": code, "summary": summary, "checks": [c.as_dict() for c in checks]},
+               "\n".join([c.line() for c in checks] + [f"preflight: {summary}"]))
+    return code
+
+
+def add_preflight(sub, common, config) -> None:
+    """No --region/--profile: the config names the region and profile (`--set aws.region=...`)."""
+    v = add_verb(sub, "preflight", "account-side checks before paying: credentials, role + trust + PassRole, "
+                 "bucket, quota, token secret", [common, config],
+                 "sm-qlora preflight examples/job.yaml --output json", cmd_preflight)
+    v.add_argument("config")
+
+
 # --------------------------------------------------------------------------- the parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,14 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     aws.add_argument("--region", default=None)
     aws.add_argument("--profile", default=None)
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (add_validate, add_plan, add_launch):
+    for add in (add_validate, add_plan, add_launch, add_preflight):
         add(sub, common, config)
-    # here, not at the top: these modules use this one's Printer and helpers
-    from launcher import control, merge, preflight
+    from launcher import control  # here, not at the top: control uses this module's add_verb
 
     control.register(sub, common, aws)
-    merge.register(sub, common, aws)
-    preflight.register(sub, common, config)
     return p
 
 

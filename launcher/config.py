@@ -39,6 +39,11 @@ JOB_NAME_SUFFIX_FORMAT = "%Y%m%d-%H%M%S"
 JOB_NAME_SUFFIX_LEN = 1 + len(time.strftime(JOB_NAME_SUFFIX_FORMAT, time.gmtime(0)))  # "-" + timestamp
 JOB_NAME_MAX = 63 - JOB_NAME_SUFFIX_LEN
 JOB_NAME_RE = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")  # always fullmatch: `$` would pass "x\n"
+
+
+def is_job_name(name: str) -> bool:
+    """SageMaker's TrainingJobName rule: letters, digits and hyphens, at most 63."""
+    return len(name) <= 63 and JOB_NAME_RE.fullmatch(name) is not None
 PARTITIONS = ("aws", "aws-cn", "aws-us-gov")
 _P = "|".join(PARTITIONS)
 S3_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")

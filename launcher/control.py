@@ -5,41 +5,23 @@ Each verb's arguments sit beside its handler; a handler calls the library (`Job`
 from __future__ import annotations
 
 import argparse
-import functools
-import os
-import sys
+import json
 from collections.abc import Callable
 
+from launcher.cli import add_verb
 from launcher.instances import format_usd
 from launcher.job import Job, list_jobs
 from launcher.logs import money
+from launcher.merge import DTYPES, merge
 from launcher.render import exit_code, follow_job, state_text
 
 Handler = Callable[[argparse.Namespace, object], int]
-
-
-def _pipe_safe(handler: Handler) -> Handler:
-    """`sm-qlora logs JOB | head`: once the reader has gone, stop quietly. stdout is
-    pointed at /dev/null so that the interpreter's last flush cannot fail either."""
-
-    @functools.wraps(handler)
-    def run(args, out) -> int:
-        try:
-            return handler(args, out)
-        except BrokenPipeError:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-            return 0
-
-    return run
 
 
 def _job(args) -> Job:
     return Job.attach(args.job, region=args.region, profile=args.profile)
 
 
-@_pipe_safe
 def cmd_status(args, out) -> int:
     """sm-qlora status medical-mixtral-20261129-101500 --output json"""
     job = _job(args)
@@ -64,7 +46,6 @@ def cmd_status(args, out) -> int:
     return exit_code(s["status"])
 
 
-@_pipe_safe
 def cmd_list(args, out) -> int:
     """sm-qlora list --max 20"""
     listed = list_jobs(args.region, args.profile, args.max)
@@ -86,13 +67,11 @@ def cmd_list(args, out) -> int:
     return 0
 
 
-@_pipe_safe
 def cmd_logs(args, out) -> int:
     """sm-qlora logs medical-mixtral-20261129-101500 --follow"""
     return follow_job(_job(args), out, follow=args.follow)
 
 
-@_pipe_safe
 def cmd_stop(args, out) -> int:
     """sm-qlora stop medical-mixtral-20261129-101500"""
     job = _job(args)
@@ -106,7 +85,6 @@ def cmd_stop(args, out) -> int:
     return 0
 
 
-@_pipe_safe
 def cmd_plot(args, out) -> int:
     """sm-qlora plot medical-mixtral-20261129-101500 --out loss.png"""
     job = _job(args)
@@ -115,7 +93,6 @@ def cmd_plot(args, out) -> int:
     return 0
 
 
-@_pipe_safe
 def cmd_download(args, out) -> int:
     """sm-qlora download medical-mixtral-20261129-101500 ./adapter"""
     job = _job(args)
@@ -125,15 +102,31 @@ def cmd_download(args, out) -> int:
     return 0
 
 
+def cmd_merge(args, out) -> int:
+    """sm-qlora merge tiny-medical-20261129-101500 ./merged
+  sm-qlora merge medical-mixtral-20261129-101500 s3://my-bucket/qlora/merged --dry-run"""
+    result = merge(args.job, args.dest, region=args.region, profile=args.profile, dtype=args.dtype,
+                   instance_type=args.instance_type, wait=args.wait, dry_run=args.dry_run, echo=out.info)
+    if result.get("dry_run"):
+        out.result(result, json.dumps(result["request"], indent=2))
+    elif result["local"]:
+        out.result(result, f"merged {args.job} into {result['merged']} ({len(result['files'])} files)")
+    else:
+        lines = [f"merge job {result['merge_job']} ({result['instance_type']})",
+                 f"  merged model: {result['merged']}",
+                 f"  follow:       sm-qlora logs {result['merge_job']} --follow"]
+        if result.get("downloaded_to"):
+            lines.append(f"  downloaded:   {len(result['files'])} files to {result['downloaded_to']}")
+        out.result(result, "\n".join(lines))
+    return 0
+
+
 def register(sub, common: argparse.ArgumentParser, aws: argparse.ArgumentParser) -> None:
-    """Add the job verbs to the CLI's subparsers; each gets `handler(args, out) -> int`."""
+    """Add the job verbs to the CLI's subparsers; each gets `handler(args, out) -> int`,
+    and its docstring is the runnable example --help ends with."""
 
     def verb(name: str, help: str, handler: Handler) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help, parents=[common, aws],
-                           formatter_class=argparse.RawDescriptionHelpFormatter,
-                           epilog=f"example:\n  {handler.__doc__}")
-        p.set_defaults(handler=handler)
-        return p
+        return add_verb(sub, name, help, [common, aws], handler.__doc__, handler)
 
     v = verb("status", "state, progress and cost so far", cmd_status)
     v.add_argument("job")
@@ -151,6 +144,15 @@ def register(sub, common: argparse.ArgumentParser, aws: argparse.ArgumentParser)
     v = verb("download", "fetch the trained adapter", cmd_download)
     v.add_argument("job")
     v.add_argument("dest")
+    v = verb("merge", "the base model with the adapter merged in (bf16 safetensors), ready to serve; "
+             "a small SageMaker job for SageMaker runs", cmd_merge)
+    v.add_argument("job", help="the adapter job: a local run (runs/JOB) or a SageMaker training job")
+    v.add_argument("dest", nargs="?", default=None,
+                   help="local directory, or s3:// prefix (SageMaker; default <output.s3_uri>/merged/<job>)")
+    v.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16, fp16 on GPUs without bf16")
+    v.add_argument("--instance-type", default=None, help="SageMaker: override the chosen merge instance")
+    v.add_argument("--wait", action="store_true", help="SageMaker: wait for the merge job (and download to DEST)")
+    v.add_argument("--dry-run", action="store_true", help="SageMaker: print the CreateTrainingJob request; send nothing")
 
 
-__all__ = ["register", "follow_job"]
+__all__ = ["register"]

@@ -272,9 +272,8 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
 
     submitted = submit(cfg, choose_strategy(cfg), dry_run=dry_run, resume=resume,
                        max_runtime_s=budget_runtime_s(cfg))
-    region = cfg.aws.region or _session_region(cfg)
     job = Job(name=submitted.job_name, submitted=submitted,
-              backend=SageMakerBackend(submitted.job_name, region, cfg.aws.profile, submitted.output_s3_uri))
+              backend=SageMakerBackend(submitted.job_name, cfg.aws.region, cfg.aws.profile, submitted.output_s3_uri))
     if not dry_run:
         job.describe()  # the ARN, and a job that exists
         if wait:
@@ -282,17 +281,11 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
     return job
 
 
-def _session_region(cfg: JobConfig) -> str | None:
-    from launcher.aws import session
-
-    return session(cfg.aws.region, cfg.aws.profile).region_name
-
-
 def run_local(cfg: JobConfig, resume: str | None = None, echo: bool = False) -> Job:
     """Run in the foreground; Ctrl-C, SIGTERM or a hang-up makes the entrypoint
     checkpoint and stop."""
     from launcher import local
-    from launcher.submit import job_name_for
+    from launcher.config import job_name_for
 
     name = resume or job_name_for(cfg.job_name)
     root, state, received = local.run(cfg, name, resume=bool(resume), echo=echo)

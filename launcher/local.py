@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -27,13 +26,12 @@ from entrypoint import container as ct
 from entrypoint.hyperparams import Strategy, flatten
 from entrypoint.progress import Progress
 from launcher.channels import input_channels
-from launcher.config import JobConfig
+from launcher.config import JobConfig, is_job_name
 from launcher.errors import ConfigError, JobFailed
 from launcher.logs import FileSource, read_complete_lines
 
 HOST = "algo-1"
 TRAINER = ("-m", "entrypoint")  # what the owner runs under sys.executable (torchrun for ddp)
-JOB_NAME_RE = re.compile(r"^[A-Za-z0-9](-*[A-Za-z0-9]){0,62}$")  # SageMaker's rule for job names
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each one: checkpoint and stop
 
 
@@ -44,7 +42,7 @@ def runs_dir() -> Path:
 def run_dir(name: str) -> Path:
     """runs/<name>/ for a job name; anything that is not a plain job name is refused, so
     a run never lives outside the runs directory."""
-    if not JOB_NAME_RE.fullmatch(name):
+    if not is_job_name(name):
         raise ConfigError([("--resume", f"{name!r} is not a local run's name (a job name like "
                             f"tiny-test-20261129-101500, no '/' or '..'); local runs live under {runs_dir()}")])
     return runs_dir() / name
@@ -145,7 +143,7 @@ def trainer_command(strategy: Strategy, gpus: int) -> list[str]:
     return [sys.executable, *TRAINER]
 
 
-def lay_out(cfg: JobConfig, name: str, resume: bool, strategy: Strategy = "single") -> tuple[Path, dict[str, str]]:
+def lay_out(cfg: JobConfig, name: str, strategy: Strategy = "single") -> tuple[Path, dict[str, str]]:
     """Fill runs/<name>/ as /opt/ml looks inside a job; return it and the environment."""
     from launcher.plan import micro_batch_rows
 
@@ -199,7 +197,7 @@ def _write(path: Path, text: str) -> None:
 def start(cfg: JobConfig, name: str, resume: bool, lock_fd: int) -> tuple[Path, subprocess.Popen]:
     gpus = gpu_count()
     strategy = strategy_here(cfg, gpus)
-    root, sm_env = lay_out(cfg, name, resume, strategy)
+    root, sm_env = lay_out(cfg, name, strategy)
     package_root = Path(__file__).resolve().parent.parent
     env = os.environ | sm_env
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(package_root), os.environ.get("PYTHONPATH")]))

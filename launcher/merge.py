@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from entrypoint import container
 from launcher.aws import client, translated
 from launcher.errors import ConfigError, JobFailed
 from launcher.instances import catalog
 from launcher.sagemaker_job import SageMakerBackend
 from launcher.shapes import resolve
 
-MERGE_SCRIPT = "sm_qlora_merge.py"  # submit.code_tarball() ships it: `from entrypoint.merge import main; main()`
+MERGE_SCRIPT = container.MERGE_SCRIPT  # submit.code_tarball() ships it
 HEADROOM = 1.2  # bf16 weights x 1.2: CUDA context, the LoRA factors and one layer's merge temporaries
 MAX_RUNTIME_S = 4 * 3600  # a merge is download + one pass over the weights + upload; this is a runaway guard
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -152,9 +152,9 @@ def merge_request(desc: dict, adapter_uri: str, *, name: str, output: str, insta
     channels = {"adapter": adapter_uri} | ({"model": model_id} if model_id.startswith("s3://") else {})
     volume = max(50, math.ceil(params * 2 / 1e9 * 2.5)) if params else 200  # the base in, the merged model out
     env = {"PYTHONUNBUFFERED": "1"}
-    secret = desc.get("Environment", {}).get("SM_QLORA_HF_TOKEN_SECRET")
+    secret = desc.get("Environment", {}).get(container.HF_TOKEN_SECRET)
     if secret:
-        env["SM_QLORA_HF_TOKEN_SECRET"] = secret  # the ARN; the job reads the token itself
+        env[container.HF_TOKEN_SECRET] = secret  # the ARN; the job reads the token itself
     request: dict[str, Any] = {
         "TrainingJobName": name,
         "RoleArn": desc["RoleArn"],
@@ -236,43 +236,3 @@ def merge(job_name: str, dest: str | Path | None, *, region: str | None = None, 
     from launcher.job import Job
 
     return merge_job(Job.attach(job_name, region=region, profile=profile), dest, **options)
-
-
-# --------------------------------------------------------------------------- CLI
-
-EXAMPLE = ("sm-qlora merge tiny-medical-20261129-101500 ./merged\n"
-           "  sm-qlora merge medical-mixtral-20261129-101500 s3://my-bucket/qlora/merged --dry-run")
-
-
-def cmd_merge(args, out) -> int:
-    result = merge(args.job, args.dest, region=args.region, profile=args.profile, dtype=args.dtype,
-                   instance_type=args.instance_type, wait=args.wait, dry_run=args.dry_run, echo=out.info)
-    if result.get("dry_run"):
-        out.result(result, json.dumps(result["request"], indent=2))
-    elif result["local"]:
-        out.result(result, f"merged {args.job} into {result['merged']} ({len(result['files'])} files)")
-    else:
-        lines = [f"merge job {result['merge_job']} ({result['instance_type']})",
-                 f"  merged model: {result['merged']}",
-                 f"  follow:       sm-qlora logs {result['merge_job']} --follow"]
-        if result.get("downloaded_to"):
-            lines.append(f"  downloaded:   {len(result['files'])} files to {result['downloaded_to']}")
-        out.result(result, "\n".join(lines))
-    return 0
-
-
-def register(sub, common, aws) -> None:
-
-    v = sub.add_parser("merge", help="the base model with the adapter merged in (bf16), ready to serve",
-                       description="the base model with the adapter merged in (bf16 safetensors), ready to serve; "
-                                   "a small SageMaker job for SageMaker runs",
-                       parents=[common, aws], formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog=f"example:\n  {EXAMPLE}")
-    v.add_argument("job", help="the adapter job: a local run (runs/JOB) or a SageMaker training job")
-    v.add_argument("dest", nargs="?", default=None,
-                   help="local directory, or s3:// prefix (SageMaker; default <output.s3_uri>/merged/<job>)")
-    v.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16, fp16 on GPUs without bf16")
-    v.add_argument("--instance-type", default=None, help="SageMaker: override the chosen merge instance")
-    v.add_argument("--wait", action="store_true", help="SageMaker: wait for the merge job (and download to DEST)")
-    v.add_argument("--dry-run", action="store_true", help="SageMaker: print the CreateTrainingJob request; send nothing")
-    v.set_defaults(handler=cmd_merge)

@@ -1,8 +1,9 @@
 """Planning before paying: which instance fits, how to spread the model, how long, how much.
 
 Memory per GPU for QLoRA is a sum of parts (bytes):
-- NF4 weights of every decoder linear layer, experts and routers included, with
-  double-quantized constants (0.5 + 1/64 + 4/(64*256) bytes per parameter);
+- NF4 weights of every decoder linear layer, experts included, with double-quantized
+  constants (0.5 + 1/64 + 4/(64*256) bytes per parameter); MoE routers stay in bf16 but are
+  counted as NF4 (hidden x experts a layer: 0.2 MiB at 32 layers of Mixtral, a rounding error);
 - embeddings and output head in fp32 (peft's prepare_model_for_kbit_training casts them);
 - LoRA parameters with their fp32 gradients and 8-bit AdamW states (10 bytes each);
 - activations: with gradient checkpointing CKPT_BYTES per hidden unit per layer and token
@@ -375,12 +376,6 @@ def fit_problem(cfg: JobConfig) -> tuple[str, str] | None:
             f"{row.instance} ({row.gpus}x {row.gpu}, {row.gpu_memory_gib:g} GiB each) cannot hold {shape.name} for "
             f"QLoRA{forced} at {row.rows_per_micro_batch * cfg.training.max_seq_length} tokens per micro-batch: it "
             f"needs ~{row.needed_gib_per_gpu:g} GiB per GPU{hint} (see `sm-qlora plan`)")
-
-
-def check_fits(cfg: JobConfig) -> None:
-    problem = fit_problem(cfg)
-    if problem:
-        raise ConfigError([problem])
 
 
 def choose_strategy(cfg: JobConfig) -> Strategy:

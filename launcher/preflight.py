@@ -16,14 +16,12 @@ no AWS library exposes them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import urllib.parse
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from launcher.aws import client, split_s3
-from launcher.config import load_config
 
 SAGEMAKER_PRINCIPAL = "sagemaker.amazonaws.com"
 
@@ -292,34 +290,3 @@ def gate(cfg, info=print) -> int:
     for c in checks:
         info(c.line())
     return exit_code(checks)
-
-
-# --------------------------------------------------------------------------- CLI
-
-EXAMPLE = "sm-qlora preflight examples/job.yaml --output json"
-
-
-def cmd_preflight(args, out) -> int:
-
-    cfg = load_config(args.config, args.overrides)
-    checks = preflight(cfg)
-    code = exit_code(checks)
-    problems = sum(c.ok is False for c in checks)
-    unchecked = sum(c.ok is None for c in checks)
-    summary = ("AWS could not be reached" if code == 3 else
-               f"{problems} problem(s) to fix before launching" if problems else
-               f"ready to launch ({unchecked} check(s) could not be made)" if unchecked else "ready to launch")
-    out.result({"ok": code == 0, "exit_code": code, "summary": summary, "checks": [c.as_dict() for c in checks]},
-               "\n".join([c.line() for c in checks] + [f"preflight: {summary}"]))
-    return code
-
-
-def register(sub, common, config) -> None:
-    """No --region/--profile: the config names the region and profile, and `--set
-    aws.region=...` (the `config` parent) overrides them."""
-
-    help_ = "account-side checks before paying: credentials, role + trust + PassRole, bucket, quota, token secret"
-    v = sub.add_parser("preflight", help=help_, description=help_, parents=[common, config],
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"example:\n  {EXAMPLE}")
-    v.add_argument("config")
-    v.set_defaults(handler=cmd_preflight)

@@ -48,8 +48,8 @@ from launcher.plan import micro_batch_rows
 PYTORCH_VERSION = "2.8.0"
 TRANSFORMERS_VERSION = "4.56.2"
 PY_VERSION = "py312"
-ENTRY_SCRIPT = "sm_qlora_entry.py"
-MERGE_SCRIPT = "sm_qlora_merge.py"
+ENTRY_SCRIPT = container.ENTRY_SCRIPT
+MERGE_SCRIPT = container.MERGE_SCRIPT
 # The training toolkit pip-installs this file at every job start. A floor, not a pin: the
 # HF image ships bitsandbytes, so pip finds it satisfied and downloads nothing (a job in a
 # VPC without internet access starts too).
@@ -232,7 +232,7 @@ def _estimator(cfg: JobConfig, *, sm_session, source_dir: str, hyperparameters: 
         output_path=f"{cfg.output.s3_uri}/jobs",
         code_location=f"{cfg.output.s3_uri}/code",
         checkpoint_s3_uri=checkpoint_s3_uri,
-        checkpoint_local_path="/opt/ml/checkpoints",
+        checkpoint_local_path=str(container.CHECKPOINT_PATH),
         metric_definitions=METRIC_DEFINITIONS,
         tags=tags,
         debugger_hook_config=False,

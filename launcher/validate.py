@@ -4,7 +4,7 @@ accepts the other accepts. Nothing here reaches the network."""
 
 from __future__ import annotations
 
-from launcher.config import JOB_NAME_RE, JobConfig
+from launcher.config import JobConfig, is_job_name
 from launcher.errors import ConfigError
 from launcher.plan import budget_problem, fit_problem
 
@@ -20,7 +20,7 @@ def launch_problems(cfg: JobConfig, *, local: bool = False, resume: str | None =
             problems.append(fit)
         elif budget := budget_problem(cfg):
             problems.append(budget)
-    if resume is not None and (not JOB_NAME_RE.fullmatch(resume) or len(resume) > 63):
+    if resume is not None and not is_job_name(resume):
         what = "a local run's name (runs/<name>/)" if local else "a SageMaker training job name"
         problems.append(("--resume", f"{resume!r} is not {what}: letters, digits and hyphens, at most 63"))
     return problems

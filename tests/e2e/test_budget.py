@@ -62,3 +62,24 @@ def test_status_shows_the_money_spent_against_the_most_the_job_can_cost():
     cost = cost_so_far(desc)
     assert cost["usd"] == pytest.approx(P4D_PER_HOUR, abs=0.01)
     assert cost["max_usd"] == pytest.approx(10 * P4D_PER_HOUR, abs=0.01)
+
+
+def test_status_prints_the_money_spent_of_at_most_the_cap(aws, monkeypatch, capsys):
+    """A job InProgress for an hour with MaxRuntime 10 h (moto cannot show one running:
+    botocore's Stubber answers DescribeTrainingJob; the CloudWatch log group is moto's, empty)."""
+    import boto3
+    from botocore.stub import Stubber
+
+    from launcher.sagemaker_job import SageMakerBackend
+    from tests.e2e.test_follow import NAME, describe_response, expect_describe
+
+    sm = boto3.client("sagemaker")
+    monkeypatch.setattr(SageMakerBackend, "_sm", lambda self: sm)
+    with Stubber(sm) as stub:
+        expect_describe(stub, describe_response("InProgress", "Training",
+                                                StoppingCondition={"MaxRuntimeInSeconds": 36000}))
+        assert main(["status", NAME, "--region", "us-east-1"]) == 0
+    out = capsys.readouterr().out
+    import re
+
+    assert re.search(r"cost so far: \$37\.[67]\d of at most \$377 \(MaxRuntime\)", out), out

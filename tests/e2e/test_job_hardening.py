@@ -73,8 +73,10 @@ def test_logs_into_head_ends_quietly(tmp_path):
     (root / "job.json").write_text(json.dumps({"status": "Completed", "started": time.time() - 9, "ended": time.time()}))
     (root / "output" / "job.log").write_text("".join(f"line {i} " + "x" * 60 + "\n" for i in range(20000)))
     env = os.environ | {"PYTHONPATH": str(ROOT), "SM_QLORA_RUNS_DIR": str(runs)}
-    result = subprocess.run(f"{sys.executable} -m launcher logs {root.name} | head -1", shell=True,
-                            capture_output=True, text=True, env=env, timeout=60)
+    # bash's PIPESTATUS: the exit of `sm-qlora logs` itself, not head's
+    result = subprocess.run(f"{sys.executable} -m launcher logs {root.name} | head -1; exit ${{PIPESTATUS[0]}}",
+                            shell=True, executable="/bin/bash", capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("line 0 ")
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
 

@@ -26,7 +26,7 @@ def lay_out_run(tiny_model: Path, tmp_path: Path, **training) -> tuple[Path, dic
 
     os.environ["SM_QLORA_RUNS_DIR"] = str(tmp_path / "runs")
     try:
-        root, sm_env = lay_out(load_config(config(tiny_model, **training)), "stops", resume=False)
+        root, sm_env = lay_out(load_config(config(tiny_model, **training)), "stops")
     finally:
         del os.environ["SM_QLORA_RUNS_DIR"]
     return root, os.environ | sm_env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -32,7 +32,7 @@ def lora_grads(net) -> torch.Tensor:
 
 def train_side_by_side(tiny_model, steps: int, dtype=torch.float32, autocast=None):
     nets = [lora_net(tiny_model, fast, dtype) for fast in (False, True)]
-    assert moe.speed_up(nets[1]) == 2  # both MoE blocks of the tiny model run the fast pass
+    assert moe.use_low_memory_moe(nets[1]) == 2  # both MoE blocks of the tiny model run the fast pass
     assert not any(hasattr(m, "_stock_forward") for m in nets[0].modules())
     opts = [torch.optim.AdamW([p for p in n.parameters() if p.requires_grad], lr=1e-2) for n in nets]
     g = torch.Generator().manual_seed(2)
@@ -135,4 +135,4 @@ def test_adapter_trained_fast_loads_on_a_stock_model(tiny_model, tmp_path):
 def test_blocks_left_unquantized_keep_the_stock_forward(tiny_model):
     base = M.load_4bit(str(tiny_model), M.choose_precision(torch.device("cpu")), {"": "cpu"}, "sdpa",
                        skip_modules=["experts"])
-    assert moe.speed_up(base) == 0
+    assert moe.use_low_memory_moe(base) == 0

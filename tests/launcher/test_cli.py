@@ -70,7 +70,8 @@ def test_usage_errors_exit_2(job_yaml, capsys):
 
 
 def test_every_verb_help_shows_an_example():
-    for verb in ("validate", "plan", "launch", "status", "list", "logs", "stop", "plot", "download"):
+    for verb in ("validate", "plan", "launch", "preflight", "status", "list", "logs", "stop", "plot", "download",
+                 "merge"):
         proc = subprocess.run([sys.executable, "-m", "launcher", verb, "--help"], capture_output=True, text=True,
                               check=False)
         assert proc.returncode == 0
