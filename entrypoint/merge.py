@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from entrypoint import container
-from entrypoint.progress import emit, fail
-from entrypoint.train import BadInput, hf_token  # one BadInput: a missing token secret fails the same way
+from entrypoint.hyperparams import unflatten
+from entrypoint.progress import emit
+from entrypoint.train import BadInput, channel, hf_token, record_failure  # one way to fail, one token rule
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 MAX_SHARD_SIZE = "5GB"  # the hub's default: large enough for few files, small enough to resume downloads
@@ -177,30 +178,18 @@ def spec_from_container() -> MergeSpec:
     launcher writes them), the `adapter` and `model` channels, SM_MODEL_DIR."""
     path = container.input_config_dir() / "hyperparameters.json"
     if path.is_file():
-        raw = {k: _decode(v) for k, v in json.loads(path.read_text()).items() if not k.startswith("sagemaker_")}
+        raw = unflatten(json.loads(path.read_text()), encoded=True)  # reserved toolkit names dropped
     else:
-        raw = json.loads(os.environ.get(container.HPS, "{}"))
-    adapter = _channel("adapter")
+        raw = unflatten(json.loads(os.environ.get(container.HPS, "{}")), encoded=False)
+    adapter = channel("adapter")
     if adapter is None:
         raise BadInput("no `adapter` channel: the merge job needs the adapter job's output")
-    base = _channel("model") or raw.get("base_model")
+    base = channel("model") or raw.get("base_model")
     if not base:
         raise BadInput("no base model: neither a `model` channel nor a base_model hyperparameter")
     return MergeSpec(adapter=adapter, base=base, out=str(container.model_dir()), dtype=raw.get("dtype", "auto"),
                      adapter_job=raw.get("adapter_job"), data=raw.get("data"), revision=raw.get("revision"),
                      trust_remote_code=bool(raw.get("trust_remote_code", False)), base_name=raw.get("base_model"))
-
-
-def _decode(value):
-    try:
-        return json.loads(value) if isinstance(value, str) else value
-    except json.JSONDecodeError:
-        return value
-
-
-def _channel(name: str) -> str | None:
-    path = os.environ.get(f"SM_CHANNEL_{name.upper()}")
-    return path if path and Path(path).is_dir() and any(Path(path).iterdir()) else None
 
 
 def parse_args(argv: list[str]) -> MergeSpec:
@@ -229,14 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             raise BadInput(f"dtype {spec.dtype!r} is not one of {', '.join(DTYPES)}")
         merge(spec)
     except BadInput as exc:
-        fail(str(exc))
-        out = container.output_dir()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "failure").write_text(str(exc)[:1000])
-        except OSError:
-            pass
-        sys.exit(container.EXIT_BAD_INPUT)
+        sys.exit(record_failure(str(exc), container.EXIT_BAD_INPUT))
     sys.exit(container.EXIT_OK)
 
 

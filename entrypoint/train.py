@@ -261,7 +261,7 @@ def run_job(interrupt: Interrupt, started: float) -> int:
     try:
         hp = read_hyperparameters()  # before torch: a bad value fails in a second
     except BadInput as exc:
-        return _failure(str(exc), EXIT_BAD_INPUT)
+        return record_failure(str(exc), EXIT_BAD_INPUT)
     if hp.training.per_device_batch_size == "auto":  # the launcher resolves it; sent by hand, 1 row
         hp.training.per_device_batch_size = 1
     _quiet_progress_bars()
@@ -271,12 +271,12 @@ def run_job(interrupt: Interrupt, started: float) -> int:
     try:
         return recipe(hp, interrupt, started)
     except (BadInput, DataError, QuantizationError) as exc:
-        return _failure(str(exc), EXIT_BAD_INPUT)
+        return record_failure(str(exc), EXIT_BAD_INPUT)
     except TrainingDiverged as exc:
-        return _failure(str(exc), container.EXIT_FAILED)
+        return record_failure(str(exc), container.EXIT_FAILED)
 
 
-def _failure(reason: str, code: int) -> int:
+def record_failure(reason: str, code: int) -> int:
     """One line in the log, and /opt/ml/output/failure, which SageMaker shows as FailureReason."""
     fail(reason)
     with contextlib.suppress(OSError):
