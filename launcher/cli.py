@@ -23,6 +23,7 @@ from launcher.errors import ConfigError, LauncherError
 from launcher.instances import format_usd
 from launcher.job import launch_job
 from launcher.plan import Plan, make_plan
+from launcher.preflight import exit_code, gate, preflight
 from launcher.validate import validate_for_launch
 
 DEBUG_ENV = "SM_QLORA_DEBUG"
@@ -147,7 +148,6 @@ def cmd_launch(args, out: Printer) -> int:
         out.result(job.as_dict(), f"done: adapter in {job.adapter_uri}")
         return 0
     if args.preflight and not args.dry_run:
-        from launcher.preflight import gate
 
         code = gate(load_config(args.config, args.overrides), info=out.info)
         if code:
@@ -186,7 +186,6 @@ def add_launch(sub, common, config) -> None:
 # --------------------------------------------------------------------------- preflight
 
 def cmd_preflight(args, out: Printer) -> int:
-    from launcher.preflight import exit_code, preflight
 
     checks = preflight(load_config(args.config, args.overrides))
     code = exit_code(checks)

@@ -15,9 +15,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from launcher.config import JobConfig, load_config
+from launcher import local
+from launcher.aws import region_or_error
+from launcher.config import JobConfig, job_name_for, load_config
 from launcher.errors import ConfigError, Interrupted, JobFailed, LauncherError
-from launcher.logs import LOG_GROUP, TERMINAL, LogLine, StateChange, cost_so_far, follow_lines, progress_of
+from launcher.local import LocalBackend, read_state, runs_dir
+from launcher.logs import (
+    LOG_GROUP,
+    TERMINAL,
+    LogLine,
+    StateChange,
+    cost_so_far,
+    follow_lines,
+    progress_of,
+    timestamp_s,
+)
+from launcher.plan import budget_runtime_s, choose_strategy
+from launcher.plot import write_loss_png
+from launcher.sagemaker_job import SageMakerBackend, list_sagemaker_jobs
+from launcher.submit import submit
+from launcher.validate import validate_for_launch
 
 
 class Backend(Protocol):
@@ -47,13 +64,10 @@ class Job:
     @classmethod
     def attach(cls, name: str, region: str | None = None, profile: str | None = None) -> Job:
         """A handle on an existing job: a local run if runs/<name>/ exists, else SageMaker."""
-        from launcher.local import LocalBackend, runs_dir
 
         root = runs_dir() / name
         if "/" not in name and name not in (".", "..") and (root / "job.json").is_file():
             return cls(name=name, backend=LocalBackend(name, root))
-        from launcher.aws import region_or_error
-        from launcher.sagemaker_job import SageMakerBackend
 
         region = region_or_error(region, profile, f"job {name} (it is not a local run under {runs_dir()})")
         return cls(name=name, backend=SageMakerBackend(name, region, profile))
@@ -133,7 +147,6 @@ class Job:
 
     def summary(self) -> dict[str, Any]:
         """State, secondary status, last progress, elapsed time, cost so far."""
-        from launcher.logs import timestamp_s
 
         desc = self.describe()
         p = self.progress()
@@ -185,7 +198,6 @@ class Job:
 
     def plot(self, path: str | Path | None = None) -> Path:
         """Write a PNG of training and eval loss against steps, from the job's logs."""
-        from launcher.plot import write_loss_png
 
         return write_loss_png(self.progress(limit=10000), Path(path) if path else self.backend.default_plot_path(),
                               self.name)
@@ -220,7 +232,6 @@ class JobList:
 
 def list_jobs(region: str | None = None, profile: str | None = None, max_results: int = 20) -> JobList:
     """Recent local runs and SageMaker jobs, newest first."""
-    from launcher.local import read_state, runs_dir
 
     rows = []
     root = runs_dir()
@@ -232,8 +243,6 @@ def list_jobs(region: str | None = None, profile: str | None = None, max_results
                              "created": state.get("started")})
     missing = None
     try:
-        from launcher.aws import region_or_error
-        from launcher.sagemaker_job import list_sagemaker_jobs
 
         rows += list_sagemaker_jobs(region_or_error(region, profile, "SageMaker jobs"), profile, max_results)
     except LauncherError as exc:  # no credentials or region: local runs are still worth listing
@@ -258,7 +267,6 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
     - `resume=JOB`: continue from JOB's checkpoints (SageMaker: a new job on JOB's checkpoint
       S3 URI; local: the same runs/JOB/, which must be neither running nor Completed).
     """
-    from launcher.validate import validate_for_launch
 
     cfg = load_config(config, overrides)
     if local and dry_run:
@@ -266,9 +274,6 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
     validate_for_launch(cfg, local=local, resume=resume)  # what `validate` checks: exit 2, nothing sent
     if local:
         return run_local(cfg, resume=resume, echo=echo)
-    from launcher.plan import budget_runtime_s, choose_strategy
-    from launcher.sagemaker_job import SageMakerBackend
-    from launcher.submit import submit
 
     submitted = submit(cfg, choose_strategy(cfg), dry_run=dry_run, resume=resume,
                        max_runtime_s=budget_runtime_s(cfg))
@@ -284,8 +289,6 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
 def run_local(cfg: JobConfig, resume: str | None = None, echo: bool = False) -> Job:
     """Run in the foreground; Ctrl-C, SIGTERM or a hang-up makes the entrypoint
     checkpoint and stop."""
-    from launcher import local
-    from launcher.config import job_name_for
 
     name = resume or job_name_for(cfg.job_name)
     root, state, received = local.run(cfg, name, resume=bool(resume), echo=echo)

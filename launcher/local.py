@@ -29,6 +29,8 @@ from launcher.channels import input_channels
 from launcher.config import JobConfig, is_job_name
 from launcher.errors import ConfigError, JobFailed
 from launcher.logs import FileSource, read_complete_lines
+from launcher.plan import micro_batch_rows
+from launcher.plot import write_loss_png
 
 HOST = "algo-1"
 TRAINER = ("-m", "entrypoint")  # what the owner runs under sys.executable (torchrun for ddp)
@@ -145,7 +147,6 @@ def trainer_command(strategy: Strategy, gpus: int) -> list[str]:
 
 def lay_out(cfg: JobConfig, name: str, strategy: Strategy = "single") -> tuple[Path, dict[str, str]]:
     """Fill runs/<name>/ as /opt/ml looks inside a job; return it and the environment."""
-    from launcher.plan import micro_batch_rows
 
     root = runs_dir() / name
     for sub in ("input/config", "input/data", "model", "checkpoints", "output"):
@@ -246,7 +247,6 @@ def finish(root: Path, returncode: int | None) -> dict:
     status, reason = outcome(progress, stopped, returncode)
     state = write_state(root, status=status, ended=time.time(), exit_code=returncode, failure_reason=reason)
     if progress.train_loss or progress.eval_loss:
-        from launcher.plot import write_loss_png
 
         try:
             write_loss_png(progress, root / "loss.png", root.name)
