@@ -156,14 +156,18 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when it is true on any: stop and checkpoint decisions are
-        taken together, or the ranks' collectives fall out of step and hang."""
+    def any_rank(self, *flags: bool) -> bool | tuple[bool, ...]:
+        """Each flag true on every rank when it is true on any (one collective for all of
+        them): stop and checkpoint decisions are taken together, or the ranks' collectives
+        fall out of step and hang. One flag gives a bool, several a tuple."""
         if self.world == 1:
-            return bool(flag)
-        import torch
+            agreed = tuple(bool(f) for f in flags)
+        else:
+            import torch
 
-        return self.all_reduce(torch.tensor([1.0 if flag else 0.0], device=self.device)).item() > 0
+            votes = self.all_reduce(torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device))
+            agreed = tuple(v > 0 for v in votes.tolist())
+        return agreed[0] if len(agreed) == 1 else agreed
 
     def close(self) -> None:
         if self.world > 1:
@@ -487,9 +491,9 @@ def train(hp: Hyperparameters, ctx: DistContext, model: Model, optim: Optim, bat
                     ctx.say("eval", step=f"{step}/{optim.total_steps}", eval_loss=f"{eval_loss:.4f}")
             # Rank 0's clock decides; every rank takes the same branch.
             now = time.time()
-            stop = ctx.any_rank(bool(interrupt))
-            budget_low = step < optim.total_steps and ctx.any_rank(ctx.is_main and clock.budget_low(now))
-            by_clock = ctx.any_rank(ctx.is_main and clock.checkpoint_due(now))
+            stop, budget_low, by_clock = ctx.any_rank(
+                bool(interrupt), ctx.is_main and clock.budget_low(now), ctx.is_main and clock.checkpoint_due(now))
+            budget_low = budget_low and step < optim.total_steps
             on_schedule = step % t.save_steps == 0
             if ((on_schedule or by_clock) and step < optim.total_steps) or stop or budget_low:
                 checkpoint(hp, ctx, model, optim, clock, step, checkpoints.rng_state(), history,

@@ -64,7 +64,6 @@ class Job:
     @classmethod
     def attach(cls, name: str, region: str | None = None, profile: str | None = None) -> Job:
         """A handle on an existing job: a local run if runs/<name>/ exists, else SageMaker."""
-
         root = runs_dir() / name
         if "/" not in name and name not in (".", "..") and (root / "job.json").is_file():
             return cls(name=name, backend=LocalBackend(name, root))
@@ -147,7 +146,6 @@ class Job:
 
     def summary(self) -> dict[str, Any]:
         """State, secondary status, last progress, elapsed time, cost so far."""
-
         desc = self.describe()
         p = self.progress()
         start = desc.get("TrainingStartTime") or desc.get("CreationTime")
@@ -198,7 +196,6 @@ class Job:
 
     def plot(self, path: str | Path | None = None) -> Path:
         """Write a PNG of training and eval loss against steps, from the job's logs."""
-
         return write_loss_png(self.progress(limit=10000), Path(path) if path else self.backend.default_plot_path(),
                               self.name)
 
@@ -232,7 +229,6 @@ class JobList:
 
 def list_jobs(region: str | None = None, profile: str | None = None, max_results: int = 20) -> JobList:
     """Recent local runs and SageMaker jobs, newest first."""
-
     rows = []
     root = runs_dir()
     if root.is_dir():
@@ -267,7 +263,6 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
     - `resume=JOB`: continue from JOB's checkpoints (SageMaker: a new job on JOB's checkpoint
       S3 URI; local: the same runs/JOB/, which must be neither running nor Completed).
     """
-
     cfg = load_config(config, overrides)
     if local and dry_run:
         raise ConfigError([("--dry-run", "is for SageMaker jobs; --local sends nothing anyway")])
@@ -289,7 +284,6 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
 def run_local(cfg: JobConfig, resume: str | None = None, echo: bool = False) -> Job:
     """Run in the foreground; Ctrl-C, SIGTERM or a hang-up makes the entrypoint
     checkpoint and stop."""
-
     name = resume or job_name_for(cfg.job_name)
     root, state, received = local.run(cfg, name, resume=bool(resume), echo=echo)
     job = Job(name=name, backend=local.LocalBackend(name, root))

@@ -147,7 +147,6 @@ def trainer_command(strategy: Strategy, gpus: int) -> list[str]:
 
 def lay_out(cfg: JobConfig, name: str, strategy: Strategy = "single") -> tuple[Path, dict[str, str]]:
     """Fill runs/<name>/ as /opt/ml looks inside a job; return it and the environment."""
-
     root = runs_dir() / name
     for sub in ("input/config", "input/data", "model", "checkpoints", "output"):
         (root / sub).mkdir(parents=True, exist_ok=True)

@@ -189,7 +189,6 @@ def progress_of(job, limit: int = 200) -> Progress:
 
 def price_of(desc: dict) -> float | None:
     """On-demand price of one instance of the described job, from the catalog."""
-
     inst = catalog().instances.get(desc.get("ResourceConfig", {}).get("InstanceType"))
     return inst.price_per_hour if inst else None
 
@@ -218,7 +217,6 @@ def cost_so_far(desc: dict, price_per_hour: float | None = None, now: float | No
 
 def money(cost: dict) -> str | None:
     """The one way a cost is written for a person: $12.34, or None when unpriced."""
-
     return format_usd(cost["usd"]) if cost.get("usd") is not None else None
 
 

@@ -43,7 +43,6 @@ def bf16_gib(total_params: int) -> float:
 def choose_instance(shape, model_id: str, fallback: str | None) -> tuple[str, str]:
     """(instance type, why): the cheapest catalog instance whose total GPU memory holds the
     base in bf16 with headroom; the adapter job's own instance when the shape is unknown."""
-
     if shape is None:
         if fallback is None:
             raise _config_error("--instance-type", f"the shape of {model_id} is unknown; name the merge instance")
@@ -60,7 +59,6 @@ def choose_instance(shape, model_id: str, fallback: str | None) -> tuple[str, st
 
 
 def _config_error(path: str, msg: str):
-
     return ConfigError([(path, msg)])
 
 
@@ -84,7 +82,6 @@ def _completed(job) -> dict:
 def merge_local(job, dest: str | Path, dtype: str = "auto", echo=print) -> dict[str, Any]:
     """Merge runs/<job>/model into DEST on this machine (a subprocess, so a crash in torch
     leaves this process and DEST clean)."""
-
     if str(dest).startswith("s3://"):
         raise ConfigError([("DEST", "a local run merges on this machine: give a directory, not an S3 URI")])
     dest = Path(dest).expanduser().resolve()
@@ -135,7 +132,6 @@ def default_output(desc: dict) -> str:
 def merge_request(desc: dict, adapter_uri: str, *, name: str, output: str, instance_type: str,
                   dtype: str = "auto", params: int | None = None) -> dict[str, Any]:
     """The CreateTrainingJob request of the merge job, from the adapter job's description."""
-
     raw = desc.get("HyperParameters", {})
     if "sagemaker_submit_directory" not in raw:
         raise ConfigError([("JOB", f"{desc['TrainingJobName']} was not launched by sm-qlora "

@@ -266,7 +266,6 @@ CHECK_NAMES = ("role", "role trust", "iam:PassRole", "bucket", "instance quota",
 
 def preflight(cfg) -> list[Check]:
     """Every check, in order; read-only. `cfg` is a JobConfig (launcher.config.load_config)."""
-
     region, profile = cfg.aws.region, cfg.aws.profile
     first, ident = check_identity(client("sts", region, profile))
     if ident is None:
