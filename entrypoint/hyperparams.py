@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$"
 
@@ -91,9 +91,10 @@ class TrainingSpec(Strict):
         "(no padding, no attention across examples)",
     )
     gradient_checkpointing: bool = True
-    # Mixtral only: one fused autograd pass per layer's experts (entrypoint/moe.py). Measured on an
-    # H200: 2.2x less activation memory per MoE layer, 0.79x the layer's speed. Off by default.
-    low_memory_moe: bool = False
+    # Mixtral only: one fused autograd pass per layer's experts (entrypoint/moe.py); the stock
+    # transformers + PEFT path when false. Speed, memory and numerics: bench/README.md. Its first,
+    # opt-in version was called low_memory_moe; that name is still read.
+    fused_moe: bool = Field(True, validation_alias=AliasChoices("fused_moe", "low_memory_moe"))
     # auto: bitsandbytes AdamW8bit on GPU, torch AdamW on CPU. Not paged by default: LoRA's
     # optimizer state is small (~0.5 GiB for Mixtral-8x7B r16), so paging to host memory buys
     # nothing, and it puts the state in CUDA managed memory; paged_adamw_8bit is one key away.

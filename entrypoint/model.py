@@ -134,11 +134,10 @@ def lora_targets(model: nn.Module, requested) -> list[str] | str:
     return requested
 
 
-def attach_lora(model, lora, gradient_checkpointing: bool, low_memory_moe: bool = False):
-    """PEFT LoRA on the 4-bit model. low_memory_moe routes Mixtral's expert blocks through
-    entrypoint.moe (same modules and adapter format): 2.2x less memory per MoE layer but,
-    measured on the H200, 0.79x the speed of the stock path, so it is off by default
-    (bench/README.md)."""
+def attach_lora(model, lora, gradient_checkpointing: bool, fused_moe: bool = False):
+    """PEFT LoRA on the 4-bit model. fused_moe routes Mixtral's expert blocks through
+    entrypoint.moe (same modules and adapter format; on an H200 1.4x faster per MoE layer
+    with less memory than the stock path, bench/README.md)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(
@@ -151,10 +150,10 @@ def attach_lora(model, lora, gradient_checkpointing: bool, low_memory_moe: bool 
     )
     model = get_peft_model(model, config)
     model.config.use_cache = False
-    if low_memory_moe:
-        from entrypoint.moe import use_low_memory_moe
+    if fused_moe:
+        from entrypoint.moe import use_fused_moe
 
-        use_low_memory_moe(model)
+        use_fused_moe(model)
     return model
 
 

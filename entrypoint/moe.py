@@ -1,21 +1,19 @@
 """A fused MoE expert pass for 4-bit Mixtral with LoRA (transformers 4.x module layout).
-Opt-in (`attach_lora(..., low_memory_moe=True)`): on an H200 it takes 2.2x less memory per MoE
-layer than the stock path but runs at 0.79x its speed (bench/README.md), because its
-elementwise work on (tokens x ffn) tensors is not fused yet.
+On by default (`training.fused_moe`); bench/README.md has its speed, memory and numerics.
 
 transformers 4.56 runs each expert as three bnb Linear4bit layers wrapped by PEFT: every
 projection dequantizes its NF4 weight inside bitsandbytes, PEFT clones the base output,
-runs dropout and two skinny LoRA matmuls, and autograd keeps every ffn-wide intermediate.
-Here one autograd Function does the whole expert computation of a layer:
+runs dropout and two skinny LoRA matmuls, and autograd keeps every ffn-wide intermediate in
+fp32. Here one autograd Function does the whole expert computation of a layer:
 
 - tokens are sorted by expert once (one gather, one scatter per layer instead of per expert);
-- each NF4 weight is dequantized once per pass into a bf16/fp16 tensor the caching
-  allocator hands back every time, and dequantized again in backward rather than kept;
-- in fp32 the LoRA update is folded into that weight (W + s*B@A); in bf16/fp16 it runs
-  beside it (folding rounds the small delta away); dropout masks are replayed from the
-  saved RNG state instead of being stored;
-- backward recomputes the ffn-wide activations of one expert at a time, so no
-  (tokens x 14336) tensor outlives its expert.
+- w1 and w3 are dequantized once per pass into one (2 x ffn, hidden) bf16/fp16 tensor, so one
+  matmul gives both; they are dequantized again in backward rather than kept;
+- LoRA runs beside the base matmul (folding it into W would round its small delta away);
+  dropout masks are replayed from the saved RNG state instead of being stored;
+- SwiGLU is one elementwise pass each way (entrypoint.kernels: Triton on CUDA) with the
+  stock path's fp32 arithmetic; backward keeps only its fp32 inputs u and v, for the layer
+  being differentiated (the layer checkpointing around it drops them in the first forward).
 
 Only forwards change: the modules, parameter names, PEFT adapter format and the
 4-bit check stay those of transformers + PEFT, so an adapter trained here loads with
@@ -30,10 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from entrypoint import kernels
+
 PROJECTIONS = ("w1", "w3", "w2")  # order matters: dropout masks are replayed in it
-# Elementwise work (SwiGLU, sums of base and LoRA outputs) in fp32, as bnb + PEFT do under
-# autocast. False keeps it in bf16/fp16: faster, further from the stock numerics (bench/README.md).
-EXACT = True
 
 
 @dataclass
@@ -45,23 +42,42 @@ class Proj:
     dropout: float
 
 
-def use_low_memory_moe(model) -> int:
+def use_fused_moe(model) -> int:
     """Route every Mixtral sparse-MoE block of `model` through the fused expert pass.
     Returns how many blocks were switched; blocks whose experts are not 4-bit (with or
     without LoRA) keep the stock forward."""
-    switched = 0
+    switched, devices = 0, set()
     for module in model.modules():
         if type(module).__name__ == "MixtralSparseMoeBlock" and _plan(module) is not None:
             if not hasattr(module, "_stock_forward"):
                 module._stock_forward = module.forward
                 module.forward = types.MethodType(_moe_forward, module)
+                devices.add(next(module.parameters()).device)
             switched += 1
+    for device in devices:
+        kernels.warm_up(device)
     return switched
+
+
+def describe(model) -> str | None:
+    """How the model's MoE blocks run, for the job's [model] line: None without any,
+    "stock", or "fused-triton" / "fused-torch" (the SwiGLU kernel's backend)."""
+    blocks = [m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock"]
+    if not blocks:
+        return None
+    fused = [m for m in blocks if hasattr(m, "_stock_forward")]
+    if not fused:
+        return "stock"
+    where = next(fused[0].parameters()).device
+    label = "fused-" + kernels.backend(torch.empty(0, device=where))
+    return label if len(fused) == len(blocks) else f"{label} ({len(fused)} of {len(blocks)} blocks)"
 
 
 def _plan(block) -> list[list[Proj]] | None:
     import bitsandbytes as bnb
 
+    if not isinstance(block.experts, torch.nn.ModuleList):  # transformers 5.x: fused 3D experts
+        return None
     plan = []
     for expert in block.experts:
         projs = []
@@ -86,7 +102,7 @@ def _plan(block) -> list[list[Proj]] | None:
 
 def _moe_forward(self, hidden_states: torch.Tensor):
     plan = _plan(self)
-    if plan is None:  # adapters disabled or merged since use_low_memory_moe
+    if plan is None:  # adapters disabled or merged since use_fused_moe
         return self._stock_forward(hidden_states)
     batch, seq, hidden = hidden_states.shape
     if self.training and self.jitter_noise > 0:
@@ -100,44 +116,66 @@ def _moe_forward(self, hidden_states: torch.Tensor):
     device = x.device.type
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     params = [t for projs in plan for p in projs for t in (p.lora_a, p.lora_b)]
-    out = _Experts.apply(x, weights, selected, (plan, compute), *params)
+    backward = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
+                                             or any(t is not None and t.requires_grad for t in params))
+    # w2's LoRA dropout is drawn inside the SwiGLU kernel from this seed (row i of the layer's
+    # expert-sorted rows: seed + i); the CPU generator is what layer checkpointing replays
+    seed = int(torch.randint(0, 2**30, (1,)).item())
+    out = _Experts.apply(x, weights, selected, (plan, compute, backward, seed), *params)
     return out.view(batch, seq, hidden), router_logits
 
 
-def _weight(p: Proj, dtype: torch.dtype, fold: bool) -> torch.Tensor:
+def _dequantize(projs: tuple[Proj, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The projections' NF4 weights, dequantized and stacked along the output dim."""
     import bitsandbytes.functional as bnbf
 
-    w = p.base.weight
-    state = w.quant_state if getattr(w, "quant_state", None) is not None else p.base.quant_state
-    full = bnbf.dequantize_4bit(w.data, state).to(dtype)
-    if fold:
-        full.addmm_(p.lora_b.to(dtype), p.lora_a.to(dtype), alpha=p.scaling)
-    return full
-
-
-def _folds(p: Proj, keep, dtype: torch.dtype) -> bool:
-    """Fold LoRA into W only in fp32: in bf16/fp16 W + s*B@A rounds the (small) LoRA delta
-    to W's precision, which moved LoRA gradients measurably (cosine 0.98 over 20 steps)."""
-    return p.lora_a is not None and keep is None and dtype == torch.float32
+    parts = []
+    for p in projs:
+        w = p.base.weight
+        state = w.quant_state if getattr(w, "quant_state", None) is not None else p.base.quant_state
+        parts.append((w.data, state))
+    rows = sum(s.shape[0] for _, s in parts)
+    if parts[0][0].is_cuda and all(s.dtype == dtype for _, s in parts):  # into one buffer, no copy
+        # (bitsandbytes has the out= variant on CUDA only)
+        full = torch.empty(rows, parts[0][1].shape[1], dtype=dtype, device=parts[0][0].device)
+        at = 0
+        for data, state in parts:
+            bnbf.dequantize_4bit(data, state, out=full[at:at + state.shape[0]])
+            at += state.shape[0]
+        return full
+    return torch.cat([bnbf.dequantize_4bit(data, state).to(dtype) for data, state in parts])
 
 
 def _keep(p: Proj, like: torch.Tensor) -> torch.Tensor | None:
-    """Dropout as a 0 or 1/(1-p) multiplier; drawn in the same order in forward and backward."""
+    """Dropout on p's LoRA input as a 0 or 1/(1-p) multiplier; drawn in the same order in
+    forward and backward (the RNG state is replayed)."""
     if p.lora_a is None or p.dropout == 0.0:
         return None
     return F.dropout(torch.ones_like(like), p.dropout, training=True)
 
 
-def _project(x: torch.Tensor, p: Proj, keep, acc: torch.dtype) -> torch.Tensor:
-    """x W^T + s (x*keep) A^T B^T: matmuls in x's (compute) dtype, the sum in acc, as
+def _drop(p: Proj) -> float:
+    return p.dropout if p.lora_a is not None else 0.0
+
+
+def _lora(lin: torch.Tensor, p: Proj) -> torch.Tensor | None:
+    """s (lin A^T) B^T in lin's (compute) dtype, lin being the LoRA input after dropout."""
+    if p.lora_a is None:
+        return None
+    dtype = lin.dtype
+    return (lin @ p.lora_a.to(dtype).t() * p.scaling) @ p.lora_b.to(dtype).t()
+
+
+def _dropped(x: torch.Tensor, keep) -> torch.Tensor:
+    return x if keep is None else x * keep
+
+
+def _project(x: torch.Tensor, p: Proj, lora_in: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """x W^T + s lora_in A^T B^T: matmuls in x's (compute) dtype, the sum in acc, as
     bitsandbytes + PEFT do under autocast (their outputs come back in the input's dtype)."""
-    dtype = x.dtype
-    fold = _folds(p, keep, dtype)
-    y = (x @ _weight(p, dtype, fold).t()).to(acc)
-    if p.lora_a is not None and not fold:
-        lin = x if keep is None else x * keep
-        y += ((lin @ p.lora_a.to(dtype).t()) @ p.lora_b.to(dtype).t() * p.scaling).to(acc)
-    return y
+    y = (x @ _dequantize((p,), x.dtype).t()).to(acc)
+    lora = _lora(lora_in, p)
+    return y if lora is None else y + lora.to(acc)
 
 
 def _order(selected: torch.Tensor, experts: int):
@@ -154,31 +192,38 @@ def _rng_state(device: torch.device):
 class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, selected, how, *params):
-        plan, compute = how
-        ctx.plan, ctx.compute, ctx.rng = plan, compute, _rng_state(x.device)
+        plan, compute, backward, seed = how
+        ctx.plan, ctx.compute, ctx.rng, ctx.seed = plan, compute, _rng_state(x.device), seed
         with torch.autocast(x.device.type, enabled=False):
             order, token, counts = _order(selected, len(plan))
-            acc = x.dtype if EXACT else compute
             xs = x.index_select(0, token).to(compute)
+            ffn = plan[0][0].base.out_features
+            # u, v for backward: fp32, like the tensors autograd keeps on the stock path
+            uv = xs.new_empty((2, xs.shape[0], ffn), dtype=torch.float32) if backward else None
             ys = torch.empty(xs.shape, dtype=x.dtype, device=x.device)
             start = 0
             for projs, n in zip(plan, counts, strict=True):
                 if n:
-                    xe = xs[start:start + n]
+                    sl = slice(start, start + n)
                     w1, w3, w2 = projs
+                    xe = xs[sl]
                     k1, k3 = _keep(w1, xe), _keep(w3, xe)
-                    h = (F.silu(_project(xe, w1, k1, acc)) * _project(xe, w3, k3, acc)).to(compute)
-                    ys[start:start + n] = _project(h, w2, _keep(w2, h), acc)
+                    a13 = xe @ _dequantize((w1, w3), compute).t()
+                    h, hk = kernels.swiglu_forward(
+                        a13, _lora(_dropped(xe, k1), w1), _lora(_dropped(xe, k3), w3),
+                        *((uv[0, sl], uv[1, sl]) if backward else (None, None)), drop=_drop(w2), seed=seed + start)
+                    del a13
+                    ys[sl] = _project(h, w2, hk, x.dtype)
                 start += n
             flat_w = weights.reshape(-1).index_select(0, order)
             out = torch.zeros_like(x).index_add_(0, token, ys * flat_w[:, None].to(x.dtype))
         ctx.counts = counts
-        ctx.save_for_backward(x, weights, order, token, ys)
+        ctx.save_for_backward(x, weights, order, token, ys, uv)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weights, order, token, ys = ctx.saved_tensors
+        x, weights, order, token, ys, uv = ctx.saved_tensors
         plan, compute = ctx.plan, ctx.compute
         grads = [None] * (2 * 3 * len(plan))
         with torch.autocast(x.device.type, enabled=False), torch.random.fork_rng(
@@ -197,44 +242,39 @@ class _Experts(torch.autograd.Function):
             for e, (projs, n) in enumerate(zip(plan, ctx.counts, strict=True)):
                 if n:
                     sl = slice(start, start + n)
-                    dxs[sl] = _expert_backward(xs[sl], gy_all[sl], projs, grads, 6 * e)
+                    dxs[sl] = _expert_backward(xs[sl], gy_all[sl], uv[0, sl], uv[1, sl], projs, grads, 6 * e,
+                                               ctx.seed + start)
                 start += n
             dx = torch.zeros_like(x).index_add_(0, token, dxs)
             grad_w = torch.empty_like(grad_flat_w).index_copy_(0, order, grad_flat_w)
         return (dx, grad_w.view_as(weights).to(weights.dtype), None, None, *grads)
 
 
-def _expert_backward(xe, gy, projs, grads, at: int) -> torch.Tensor:
-    """Recompute one expert's activations, then its input gradient (in the accumulation
-    dtype of grads' caller); LoRA gradients go to grads. Elementwise work runs in acc
-    (fp32 under autocast), matmuls in xe's compute dtype, as in the stock path."""
-    acc = torch.float32 if EXACT else xe.dtype
+def _expert_backward(xe, gy, u, v, projs, grads, at: int, seed: int) -> torch.Tensor:
+    """One expert's input gradient (fp32) from its output gradient gy and the saved u, v; the
+    LoRA gradients go to grads[at:at+6]. Matmuls run in xe's compute dtype, as in the stock path."""
     w1, w3, w2 = projs
-    k1, k3 = _keep(w1, xe), _keep(w3, xe)
-    a1, a3 = _project(xe, w1, k1, acc), _project(xe, w3, k3, acc)
-    s1 = F.silu(a1)
-    h = (s1 * a3).to(xe.dtype)
-    k2 = _keep(w2, h)
-    dh = _input_grad(gy, w2, k2, h, grads, at + 4)
-    sig = torch.sigmoid(a1)
-    da1 = (dh * a3 * (sig * (1 + a1 * (1 - sig)))).to(xe.dtype)
-    da3 = (dh * s1).to(xe.dtype)
-    del h, dh, s1, sig, a1, a3
-    return _input_grad(da1, w1, k1, xe, grads, at) + _input_grad(da3, w3, k3, xe, grads, at + 2)
-
-
-def _input_grad(gy, p: Proj, keep, inp, grads, at: int) -> torch.Tensor:
-    """d(input) in fp32 of y = inp W^T + s (inp*keep) A^T B^T; the LoRA grads into grads[at:at+2]."""
-    dtype = gy.dtype
-    fold = _folds(p, keep, dtype)
-    dx = (gy @ _weight(p, dtype, fold)).float()
-    if p.lora_a is not None:
-        a, b = p.lora_a.to(dtype), p.lora_b.to(dtype)
-        lora_in = inp if keep is None else inp * keep
-        gb = gy @ b * p.scaling  # (n, r)
-        grads[at] = (gb.t() @ lora_in).to(p.lora_a.dtype)
-        grads[at + 1] = (gy.t() @ (lora_in @ a.t()) * p.scaling).to(p.lora_b.dtype)
-        if not fold:
-            lora_dx = gb @ a
-            dx += (lora_dx if keep is None else lora_dx * keep).float()
+    ffn = u.shape[1]
+    k1, k3 = _keep(w1, xe), _keep(w3, xe)  # the forward's draws, in its order
+    lora_dh = None if w2.lora_a is None else (gy @ w2.lora_b.to(gy.dtype) * w2.scaling) @ w2.lora_a.to(gy.dtype)
+    d13, hk = kernels.swiglu_backward(gy @ _dequantize((w2,), gy.dtype), lora_dh, u, v, drop=_drop(w2), seed=seed)
+    del lora_dh
+    _lora_weight_grads(gy, w2, hk, grads, at + 4)
+    del hk
+    dx = (d13 @ _dequantize((w1, w3), gy.dtype)).float()
+    for j, (p, keep) in enumerate(((w1, k1), (w3, k3))):
+        if p.lora_a is not None:
+            dy = d13[:, j * ffn:(j + 1) * ffn]
+            _lora_weight_grads(dy, p, _dropped(xe, keep), grads, at + 2 * j)
+            dx += _dropped((dy @ p.lora_b.to(dy.dtype) * p.scaling) @ p.lora_a.to(dy.dtype), keep).float()
     return dx
+
+
+def _lora_weight_grads(gy, p: Proj, lora_in, grads, at: int) -> None:
+    """A's and B's gradients for y = ... + s lora_in A^T B^T, into grads[at:at+2]."""
+    if p.lora_a is None:
+        return
+    dtype = gy.dtype
+    a, b = p.lora_a.to(dtype), p.lora_b.to(dtype)
+    grads[at] = ((gy @ b * p.scaling).t() @ lora_in).to(p.lora_a.dtype)
+    grads[at + 1] = (gy.t() @ (lora_in @ a.t()) * p.scaling).to(p.lora_b.dtype)

@@ -58,8 +58,8 @@ REQUIREMENTS = "bitsandbytes>=0.46\n"
 # git checkout, and a stray or planted file next to them never travels. A test holds this
 # list equal to the tracked entrypoint/*.py. `merge` is the merge job's module (issue 12);
 # a module of this list that is absent is left out.
-SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "data", "hyperparams", "merge",
-                  "model", "moe", "progress", "train")
+SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "data", "hyperparams", "kernels",
+                  "merge", "model", "moe", "progress", "train")
 SECRET_ENV = container.HF_TOKEN_SECRET
 MAX_RUNTIME_ENV = container.MAX_RUNTIME_S
 # torchrun SIGKILLs its workers 30 s after it is told to stop; the wrapper signals the

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from entrypoint import kernels, moe
 from entrypoint import model as M
-from entrypoint import moe
 from entrypoint.hyperparams import LoraSpec
 
 STEPS = 20
@@ -17,7 +17,7 @@ def lora_net(tiny_model, fast: bool, dtype=torch.float32, dropout: float = 0.0):
     torch.manual_seed(0)  # the same LoRA A init in both models
     base = M.load_4bit(str(tiny_model), precision, {"": "cpu"}, "sdpa")
     net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=dropout, target_modules="auto"),
-                        gradient_checkpointing=True, low_memory_moe=fast)
+                        gradient_checkpointing=True, fused_moe=fast)
     g = torch.Generator().manual_seed(1)
     for name, p in net.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; non-zero B exercises every LoRA gradient from step 1
@@ -32,7 +32,7 @@ def lora_grads(net) -> torch.Tensor:
 
 def train_side_by_side(tiny_model, steps: int, dtype=torch.float32, autocast=None):
     nets = [lora_net(tiny_model, fast, dtype) for fast in (False, True)]
-    assert moe.use_low_memory_moe(nets[1]) == 2  # both MoE blocks of the tiny model run the fast pass
+    assert moe.use_fused_moe(nets[1]) == 2  # both MoE blocks of the tiny model run the fast pass
     assert not any(hasattr(m, "_stock_forward") for m in nets[0].modules())
     opts = [torch.optim.AdamW([p for p in n.parameters() if p.requires_grad], lr=1e-2) for n in nets]
     g = torch.Generator().manual_seed(2)
@@ -53,14 +53,14 @@ def train_side_by_side(tiny_model, steps: int, dtype=torch.float32, autocast=Non
     return out
 
 
-def test_low_memory_moe_tracks_transformers_for_20_steps(tiny_model):
+def test_fused_moe_tracks_transformers_for_20_steps(tiny_model):
     for stock_loss, fast_loss, cos in train_side_by_side(tiny_model, STEPS):
         assert abs(fast_loss - stock_loss) <= 0.01 * abs(stock_loss)
         assert cos >= 0.999
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16-fallback"])
-def test_low_memory_moe_in_half_precision(tiny_model, dtype):
+def test_fused_moe_in_half_precision(tiny_model, dtype):
     """bf16 on Ampere+, fp16 on V100/T4: the same autocast the job uses, on CPU."""
     steps = train_side_by_side(tiny_model, 3, dtype, torch.autocast("cpu", dtype=dtype))
     for stock_loss, fast_loss, cos in steps:
@@ -99,12 +99,14 @@ def reference_moe(block, hidden):
     order, token, counts = moe._order(selected, len(plan))
     xs, ws = x[token], weights.reshape(-1)[order]
     out, start = torch.zeros_like(x), 0
+    seed = int(torch.randint(0, 2**30, (1,)).item())  # drawn where moe._moe_forward draws it
     for (w1, w3, w2), n in zip(plan, counts, strict=True):
         if n:
             xe = xs[start:start + n]
             k1, k3 = moe._keep(w1, xe), moe._keep(w3, xe)
-            h = torch.nn.functional.silu(moe._project(xe, w1, k1, x.dtype)) * moe._project(xe, w3, k3, x.dtype)
-            y = moe._project(h, w2, moe._keep(w2, h), x.dtype)
+            h = (torch.nn.functional.silu(moe._project(xe, w1, moe._dropped(xe, k1), x.dtype))
+                 * moe._project(xe, w3, moe._dropped(xe, k3), x.dtype))
+            y = moe._project(h, w2, h * kernels.keep_mask(*h.shape, w2.dropout, seed + start, h), x.dtype)
             out = out.index_add(0, token[start:start + n], y * ws[start:start + n, None])
         start += n
     return out.view_as(hidden)
@@ -135,4 +137,25 @@ def test_adapter_trained_fast_loads_on_a_stock_model(tiny_model, tmp_path):
 def test_blocks_left_unquantized_keep_the_stock_forward(tiny_model):
     base = M.load_4bit(str(tiny_model), M.choose_precision(torch.device("cpu")), {"": "cpu"}, "sdpa",
                        skip_modules=["experts"])
-    assert moe.use_low_memory_moe(base) == 0
+    assert moe.use_fused_moe(base) == 0
+
+
+def test_a_router_trained_alone_gets_its_gradient(tiny_model):
+    """LoRA on the router only, no checkpointing: the expert pass must still keep what its
+    backward needs (the routing weights carry the gradient)."""
+    grads = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        base = M.load_4bit(str(tiny_model), M.Precision(torch.float32, "fp32", "test"), {"": "cpu"}, "sdpa",
+                           skip_modules=["gate"])
+        net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=0.0, target_modules=["gate"]),
+                            gradient_checkpointing=False, fused_moe=fast)
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.data = torch.full_like(p, 0.05)
+        ids = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(5))
+        net.train()
+        net(input_ids=ids, labels=ids).loss.backward()
+        grads.append(lora_grads(net))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,203 @@
+"""SwiGLU for entrypoint.moe, forward and backward, each one elementwise pass.
+
+The expert computes u = x W1^T + lora1(x), v = x W3^T + lora3(x), h = silu(u) * v. transformers
++ bitsandbytes + PEFT under autocast do that in fp32, one kernel per operation over
+(tokens x 14336) tensors, and keep each result for backward. Here one pass reads the matmul
+outputs (bf16/fp16), does the same fp32 arithmetic and writes h once; it saves u and v (fp32)
+when a backward will follow. The backward pass reads the output gradient and u, v and writes
+du and dv side by side (so one matmul takes them to the input gradient) and h again (for the
+w2 LoRA gradients), instead of keeping h.
+
+Triton runs it on CUDA; elsewhere (CPU, or Triton missing) torch does the same arithmetic, in
+the same order as the stock path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of torch; CPU builds and old images may lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is absent
+    triton = None
+
+BLOCK = 1024
+# Set to the reason when a Triton launch failed once (no compiler for its launcher, an
+# unsupported GPU, ...): the job goes on with the torch arithmetic and says so once.
+failed: str | None = None
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Triton on CUDA GPUs of compute capability 8.0+ (bf16: A100, A10G, L4, L40S, H100, H200);
+    V100 and T4 (fp16) take the torch path, which the CPU tests exercise."""
+    if triton is None or failed is not None:
+        return False
+    if t.is_cuda:
+        return torch.cuda.get_device_capability(t.device) >= (8, 0)
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backend(t: torch.Tensor) -> str:
+    return "triton" if use_triton(t) else "torch"
+
+
+def warm_up(device: torch.device) -> str:
+    """Compile and run both kernels once, every option on, before training: a Triton that cannot
+    run here fails now, not between a forward and its backward (whose dropout masks must come
+    from the same generator). Returns the backend the job will use."""
+    probe = torch.zeros(1, 2 * BLOCK, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if use_triton(probe):
+        uv = torch.zeros(2, 1, BLOCK, device=device)
+        side = probe[:, :BLOCK].contiguous()
+        swiglu_forward(probe, side, side, uv[0], uv[1], drop=0.1, seed=1)
+        swiglu_backward(side, side, uv[0], uv[1], drop=0.1, seed=1)
+    return backend(probe)
+
+
+def _launch(kernel, grid, *args, **meta) -> bool:
+    """Run a Triton kernel on its tensors' GPU (Triton launches on the current device; a model
+    split over GPUs has layers on several); on failure remember why, warn once, return False."""
+    global failed
+    where = args[0].device
+    try:
+        with torch.cuda.device(where) if where.type == "cuda" else contextlib.nullcontext():
+            kernel[grid](*args, **meta)
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure to compile or launch: the torch path is exact
+        failed = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        print(f"[warn] Triton SwiGLU kernel failed ({failed}); the fused MoE pass continues with torch ops",
+              file=sys.stderr, flush=True)
+        return False
+
+
+def swiglu_forward(a13: torch.Tensor, l1: torch.Tensor | None, l3: torch.Tensor | None,
+                   u_out: torch.Tensor | None = None, v_out: torch.Tensor | None = None,
+                   drop: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = silu(a1 + l1) * (a3 + l3) in a13's dtype, where a13 = [a1 | a3] is (n, 2f) and l1, l3
+    (n, f) or None. Returns h and h * keep, keep being dropout(drop) drawn from seed (the input
+    of w2's LoRA; h itself when drop is 0); row i's mask is keyed on seed + i. The fp32 u = a1 + l1 and v = a3 + l3 go to u_out
+    and v_out when given."""
+    a13, l1, l3 = (t if t is None or t.is_contiguous() else t.contiguous() for t in (a13, l1, l3))
+    n, f = a13.shape[0], a13.shape[1] // 2
+    h = a13.new_empty(n, f)
+    hk = a13.new_empty(n, f) if drop else h
+    if n == 0:
+        return h, hk
+    save = u_out is not None
+    if use_triton(a13) and _launch(
+            _swiglu_fwd, (n, triton.cdiv(f, BLOCK)),
+            a13, l1 if l1 is not None else a13, l3 if l3 is not None else a13, h, hk,
+            u_out if save else h, v_out if save else h, f, drop, seed,
+            HAS_L1=l1 is not None, HAS_L3=l3 is not None, SAVE=save, DROP=drop > 0, BLOCK=BLOCK):
+        return h, hk
+    u = a13[:, :f].float()
+    v = a13[:, f:].float()
+    if l1 is not None:
+        u = u + l1
+    if l3 is not None:
+        v = v + l3
+    h.copy_(F.silu(u) * v)
+    if drop:
+        hk.copy_(h.float() * keep_mask(n, f, drop, seed, h))
+    if u_out is not None:
+        u_out.copy_(u)
+        v_out.copy_(v)
+    return h, hk
+
+
+def swiglu_backward(dh: torch.Tensor, dh_lora: torch.Tensor | None, u: torch.Tensor,
+                    v: torch.Tensor, drop: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given d(loss)/dh as dh + keep * dh_lora (base and LoRA parts of w2's input gradient, keep
+    the forward's dropout mask) and the saved fp32 u, v: returns d13 = [du | dv] (n, 2f) and
+    h * keep, both in dh's dtype."""
+    dh, dh_lora = (t if t is None or t.is_contiguous() else t.contiguous() for t in (dh, dh_lora))
+    n, f = u.shape
+    d13 = dh.new_empty(n, 2 * f)
+    hk = dh.new_empty(n, f)
+    if n == 0:
+        return d13, hk
+    if use_triton(dh) and _launch(
+            _swiglu_bwd, (n, triton.cdiv(f, BLOCK)),
+            dh, dh_lora if dh_lora is not None else dh, u, v, d13, hk, f, drop, seed,
+            HAS_LORA=dh_lora is not None, DROP=drop > 0, BLOCK=BLOCK):
+        return d13, hk
+    keep = keep_mask(n, f, drop, seed, dh) if drop else None
+    g = dh.float()
+    if dh_lora is not None:
+        g = g + (dh_lora if keep is None else (dh_lora.float() * keep).to(dh.dtype)).float()
+    sig = torch.sigmoid(u)
+    silu = u * sig
+    d13[:, :f] = (g * v) * (sig * (1 + u * (1 - sig)))  # torch's silu_backward, after mul's
+    d13[:, f:] = g * silu
+    h = (silu * v).to(dh.dtype)
+    hk.copy_(h if keep is None else h.float() * keep)
+    return d13, hk
+
+
+def keep_mask(n: int, f: int, drop: float, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """The torch path's dropout multiplier (fp32: 0 or 1/(1-drop)), a function of seed alone."""
+    g = torch.Generator(device=like.device).manual_seed(seed)
+    keep = torch.rand(n, f, generator=g, device=like.device) >= drop
+    return keep.float() / (1 - drop)
+
+
+if triton is not None:
+    @triton.jit
+    def _keep(seed, row, cols, drop):
+        """1/(1-drop) or 0; Philox keyed on (seed + row, column): callers give each expert's rows
+        of a layer seed + (their first row in the layer), so no two rows share a key."""
+        return tl.where(tl.rand(seed + row, cols) >= drop, 1.0 / (1.0 - drop), 0.0)
+
+    @triton.jit
+    def _swiglu_fwd(a13, l1, l3, h, hk, u_out, v_out, f, drop, seed, HAS_L1: tl.constexpr,
+                    HAS_L3: tl.constexpr, SAVE: tl.constexpr, DROP: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < f
+        at = row * f + cols
+        u = tl.load(a13 + row * 2 * f + cols, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(a13 + row * 2 * f + f + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_L1:
+            u += tl.load(l1 + at, mask=mask, other=0.0).to(tl.float32)
+        if HAS_L3:
+            v += tl.load(l3 + at, mask=mask, other=0.0).to(tl.float32)
+        out = (u * tl.sigmoid(u) * v).to(h.dtype.element_ty)
+        tl.store(h + at, out, mask=mask)
+        if DROP:
+            tl.store(hk + at, (out * _keep(seed, row, cols, drop)).to(h.dtype.element_ty), mask=mask)
+        if SAVE:
+            tl.store(u_out + at, u, mask=mask)
+            tl.store(v_out + at, v, mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd(dh, dh_lora, u_in, v_in, d13, hk, f, drop, seed, HAS_LORA: tl.constexpr,
+                    DROP: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < f
+        at = row * f + cols
+        g = tl.load(dh + at, mask=mask, other=0.0).to(tl.float32)
+        if DROP:
+            keep = _keep(seed, row, cols, drop)
+        if HAS_LORA:
+            gl = tl.load(dh_lora + at, mask=mask, other=0.0)
+            if DROP:
+                gl = (gl * keep).to(dh.dtype.element_ty)
+            g += gl.to(tl.float32)
+        u = tl.load(u_in + at, mask=mask, other=0.0)
+        v = tl.load(v_in + at, mask=mask, other=0.0)
+        sig = tl.sigmoid(u)
+        silu = u * sig
+        du = (g * v) * (sig * (1.0 + u * (1.0 - sig)))
+        tl.store(d13 + row * 2 * f + cols, du.to(d13.dtype.element_ty), mask=mask)
+        tl.store(d13 + row * 2 * f + f + cols, (g * silu).to(d13.dtype.element_ty), mask=mask)
+        out = (silu * v).to(hk.dtype.element_ty)
+        if DROP:
+            out = (out * keep).to(hk.dtype.element_ty)
+        tl.store(hk + at, out, mask=mask)

@@ -1,0 +1,116 @@
+"""entrypoint.kernels: the Triton SwiGLU kernels (what runs on a GPU) against the torch arithmetic
+(what runs on CPU), executed on this CPU by Triton's interpreter (TRITON_INTERPRET=1, set before
+Triton is imported, hence a subprocess). fp32, because the interpreter rounds to bf16 by
+truncation where a GPU rounds to nearest; bf16 is compared on the H200 (bench/moe_layer.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = r"""
+import json, torch
+from entrypoint import kernels as K
+assert K.triton is not None
+out = {}
+for n, f, lora, drop in [(37, 1500, True, 0.0), (5, 1024, False, 0.0), (64, 700, True, 0.3), (0, 256, True, 0.1)]:
+    g = torch.Generator().manual_seed(n)
+    a13 = torch.randn(n, 2 * f, generator=g)
+    l1, l3, dh, dl = (torch.randn(n, f, generator=g) * s for s in (0.1, 0.1, 1.0, 0.1))
+    if not lora:
+        l1 = l3 = dl = None
+    got = {}
+    for path in ("triton", "torch"):
+        saved = K.triton
+        if path == "torch":
+            K.triton = None
+        u, v = torch.full((2, n, f), float("nan"))
+        h, hk = K.swiglu_forward(a13, l1, l3, u, v, drop=drop, seed=11)
+        d13, hk_back = K.swiglu_backward(dh, dl, u, v, drop=drop, seed=11)
+        K.triton = saved
+        got[path] = dict(h=h, hk=hk, u=u, v=v, d13=d13, hk_back=hk_back)
+    t, c = got["triton"], got["torch"]
+    keep = torch.where(t["h"] != 0, t["hk"] / t["h"], torch.ones_like(t["h"]))  # the kernel's own mask
+    # the torch arithmetic with the kernel's mask: what the kernel's backward must equal
+    gsum = dh + (dl * keep if lora else 0)
+    sig = torch.sigmoid(c["u"])
+    d13 = torch.cat([(gsum * c["v"]) * (sig * (1 + c["u"] * (1 - sig))), gsum * c["u"] * sig], 1)
+    out[f"{n}x{f} lora={lora} drop={drop}"] = {
+        "h": (t["h"] - c["h"]).abs().max().item() if n else 0.0,
+        "uv": max((t[k] - c[k]).abs().max().item() for k in "uv") if n else 0.0,
+        "d13": (t["d13"] - d13).abs().max().item() if n else 0.0,
+        "hk_replayed": torch.equal(t["hk"], t["hk_back"]),
+        "keep_values": sorted({round(x, 5) for x in keep.flatten().tolist()}),
+        "kept": (keep > 0).float().mean().item() if n else 1 - drop,
+        "torch_kept": (c["hk"] != 0).float().mean().item() if n else 1 - drop,
+    }
+# one layer as entrypoint.moe runs it: experts' rows back to back, each keyed from seed + its
+# first row; no row's dropout mask may repeat another's (two experts must not share a stream)
+rows, f, masks, start = [30, 30, 30], 512, [], 0
+for n in rows:
+    a13 = torch.randn(n, 2 * f) + 3  # h > 0 everywhere, so h * keep shows the mask
+    h, hk = K.swiglu_forward(a13, None, None, drop=0.5, seed=1000 + start)
+    masks += [tuple((r != 0).tolist()) for r in hk]
+    start += n
+out["distinct_masks"] = len(set(masks)) == len(masks)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def run_interpreted() -> dict:
+    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not os.environ.get("CI"),
+                    reason="triton (the dev extra, Linux x86_64) is not installed; CI always has it")
+def test_triton_swiglu_matches_the_torch_arithmetic_and_replays_its_dropout():
+    results = run_interpreted()
+    assert results.pop("distinct_masks")
+    for case, r in results.items():
+        assert r["h"] < 1e-5 and r["uv"] == 0.0, case
+        assert r["d13"] < 1e-5, case  # du, dv with the LoRA gradient masked as in forward
+        assert r["hk_replayed"], case  # backward redraws exactly the forward's mask
+        drop = float(case.split("drop=")[1])
+        if drop and case.startswith("64"):
+            assert r["keep_values"] == [0.0, round(1 / (1 - drop), 5)], case
+            assert abs(r["kept"] - (1 - drop)) < 0.02 and abs(r["torch_kept"] - (1 - drop)) < 0.02, case
+        elif not drop:
+            assert r["keep_values"] in ([1.0], []), case
+
+
+def test_a_triton_launch_that_fails_falls_back_to_torch_once(monkeypatch, capsys):
+    """No compiler for Triton's launcher, an unsupported GPU: the job goes on, exactly, on torch ops."""
+    import torch
+
+    from entrypoint import kernels
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+            return launch
+
+    monkeypatch.setattr(kernels, "triton", type("T", (), {"cdiv": staticmethod(lambda a, b: -(-a // b))}))
+    monkeypatch.setattr(kernels, "_swiglu_fwd", Broken(), raising=False)
+    monkeypatch.setattr(kernels, "failed", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    a13, l1 = torch.randn(4, 16), torch.randn(4, 8)
+    assert kernels.backend(a13) == "triton"
+    h, _ = kernels.swiglu_forward(a13, l1, None)
+    torch.testing.assert_close(h, torch.nn.functional.silu(a13[:, :8] + l1) * a13[:, 8:])
+    assert kernels.backend(a13) == "torch"  # not tried again
+    kernels.swiglu_forward(a13, l1, None)
+    err = capsys.readouterr().err
+    assert err.count("[warn] Triton SwiGLU kernel failed (RuntimeError: Failed to find C compiler") == 1
