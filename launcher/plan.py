@@ -7,15 +7,19 @@ Memory per GPU for QLoRA is a sum of parts (bytes):
 - embeddings and output head in fp32 (peft's prepare_model_for_kbit_training casts them);
 - LoRA parameters with their fp32 gradients and 8-bit AdamW states (10 bytes each);
 - activations: with gradient checkpointing CKPT_BYTES per hidden unit per layer and token
-  (read off the Mistral-7B runs' slope), plus, per token, the logits and their
-  loss/gradient buffers (HEAD_BYTES per vocabulary entry, the one constant fitted, least
-  squares over all measured runs) and the recomputed layer's expert intermediates; without
-  checkpointing every layer keeps its activations (an estimate, not calibrated);
+  (read off the Mistral-7B runs' slope); without checkpointing every layer keeps its
+  activations (an estimate, not calibrated);
+- the larger of two transients that are never alive together, since the head's buffers are
+  freed before backward reaches the first decoder layer: the logits with their
+  loss/gradient buffers (HEAD_BYTES per token per vocabulary entry), or one decoder layer's
+  backward (its MLP or MoE block as measured alone, per routed token per ffn unit, for the
+  path the job takes, training.fused_moe; plus the rest of the layer, per token per hidden
+  unit: LAYER_BACKWARD_BYTES);
 - then allocator slack (8%) and the CUDA context (0.6 GiB) that peak-allocated figures
   leave out.
-The model is checked against peak memory measured on an H200 for eight real runs of the
-entrypoint, Mixtral-8x7B and Mistral-7B at full width (MEASURED); `calibration()` gives the
-error of each (at most 10%; the fitted constant makes it partly in-sample).
+The model is checked against peak memory measured on an H200 for real runs of the
+entrypoint, Mixtral-8x7B (both MoE paths) and Mistral-7B at full width (MEASURED);
+`calibration()` gives the error of each and whether a constant was fitted on it.
 
 Throughput comes from the same H200 runs (Mixtral-8x7B-shaped, 32 layers extrapolated):
 a step costs a fixed part (kernel launches and Python per quantized linear module) plus a
@@ -42,23 +46,40 @@ NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 EMBED_BYTES = 4
 LORA_BYTES = 4 + 4 + 2
 CKPT_BYTES = 4  # per token per layer per hidden unit kept with checkpointing (measured ~3.7 on Mistral-7B)
-MOE_RECOMPUTE_BYTES = 6  # bf16 w1, w3 and activation outputs per routed token while a layer is recomputed
-HEAD_BYTES = 15.7  # per token per vocabulary entry: the one constant fitted to MEASURED (least squares)
+HEAD_BYTES = 15.7  # per token per vocabulary entry: least squares over the eight runs before the fused MoE path
+# One MLP or MoE block's forward + backward, per routed token per ffn unit: bench/moe_layer.py on
+# one full-width Mixtral layer, 16,384 tokens, LoRA dropout 0.05 (h200-2026-11-29-fused-moe-layer.json).
+# fused: 6.11 GiB, of which u and v (fp32, 8 bytes) are kept for backward, the rest being the
+# gathered inputs, their gradients and one expert's temporaries; stock transformers + PEFT: 9.09
+# GiB, every ffn-wide intermediate in fp32. A dense MLP is taken as one stock expert.
+MLP_BACKWARD_BYTES = {"fused": 14.0, "stock": 20.8}
+LAYER_BACKWARD_BYTES = 44  # per token per hidden unit: the rest of the layer being differentiated
+# (recomputed attention, norms, LoRA dropout copies, residual gradients); the one constant fitted
+# since the fused path, on its 2- and 4-layer runs
 NO_CKPT_BYTES_PER_HIDDEN = 34  # per token per layer without checkpointing: an estimate, not measured
 SLACK = 1.08
 CUDA_CONTEXT_GIB = 0.6
 
-# Peak torch.cuda.max_memory_allocated of the entrypoint on an H200 at full width, LoRA r16
-# on `target_modules: auto`, max_seq_length 2048 (bench/h200-2026-11-29.json, -mistral.json).
+# Peak torch.cuda.max_memory_allocated of the entrypoint on an H200 at full width, LoRA r16 on
+# `target_modules: auto`, max_seq_length 2048 (bench/README.md). moe: the Mixtral expert path
+# (None: dense). in_sample: a constant was fitted on the run (HEAD_BYTES binds only where the
+# head's transient is the larger: the Mistral runs); the rest are predicted out of sample: the
+# stock-path Mixtral runs and the 8-layer fused run.
 MEASURED = [
-    {"shape": "mixtral-8x7b", "layers": 2, "rows": 4, "seq": 2048, "peak_gib": 8.69},
-    {"shape": "mixtral-8x7b", "layers": 4, "rows": 4, "seq": 2048, "peak_gib": 10.09},
-    {"shape": "mixtral-8x7b", "layers": 2, "rows": 1, "seq": 2048, "peak_gib": 4.07},
-    {"shape": "mixtral-8x7b", "layers": 4, "rows": 1, "seq": 2048, "peak_gib": 5.62},
-    {"shape": "mistral-7b", "layers": 4, "rows": 4, "seq": 2048, "peak_gib": 5.96},
-    {"shape": "mistral-7b", "layers": 8, "rows": 4, "seq": 2048, "peak_gib": 6.91},
-    {"shape": "mistral-7b", "layers": 4, "rows": 1, "seq": 2048, "peak_gib": 2.67},
-    {"shape": "mistral-7b", "layers": 8, "rows": 1, "seq": 2048, "peak_gib": 3.25},
+    # bench/h200-2026-11-29.json: the stock path, before entrypoint/moe.py
+    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 2, "rows": 4, "seq": 2048, "peak_gib": 8.69, "in_sample": False},
+    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 4, "rows": 4, "seq": 2048, "peak_gib": 10.09, "in_sample": False},
+    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 2, "rows": 1, "seq": 2048, "peak_gib": 4.07, "in_sample": False},
+    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 4, "rows": 1, "seq": 2048, "peak_gib": 5.62, "in_sample": False},
+    # bench/h200-2026-11-29-fused-r1.json: the fused path (training.fused_moe, the default)
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 2, "rows": 8, "seq": 2048, "peak_gib": 11.94, "in_sample": True},
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 4, "rows": 8, "seq": 2048, "peak_gib": 13.86, "in_sample": True},
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 8, "rows": 8, "seq": 2048, "peak_gib": 18.04, "in_sample": False},
+    # bench/h200-2026-11-29-mistral.json
+    {"shape": "mistral-7b", "moe": None, "layers": 4, "rows": 4, "seq": 2048, "peak_gib": 5.96, "in_sample": True},
+    {"shape": "mistral-7b", "moe": None, "layers": 8, "rows": 4, "seq": 2048, "peak_gib": 6.91, "in_sample": True},
+    {"shape": "mistral-7b", "moe": None, "layers": 4, "rows": 1, "seq": 2048, "peak_gib": 2.67, "in_sample": True},
+    {"shape": "mistral-7b", "moe": None, "layers": 8, "rows": 1, "seq": 2048, "peak_gib": 3.25, "in_sample": True},
 ]
 # The same runs' throughput at 32 layers (real tokens/s) for 1 and 4 packed rows of 2048.
 H200_TOKENS_PER_S = {2048: 1026.0, 8192: 2385.0}
@@ -72,24 +93,32 @@ AUTO_BATCH_MAX = 16  # more packed rows per micro-batch buys little once the GPU
 
 # --------------------------------------------------------------------------- memory
 
+def mlp_path(shape: Shape, fused_moe: bool) -> str:
+    """How the job runs a layer's MLP: entrypoint/moe.py fuses Mixtral's experts only."""
+    return "fused" if fused_moe and shape.model_type == "mixtral" and shape.experts > 1 else "stock"
+
+
 def memory_parts_gib(shape: Shape, tokens: int, r: int, layers: int | None = None, checkpointing: bool = True,
-                     split: int = 1) -> dict[str, float]:
+                     split: int = 1, fused_moe: bool = True) -> dict[str, float]:
     """Peak allocated bytes by part, for one GPU holding 1/split of the layers (and, in
-    the worst case, the embeddings, head and logits as well)."""
+    the worst case, the embeddings, head and logits as well). The last part is the larger
+    transient, "logits" or "layer_backward" (see the module docstring)."""
     n = layers if layers is not None else shape.layers
     per_gpu_layers = math.ceil(n / split)
     parts = {
         "nf4_weights": per_gpu_layers * shape.layer_quantized_params * NF4_BYTES,
         "embeddings_fp32": shape.embedding_params * EMBED_BYTES,
         "lora_and_optimizer": per_gpu_layers * shape.lora_params_per_layer(r) * LORA_BYTES,
-        "logits": tokens * shape.vocab * HEAD_BYTES,
-        "recompute": tokens * shape.experts_per_token * shape.intermediate * MOE_RECOMPUTE_BYTES,
     }
     if checkpointing:
         parts["checkpoints"] = tokens * per_gpu_layers * shape.hidden * CKPT_BYTES
     else:
         parts["activations"] = tokens * per_gpu_layers * (
             shape.hidden * NO_CKPT_BYTES_PER_HIDDEN + shape.experts_per_token * shape.intermediate * 8)
+    head = tokens * shape.vocab * HEAD_BYTES
+    layer = tokens * (shape.hidden * LAYER_BACKWARD_BYTES + shape.experts_per_token * shape.intermediate
+                      * MLP_BACKWARD_BYTES[mlp_path(shape, fused_moe)])
+    parts["logits" if head >= layer else "layer_backward"] = max(head, layer)
     return {k: v / GIB for k, v in parts.items()}
 
 
@@ -103,10 +132,12 @@ def needed_gib(shape: Shape, tokens: int, r: int, **kw) -> float:
 
 
 def calibration() -> list[dict]:
-    """The memory model against every measured run: predicted, measured, error."""
+    """The memory model against every measured run, each with its own MoE path: predicted,
+    measured, error, and in_sample (whether a constant was fitted on the run)."""
     out = []
     for m in MEASURED:
-        pred = peak_allocated_gib(BUILT_IN[m["shape"]], m["rows"] * m["seq"], 16, layers=m["layers"])
+        pred = peak_allocated_gib(BUILT_IN[m["shape"]], m["rows"] * m["seq"], 16, layers=m["layers"],
+                                  fused_moe=m["moe"] == "fused")
         out.append(m | {"predicted_gib": round(pred, 2), "error_pct": round(100 * (pred - m["peak_gib"]) / m["peak_gib"], 1)})
     return out
 
@@ -134,13 +165,16 @@ ASSUMPTIONS = [
     "throughput: the entrypoint measured on one H200 (Mixtral-8x7B width, 4-bit, 2048-token rows: "
     "1,026 tok/s at 1 row, 2,385 at 4 rows per micro-batch, 32 layers extrapolated); a step = fixed "
     "part per quantized linear module + per-token part scaled by active parameters per token",
+    "those rates are the stock MoE path's: the fused default measured 3,819 tok/s at 8 rows, where this "
+    "predicts 3,061, so Mixtral hours and cost err long (not yet refitted: one fused batch size measured)",
     "other GPUs: the per-token part scales half with dense bf16/fp16 TFLOP/s, half with memory bandwidth; "
     "the fixed part (kernel launches, Python) does not scale",
     f"data parallel: {DDP_EFFICIENCY:.0%} efficiency per extra GPU; model split over GPUs: one GPU busy at a time",
     f"time adds {STARTUP_HOURS} h of start-up (image, model download, 4-bit load); prices on demand, "
     "spot as the catalog's discount range",
     "memory: NF4 + double-quant constants, fp32 embeddings/head, LoRA with grads and 8-bit AdamW, "
-    f"checkpointed activations, logits; x{SLACK} allocator slack + {CUDA_CONTEXT_GIB} GiB CUDA context",
+    "checkpointed activations, then the larger of the logits' buffers and one layer's backward (its MoE "
+    f"block by training.fused_moe); x{SLACK} allocator slack + {CUDA_CONTEXT_GIB} GiB CUDA context",
 ]
 
 
@@ -255,12 +289,13 @@ def _fit(shape: Shape, inst: Instance, cfg: JobConfig, rows: int) -> tuple[Strat
     and the GiB each GPU needs that way."""
     t, c = cfg.training, cfg.compute
     tokens = rows * t.max_seq_length
-    single = needed_gib(shape, tokens, cfg.lora.r, checkpointing=t.gradient_checkpointing)
+    kw = {"checkpointing": t.gradient_checkpointing, "fused_moe": t.fused_moe}
+    single = needed_gib(shape, tokens, cfg.lora.r, **kw)
     multi = inst.gpu_count > 1 or c.instance_count > 1
     if c.strategy != "model_parallel" and single <= inst.gpu.memory_gib:
         return (c.strategy if c.strategy != "auto" else ("ddp" if multi else "single")), single
     if c.strategy in ("auto", "model_parallel") and inst.gpu_count > 1 and c.instance_count == 1:
-        split = needed_gib(shape, tokens, cfg.lora.r, checkpointing=t.gradient_checkpointing, split=inst.gpu_count)
+        split = needed_gib(shape, tokens, cfg.lora.r, split=inst.gpu_count, **kw)
         return ("model_parallel" if split <= inst.gpu.memory_gib else None), split
     return None, single
 
