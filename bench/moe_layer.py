@@ -20,13 +20,14 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from entrypoint import checkpoints, moe  # noqa: E402
+from entrypoint import checkpoints, kernels  # noqa: E402
 from entrypoint import model as M  # noqa: E402
 from entrypoint.hyperparams import LoraSpec  # noqa: E402
-from entrypoint.moe import use_low_memory_moe  # noqa: E402
+from entrypoint.moe import use_fused_moe  # noqa: E402
 
 FULL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
             vocab_size=32000, num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)
+PROFILE = False
 SMALL = dict(FULL, hidden_size=1024, intermediate_size=3584, num_attention_heads=8, num_key_value_heads=2)
 
 
@@ -49,7 +50,7 @@ def lora_model(path: Path, checkpointing: bool, dropout: float = 0.0):
     base = M.load_4bit(str(path), p, {"": 0}, "sdpa")
     M.check_quantized(base)
     net = M.attach_lora(base, LoraSpec(r=16, alpha=32, dropout=dropout, target_modules="auto"),
-                        gradient_checkpointing=checkpointing, low_memory_moe=False)
+                        gradient_checkpointing=checkpointing, fused_moe=False)
     g = torch.Generator().manual_seed(1)
     for n, prm in net.named_parameters():
         if "lora_B" in n:  # non-zero B, so every LoRA gradient is exercised from step 0
@@ -59,7 +60,7 @@ def lora_model(path: Path, checkpointing: bool, dropout: float = 0.0):
 
 def set_fast(net, fast: bool) -> None:
     if fast:
-        use_low_memory_moe(net)
+        use_fused_moe(net)
         return
     for m in net.modules():
         if "forward" in vars(m) and hasattr(m, "_stock_forward"):
@@ -80,8 +81,9 @@ def timed(fn, repeats=5, warmup=2):
     return sorted(times)[len(times) // 2], times
 
 
-def layer_bench(work: Path, tokens: list[int]) -> list[dict]:
-    net = lora_model(make(work, 1, FULL, "moe-L1"), checkpointing=False)
+def layer_bench(work: Path, tokens: list[int], dropout: float = 0.0) -> list[dict]:
+    net = lora_model(make(work, 1, FULL, "moe-L1"), checkpointing=False, dropout=dropout)
+    net.train()
     block = net.base_model.model.model.layers[0].block_sparse_moe
     params = [p for p in block.parameters() if p.requires_grad]
     rows = []
@@ -90,9 +92,8 @@ def layer_bench(work: Path, tokens: list[int]) -> list[dict]:
         x = torch.randn(1, n, 4096, device="cuda", requires_grad=True)
         gy = torch.randn(1, n, 4096, device="cuda")
         got = {}
-        for fast in (False, "exact", "half"):
-            set_fast(net, bool(fast))
-            moe.EXACT = fast != "half"
+        for fast in (False, True):
+            set_fast(net, fast)
 
             def step(x=x, gy=gy, block=block):
                 x.grad = None
@@ -107,21 +108,49 @@ def layer_bench(work: Path, tokens: list[int]) -> list[dict]:
             before = torch.cuda.memory_allocated()
             med, times = timed(step)
             peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+            if fast and PROFILE:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    step()
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25,
+                                                max_name_column_width=80), flush=True)
             y = step().detach().float()
             grads = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in params]).float()
             got[fast] = (y, grads)
-            rows.append({"tokens": n, "path": fast or "stock", "fwd_bwd_ms": 1e3 * med,
+            rows.append({"tokens": n, "path": "fused" if fast else "stock", "dropout": dropout, "fwd_bwd_ms": 1e3 * med,
                          "all_ms": [1e3 * t for t in times], "peak_extra_gib": peak})
-            print(f"layer tokens={n} {rows[-1]['path']:5s} fwd+bwd {1e3 * med:7.1f} ms  peak +{peak:.2f} GiB", flush=True)
+            print(f"layer tokens={n} dropout={dropout} {rows[-1]['path']:5s} fwd+bwd {1e3 * med:7.1f} ms  peak +{peak:.2f} GiB", flush=True)
         cos = torch.nn.functional.cosine_similarity
-        for i, mode in ((-2, "exact"), (-1, "half")):
-            rows[i]["out_cos"] = cos(got[False][0].flatten(), got[mode][0].flatten(), dim=0).item()
-            rows[i]["grad_cos"] = cos(got[False][1], got[mode][1], dim=0).item()
-            print(f"  {mode}: speed-up {rows[-3]['fwd_bwd_ms'] / rows[i]['fwd_bwd_ms']:.2f}x  output cos "
-                  f"{rows[i]['out_cos']:.5f}  grad cos {rows[i]['grad_cos']:.5f}", flush=True)
+        rows[-1]["out_cos"] = cos(got[False][0].flatten(), got[True][0].flatten(), dim=0).item()
+        rows[-1]["grad_cos"] = cos(got[False][1], got[True][1], dim=0).item()
+        print(f"  fused: speed-up {rows[-2]['fwd_bwd_ms'] / rows[-1]['fwd_bwd_ms']:.2f}x  output cos "
+              f"{rows[-1]['out_cos']:.5f}  grad cos {rows[-1]['grad_cos']:.5f}", flush=True)
     del net
     torch.cuda.empty_cache()
     return rows
+
+
+def kernel_check() -> dict:
+    """entrypoint.kernels' Triton SwiGLU against its torch arithmetic, bf16 on this GPU."""
+    torch.manual_seed(4)
+    n, f = 3000, 14336
+    a13 = torch.randn(n, 2 * f, device="cuda").bfloat16()
+    l1, l3, dh, dl = (torch.randn(n, f, device="cuda").bfloat16() * s for s in (0.1, 0.1, 1, 0.1))
+    got = {}
+    for triton in (kernels.triton, None):
+        saved, kernels.triton = kernels.triton, triton
+        u, v = torch.empty(2, n, f, device="cuda")
+        h, _ = kernels.swiglu_forward(a13, l1, l3, u, v)
+        d13, h2 = kernels.swiglu_backward(dh, dl, u, v)
+        got[triton is None] = [h, u, v, d13, h2]
+        kernels.triton = saved
+    out = {}
+    for name, a, b in zip(("h", "u", "v", "d13", "h_bwd"), got[False], got[True], strict=True):
+        out[name] = {"max_abs": (a.float() - b.float()).abs().max().item(), "mismatch": (a != b).float().mean().item()}
+    print(f"kernel vs torch (bf16, {n}x{f}): {out}", flush=True)
+    return out
 
 
 def numerics(work: Path, steps: int, pair=(False, True), sync: bool = False) -> dict:
@@ -171,7 +200,7 @@ def checkpoint_time(model_dirs: list[Path], work: Path) -> list[dict]:
     rows = []
     for path in model_dirs:
         net = lora_model(path, checkpointing=True, dropout=0.05)
-        use_low_memory_moe(net)
+        use_fused_moe(net)
         opt = bnb.optim.AdamW8bit([p for p in net.parameters() if p.requires_grad], lr=1e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         ids = torch.randint(0, 32000, (1, 512)).cuda()
@@ -198,24 +227,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--dropout", type=float, nargs="+", default=[0.0],
+                    help="LoRA dropout of the layer timing (numerics compare at 0: masks differ)")
     ap.add_argument("--skip-layer", action="store_true")
-    ap.add_argument("--half", action="store_true", help="numerics of moe.EXACT=False too")
     ap.add_argument("--drift", action="store_true", help="unsynced runs: stock vs stock, stock vs fast")
     ap.add_argument("--skip-numerics", action="store_true")
     ap.add_argument("--ckpt", type=Path, nargs="*", default=[], help="model dirs to time the checkpoint on")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sm-qlora-moe"))
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--profile", action="store_true", help="print the fused pass's top CUDA kernels")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     args.work.mkdir(parents=True, exist_ok=True)
     result = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    result["kernel"] = kernel_check()
     if not args.skip_layer:
-        result["layer"] = layer_bench(args.work, args.tokens)
+        result["layer"] = [r for d in args.dropout for r in layer_bench(args.work, args.tokens, d)]
     if not args.skip_numerics:
         result["numerics"] = [numerics(args.work, args.steps, (False, True), sync=True)]
-        if args.half:
-            moe.EXACT = False
-            result["numerics_half"] = numerics(args.work, args.steps, (False, True), sync=True)
-            moe.EXACT = True
         if args.drift:
             result["numerics"] += [numerics(args.work, args.steps, (False, False)),  # stock against itself
                                    numerics(args.work, args.steps, (False, True))]

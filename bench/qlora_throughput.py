@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -212,7 +213,7 @@ def ratio_spread(runs: list[dict], recipe: str, base: str) -> dict:
             ratios.append(summarize(these, recipe)["tokens_per_sec_32_layers"]
                           / summarize(these, base)["tokens_per_sec_32_layers"])
     ratios.sort()
-    return {"median": ratios[len(ratios) // 2] if ratios else None, "min": min(ratios, default=None),
+    return {"median": statistics.median(ratios) if ratios else None, "min": min(ratios, default=None),
             "max": max(ratios, default=None), "per_repeat": ratios}
 
 
