@@ -62,22 +62,29 @@ def attention_implementation(device: torch.device) -> str:
 def load_4bit(source: str, precision: Precision, device_map, attn: str, token: str | None = None,
               revision: str | None = None, trust_remote_code: bool = False,
               skip_modules: list[str] | None = None):
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source, token=token, revision=revision, trust_remote_code=trust_remote_code)
+    return AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=quantization(config, precision, skip_modules), dtype=precision.dtype,
+        device_map=device_map,
+        attn_implementation=attn, token=token, revision=revision, trust_remote_code=trust_remote_code,
+        low_cpu_mem_usage=True,
+    )
+
+
+def quantization(config, precision: Precision, skip_modules: list[str] | None = None):
+    """NF4 with double quantization, compute in the job's precision; routers and head kept."""
+    from transformers import BitsAndBytesConfig
+
     skip = list(skip_modules or []) + router_names(config)
-    bnb = BitsAndBytesConfig(
+    return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=precision.dtype,
         # An explicit list replaces transformers' default one (the output head), so the head is named too.
         llm_int8_skip_modules=skip + ["lm_head"] if skip else None,
-    )
-    return AutoModelForCausalLM.from_pretrained(
-        source, quantization_config=bnb, dtype=precision.dtype, device_map=device_map,
-        attn_implementation=attn, token=token, revision=revision, trust_remote_code=trust_remote_code,
-        low_cpu_mem_usage=True,
     )
 
 

@@ -85,3 +85,30 @@ def test_auto_targets_for_mixtral_are_attention_and_experts_not_the_router(tiny_
 def test_precision_on_cpu_is_fp32():
     p = M.choose_precision(torch.device("cpu"))
     assert p.name == "fp32" and p.dtype == torch.float32
+
+
+def test_the_bench_quantizing_in_memory_builds_the_model_load_4bit_loads(tiny_model, fp32):
+    """bench/deep_memory.py measures memory at full depth from weights it never writes to disk:
+    its model must be the one the job loads (same modules, same NF4 bytes, same logits)."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from deep_memory import quantized_in_memory
+
+    state = {}
+    for f in sorted(Path(tiny_model).glob("*.safetensors")):
+        state.update(load_file(f))
+    config = AutoConfig.from_pretrained(tiny_model)
+    built = quantized_in_memory(config, state, fp32, {"": "cpu"}, "sdpa")
+    loaded = M.load_4bit(str(tiny_model), fp32, {"": "cpu"}, "sdpa")
+    assert M.check_quantized(built) == M.check_quantized(loaded)
+    a, b = dict(built.named_parameters()), dict(loaded.named_parameters())
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 2048, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(built(input_ids=ids).logits, loaded(input_ids=ids).logits)

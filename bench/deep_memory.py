@@ -1,0 +1,117 @@
+"""Peak GPU memory and step time of the entrypoint's model at full depth (e.g. all 32 layers of a
+Mixtral-8x7B shape), with no checkpoint on disk: random bf16 weights are built on the GPU and
+quantized in memory by transformers' own bitsandbytes loading, with entrypoint.model's
+quantization config (tests/entrypoint/test_model.py checks that this gives the same model as
+loading from disk). Then the job's recipe: LoRA r16 on `target_modules: auto` with the fused
+MoE pass (`--stock-moe` for the transformers path), gradient checkpointing, bf16 autocast,
+8-bit AdamW with gradient clipping, packed rows with per-example positions.
+
+An H200 holds the 93 GB of bf16 Mixtral-8x7B while it is quantized (about 23 GB after).
+Compare with qlora_throughput.py at the layer counts both can run to check that the two agree.
+
+    python bench/deep_memory.py --layers 32 --rows 8 4 --steps 6 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from entrypoint import model as M  # noqa: E402
+from entrypoint.hyperparams import LoraSpec  # noqa: E402
+
+
+def quantized_in_memory(config, state_dict: dict, precision: M.Precision, device_map, attn: str):
+    """The model load_4bit would give from a checkpoint holding state_dict."""
+    import transformers
+
+    cls = getattr(transformers, config.architectures[0])
+    return cls.from_pretrained(None, config=config, state_dict=state_dict, quantization_config=M.quantization(
+        config, precision), dtype=precision.dtype, device_map=device_map, attn_implementation=attn)
+
+
+def random_model(shape: str, layers: int, precision: M.Precision):
+    """Random bf16 weights of the bench shape, built on the GPU and quantized there."""
+    import qlora_throughput as Q
+    import transformers
+
+    config_cls, model_cls, kwargs = Q.SHAPES[shape]
+    config = getattr(transformers, config_cls)(num_hidden_layers=layers, architectures=[model_cls], **kwargs)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        full = getattr(transformers, model_cls)(config).to(torch.bfloat16)
+    state = full.state_dict()
+    del full
+    model = quantized_in_memory(config, state, precision, {"": 0}, M.attention_implementation(torch.device("cuda")))
+    del state
+    torch.cuda.empty_cache()
+    return model
+
+
+def measure(model, rows: int, seq: int, steps: int, fused: bool) -> dict:
+    import bitsandbytes as bnb
+    from profile_step import packed_batch
+
+    net = M.attach_lora(model, LoraSpec(r=16, alpha=32, dropout=0.05, target_modules="auto"),
+                        gradient_checkpointing=True, fused_moe=fused)
+    net.train()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = bnb.optim.AdamW8bit(params, lr=2e-4)
+    batch = packed_batch(rows, seq)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = net(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    steady = sorted(times[1:] or times)
+    return {"rows": rows, "tokens": rows * seq, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "step_s": steady[len(steady) // 2], "all_step_s": times, "fused_moe": fused}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="mixtral-8x7b")
+    ap.add_argument("--layers", type=int, nargs="+", default=[32])
+    ap.add_argument("--rows", type=int, nargs="+", default=[8, 4])
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--stock-moe", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    precision = M.choose_precision(torch.device("cuda"))
+    out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": args.shape, "runs": []}
+    for layers in args.layers:
+        for rows in args.rows:  # a fresh model per run: LoRA and optimizer state start from nothing
+            t = time.time()
+            model = random_model(args.shape, layers, precision)
+            built = time.time() - t
+            r = measure(model, rows, args.seq, args.steps, not args.stock_moe) | {"layers": layers, "build_s": built}
+            out["runs"].append(r)
+            print(f"layers={layers} rows={rows}: peak {r['peak_gib']:.2f} GiB, step {r['step_s']:.3f} s "
+                  f"({r['tokens'] / r['step_s']:.0f} tok/s), built in {built:.0f} s", flush=True)
+            del model
+            torch.cuda.empty_cache()
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
