@@ -256,9 +256,8 @@ def _expert_backward(xe, gy, u, v, projs, grads, at: int, seed: int) -> torch.Te
     w1, w3, w2 = projs
     ffn = u.shape[1]
     k1, k3 = _keep(w1, xe), _keep(w3, xe)  # the forward's draws, in its order
-    lora_dh = None if w2.lora_a is None else (gy @ w2.lora_b.to(gy.dtype) * w2.scaling) @ w2.lora_a.to(gy.dtype)
-    d13, hk = kernels.swiglu_backward(gy @ _dequantize((w2,), gy.dtype), lora_dh, u, v, drop=_drop(w2), seed=seed)
-    del lora_dh
+    d13, hk = kernels.swiglu_backward(gy @ _dequantize((w2,), gy.dtype), _lora_input_grad(gy, w2), u, v,
+                                      drop=_drop(w2), seed=seed)
     _lora_weight_grads(gy, w2, hk, grads, at + 4)
     del hk
     dx = (d13 @ _dequantize((w1, w3), gy.dtype)).float()
@@ -266,8 +265,15 @@ def _expert_backward(xe, gy, u, v, projs, grads, at: int, seed: int) -> torch.Te
         if p.lora_a is not None:
             dy = d13[:, j * ffn:(j + 1) * ffn]
             _lora_weight_grads(dy, p, _dropped(xe, keep), grads, at + 2 * j)
-            dx += _dropped((dy @ p.lora_b.to(dy.dtype) * p.scaling) @ p.lora_a.to(dy.dtype), keep).float()
+            dx += _dropped(_lora_input_grad(dy, p), keep).float()
     return dx
+
+
+def _lora_input_grad(gy, p: Proj) -> torch.Tensor | None:
+    """d(lora_in) of y = ... + s lora_in A^T B^T, in gy's dtype (before the dropout mask)."""
+    if p.lora_a is None:
+        return None
+    return (gy @ p.lora_b.to(gy.dtype) * p.scaling) @ p.lora_a.to(gy.dtype)
 
 
 def _lora_weight_grads(gy, p: Proj, lora_in, grads, at: int) -> None:
