@@ -8,8 +8,8 @@ when a backward will follow. The backward pass reads the output gradient and u, 
 du and dv side by side (so one matmul takes them to the input gradient) and h again (for the
 w2 LoRA gradients), instead of keeping h.
 
-Triton runs it on CUDA; elsewhere (CPU, or Triton missing) torch does the same arithmetic, in
-the same order as the stock path.
+Triton runs it on CUDA GPUs of compute capability 8.0+; elsewhere (CPU, V100/T4, Triton missing
+or failing to launch) torch does the same arithmetic, in the same order as the stock path.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def swiglu_forward(a13: torch.Tensor, l1: torch.Tensor | None, l3: torch.Tensor 
                    drop: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """h = silu(a1 + l1) * (a3 + l3) in a13's dtype, where a13 = [a1 | a3] is (n, 2f) and l1, l3
     (n, f) or None. Returns h and h * keep, keep being dropout(drop) drawn from seed (the input
-    of w2's LoRA; h itself when drop is 0); row i's mask is keyed on seed + i. The fp32 u = a1 + l1 and v = a3 + l3 go to u_out
-    and v_out when given."""
+    of w2's LoRA; h itself when drop is 0); row i's mask is keyed on seed + i. The fp32
+    u = a1 + l1 and v = a3 + l3 go to u_out and v_out when given."""
     a13, l1, l3 = (t if t is None or t.is_contiguous() else t.contiguous() for t in (a13, l1, l3))
     n, f = a13.shape[0], a13.shape[1] // 2
     h = a13.new_empty(n, f)
