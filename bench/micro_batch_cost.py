@@ -53,7 +53,8 @@ def layouts(seq: int, vocab: int):
 def main() -> None:
     src = sys.argv[1]
     prec = M.choose_precision(torch.device("cuda"))
-    net = M.attach_lora(M.load_4bit(src, prec, {"": 0}, "sdpa"), LoraSpec(r=16, target_modules="auto"), True)
+    net = M.attach_lora(M.load_4bit(src, prec, {"": 0}, "sdpa"), LoraSpec(r=16, target_modules="auto"), True,
+                        fused_moe=False)  # the stock path these recorded numbers used
     net.train()
     vocab = net.config.vocab_size
     for name, batch, real in layouts(2048, vocab):

@@ -141,7 +141,7 @@ def lora_targets(model: nn.Module, requested) -> list[str] | str:
     return requested
 
 
-def attach_lora(model, lora, gradient_checkpointing: bool, fused_moe: bool = False):
+def attach_lora(model, lora, gradient_checkpointing: bool, *, fused_moe: bool):
     """PEFT LoRA on the 4-bit model. fused_moe routes Mixtral's expert blocks through
     entrypoint.moe (same modules and adapter format; on an H200 1.4x faster per MoE layer
     with less memory than the stock path, bench/README.md)."""
