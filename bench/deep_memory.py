@@ -3,13 +3,15 @@ Mixtral-8x7B shape), with no checkpoint on disk: random bf16 weights are built o
 quantized in memory by transformers' own bitsandbytes loading, with entrypoint.model's
 quantization config (tests/entrypoint/test_model.py checks that this gives the same model as
 loading from disk). Then the job's recipe: LoRA r16 on `target_modules: auto` with the fused
-MoE pass (`--stock-moe` for the transformers path), gradient checkpointing, bf16 autocast,
-8-bit AdamW with gradient clipping, packed rows with per-example positions.
+MoE pass (`--stock-moe` for the transformers path), gradient checkpointing with the layer inputs
+offloaded to host memory (`--gpu-checkpoints` also measures them kept on the GPU), bf16 autocast,
+8-bit AdamW with gradient clipping, packed rows with per-example positions. One step's LoRA
+gradients are compared, offloaded against GPU-held checkpoints, on the same weights and data.
 
 An H200 holds the 93 GB of bf16 Mixtral-8x7B while it is quantized (about 23 GB after).
 Compare with qlora_throughput.py at the layer counts both can run to check that the two agree.
 
-    python bench/deep_memory.py --layers 32 --rows 8 4 --steps 6 --out results.json
+    python bench/deep_memory.py --layers 32 --rows 8 4 --steps 6 --gpu-checkpoints --out results.json
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from entrypoint import model as M  # noqa: E402
-from entrypoint.hyperparams import LoraSpec  # noqa: E402
+from entrypoint.hyperparams import LoraSpec, TrainingSpec  # noqa: E402
 
 
 def quantized_in_memory(config, state_dict: dict, precision: M.Precision, device_map, attn: str):
@@ -57,13 +59,57 @@ def random_model(shape: str, layers: int, precision: M.Precision):
     return model
 
 
-def measure(model, rows: int, seq: int, steps: int, fused: bool) -> dict:
+def lora_model(model, fused: bool):
+    """The job's LoRA on `model`, with GPU-held checkpoints; `checkpoints(net, offload)` switches."""
+    net = M.attach_lora(model, LoraSpec(r=16, alpha=32, dropout=0.05, target_modules="auto"),
+                        TrainingSpec(fused_moe=fused, offload_checkpoints=False))
+    g = torch.Generator().manual_seed(1)
+    for n, p in net.named_parameters():
+        if "lora_B" in n:  # non-zero B, so every LoRA gradient is exercised from step 0
+            p.data = (torch.randn(p.shape, generator=g) * 0.01).to(p)
+    net._gpu_checkpoints = {m: m._gradient_checkpointing_func for m in net.modules()
+                            if getattr(m, "gradient_checkpointing", False) is True}
+    net.train()
+    return net
+
+
+def checkpoints(net, offload: bool) -> None:
+    from entrypoint.offload import use_offloaded_checkpoints
+
+    if offload:
+        assert use_offloaded_checkpoints(net) == len(net._gpu_checkpoints)
+    else:
+        for m, f in net._gpu_checkpoints.items():
+            m._gradient_checkpointing_func = f
+
+
+def gradients(net, batch) -> torch.Tensor:
+    torch.manual_seed(3)  # the same LoRA dropout masks in both runs
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        net(**batch).loss.backward()
+    g = torch.cat([p.grad.flatten().float() for p in net.parameters() if p.requires_grad and p.grad is not None])
+    net.zero_grad(set_to_none=True)
+    return g
+
+
+def same_gradients(net, rows: int, seq: int) -> dict:
+    """One step's LoRA gradients with offloaded checkpoints against GPU-held ones."""
+    from profile_step import packed_batch
+
+    batch = packed_batch(rows, seq)
+    checkpoints(net, True)
+    a = gradients(net, batch)
+    checkpoints(net, False)
+    b = gradients(net, batch)
+    return {"rows": rows, "max_abs_diff": (a - b).abs().max().item(), "bitwise_equal": bool(torch.equal(a, b)),
+            "cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item()}
+
+
+def measure(net, rows: int, seq: int, steps: int, offload: bool) -> dict:
     import bitsandbytes as bnb
     from profile_step import packed_batch
 
-    net = M.attach_lora(model, LoraSpec(r=16, alpha=32, dropout=0.05, target_modules="auto"),
-                        gradient_checkpointing=True, fused_moe=fused)
-    net.train()
+    checkpoints(net, offload)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = bnb.optim.AdamW8bit(params, lr=2e-4)
     batch = packed_batch(rows, seq)
@@ -81,8 +127,11 @@ def measure(model, rows: int, seq: int, steps: int, fused: bool) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     steady = sorted(times[1:] or times)
-    return {"rows": rows, "tokens": rows * seq, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "step_s": steady[len(steady) // 2], "all_step_s": times, "fused_moe": fused}
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del opt
+    torch.cuda.empty_cache()
+    return {"rows": rows, "tokens": rows * seq, "offload_checkpoints": offload, "peak_gib": peak,
+            "step_s": steady[len(steady) // 2], "all_step_s": times}
 
 
 def main() -> None:
@@ -93,24 +142,32 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--stock-moe", action="store_true")
+    ap.add_argument("--gpu-checkpoints", action="store_true",
+                    help="also measure each batch with checkpointed layer inputs kept on the GPU")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     precision = M.choose_precision(torch.device("cuda"))
-    out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": args.shape, "runs": []}
+    out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": args.shape,
+           "fused_moe": not args.stock_moe, "runs": [], "gradients": []}
     for layers in args.layers:
-        for rows in args.rows:  # a fresh model per run: LoRA and optimizer state start from nothing
-            t = time.time()
-            model = random_model(args.shape, layers, precision)
-            built = time.time() - t
-            r = measure(model, rows, args.seq, args.steps, not args.stock_moe) | {"layers": layers, "build_s": built}
-            out["runs"].append(r)
-            print(f"layers={layers} rows={rows}: peak {r['peak_gib']:.2f} GiB, step {r['step_s']:.3f} s "
-                  f"({r['tokens'] / r['step_s']:.0f} tok/s), built in {built:.0f} s", flush=True)
-            del model
-            torch.cuda.empty_cache()
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(out, indent=2))
+        t = time.time()
+        net = lora_model(random_model(args.shape, layers, precision), not args.stock_moe)
+        built = time.time() - t
+        print(f"layers={layers}: built and quantized in {built:.0f} s", flush=True)
+        check = same_gradients(net, min(args.rows), args.seq) | {"layers": layers}
+        out["gradients"].append(check)
+        print(f"layers={layers}: offloaded vs GPU checkpoints: {check}", flush=True)
+        for rows in args.rows:
+            for offload in (True, False) if args.gpu_checkpoints else (True,):
+                r = measure(net, rows, args.seq, args.steps, offload) | {"layers": layers, "build_s": built}
+                out["runs"].append(r)
+                print(f"layers={layers} rows={rows} offload={offload}: peak {r['peak_gib']:.2f} GiB, "
+                      f"step {r['step_s']:.3f} s ({r['tokens'] / r['step_s']:.0f} tok/s)", flush=True)
+                if args.out:
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(out, indent=2))
+        del net
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from entrypoint import model as M  # noqa: E402
-from entrypoint.hyperparams import LoraSpec  # noqa: E402
+from entrypoint.hyperparams import LoraSpec, TrainingSpec  # noqa: E402
 
 
 def layouts(seq: int, vocab: int):
@@ -53,8 +53,8 @@ def layouts(seq: int, vocab: int):
 def main() -> None:
     src = sys.argv[1]
     prec = M.choose_precision(torch.device("cuda"))
-    net = M.attach_lora(M.load_4bit(src, prec, {"": 0}, "sdpa"), LoraSpec(r=16, target_modules="auto"), True,
-                        fused_moe=False)  # the stock path these recorded numbers used
+    net = M.attach_lora(M.load_4bit(src, prec, {"": 0}, "sdpa"), LoraSpec(r=16, target_modules="auto"),
+                        TrainingSpec(fused_moe=False, offload_checkpoints=False))  # the path these numbers used
     net.train()
     vocab = net.config.vocab_size
     for name, batch, real in layouts(2048, vocab):

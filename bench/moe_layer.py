@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from entrypoint import checkpoints, kernels  # noqa: E402
 from entrypoint import model as M  # noqa: E402
-from entrypoint.hyperparams import LoraSpec  # noqa: E402
+from entrypoint.hyperparams import LoraSpec, TrainingSpec  # noqa: E402
 from entrypoint.moe import use_fused_moe  # noqa: E402
 
 FULL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -50,7 +50,7 @@ def lora_model(path: Path, checkpointing: bool, dropout: float = 0.0):
     base = M.load_4bit(str(path), p, {"": 0}, "sdpa")
     M.check_quantized(base)
     net = M.attach_lora(base, LoraSpec(r=16, alpha=32, dropout=dropout, target_modules="auto"),
-                        gradient_checkpointing=checkpointing, fused_moe=False)
+                        TrainingSpec(gradient_checkpointing=checkpointing, fused_moe=False, offload_checkpoints=False))
     g = torch.Generator().manual_seed(1)
     for n, prm in net.named_parameters():
         if "lora_B" in n:  # non-zero B, so every LoRA gradient is exercised from step 0

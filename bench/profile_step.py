@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from entrypoint import model as M  # noqa: E402
-from entrypoint.hyperparams import LoraSpec  # noqa: E402
+from entrypoint.hyperparams import LoraSpec, TrainingSpec  # noqa: E402
 
 
 def packed_batch(rows: int, seq: int, seed: int = 0) -> dict:
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--stock-moe", action="store_true")
+    ap.add_argument("--gpu-checkpoints", action="store_true", help="keep checkpointed layer inputs on the GPU")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sm-qlora-bench"))
     args = ap.parse_args()
@@ -53,7 +54,7 @@ def main() -> None:
     precision = M.choose_precision(torch.device("cuda"))
     base = M.load_4bit(str(path), precision, {"": 0}, M.attention_implementation(torch.device("cuda")))
     net = M.attach_lora(base, LoraSpec(r=16, alpha=32, dropout=0.05, target_modules="auto"),
-                        gradient_checkpointing=True, fused_moe=not args.stock_moe)
+                        TrainingSpec(fused_moe=not args.stock_moe, offload_checkpoints=not args.gpu_checkpoints))
     net.train()
     batch = packed_batch(args.rows, args.seq)
 

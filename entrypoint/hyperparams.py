@@ -91,6 +91,10 @@ class TrainingSpec(Strict):
         "(no padding, no attention across examples)",
     )
     gradient_checkpointing: bool = True
+    # With gradient_checkpointing on a GPU: each layer's checkpointed input waits for backward in
+    # pinned host memory, not on the GPU (entrypoint/offload.py; 8 GiB less at 32 layers of Mixtral
+    # and 8 packed rows of 2048). The same gradients; the copies overlap compute.
+    offload_checkpoints: bool = True
     # Mixtral only: one fused autograd pass per layer's experts (entrypoint/moe.py); the stock
     # transformers + PEFT path when false. Speed, memory and numerics: bench/README.md. Its first,
     # opt-in version was called low_memory_moe; that name is still read.

@@ -141,23 +141,29 @@ def lora_targets(model: nn.Module, requested) -> list[str] | str:
     return requested
 
 
-def attach_lora(model, lora, gradient_checkpointing: bool, *, fused_moe: bool):
-    """PEFT LoRA on the 4-bit model. fused_moe routes Mixtral's expert blocks through
-    entrypoint.moe (same modules and adapter format; on an H200 1.4x faster per MoE layer
-    with less memory than the stock path, bench/README.md)."""
+def attach_lora(model, lora, training):
+    """PEFT LoRA on the 4-bit model, set up as the job's `lora` and `training` sections say
+    (hyperparams.LoraSpec and TrainingSpec): training.fused_moe routes Mixtral's expert blocks
+    through entrypoint.moe (same modules and adapter format; on an H200 1.4x faster per MoE
+    layer with less memory than the stock path, bench/README.md); training.offload_checkpoints
+    keeps checkpointed layer inputs in host memory (entrypoint.offload)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=gradient_checkpointing,
+        model, use_gradient_checkpointing=training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    if training.gradient_checkpointing and training.offload_checkpoints:
+        from entrypoint.offload import use_offloaded_checkpoints
+
+        use_offloaded_checkpoints(model)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=lora_targets(model, lora.target_modules),
     )
     model = get_peft_model(model, config)
     model.config.use_cache = False
-    if fused_moe:
+    if training.fused_moe:
         from entrypoint.moe import use_fused_moe
 
         use_fused_moe(model)

@@ -387,6 +387,7 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
 
     from entrypoint import model as models
     from entrypoint.moe import describe as describe_moe
+    from entrypoint.offload import describe as describe_checkpoints
 
     device = ctx.device
     if _strategy(hp, ctx.world) == "model_parallel" and torch.cuda.device_count() > 1 and ctx.world == 1:
@@ -399,13 +400,13 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
     base = models.load_4bit(channel("model") or hp.model.id, precision, device_map, attn, token=token,
                             revision=hp.model.revision, trust_remote_code=hp.model.trust_remote_code)
     quant = models.check_quantized(base)
-    peft_model = models.attach_lora(base, hp.lora, hp.training.gradient_checkpointing,
-                                    fused_moe=hp.training.fused_moe)
+    peft_model = models.attach_lora(base, hp.lora, hp.training)
     trainable, total = models.parameter_counts(peft_model)
     moe_path = describe_moe(peft_model)
     ctx.say("model", linear4bit=quant["linear4bit"], trainable=trainable, total=total,
             trainable_pct=f"{100 * trainable / total:.3f}",
             targets=",".join(peft_model.peft_config["default"].target_modules),
+            checkpoints=describe_checkpoints(peft_model),
             **({"moe": moe_path.replace(" ", "_")} if moe_path else {}))
     net = peft_model
     if ctx.world > 1:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from entrypoint import model as M
-from entrypoint.hyperparams import LoraSpec
+from entrypoint.hyperparams import LoraSpec, TrainingSpec
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_fused_3d_expert_weights_fail_the_check(tiny_model, fp32):
 
 def test_auto_targets_for_mixtral_are_attention_and_experts_not_the_router(tiny_model, fp32):
     base = M.load_4bit(str(tiny_model), fp32, {"": "cpu"}, "sdpa")
-    net = M.attach_lora(base, LoraSpec(r=4, target_modules="auto"), gradient_checkpointing=False,
-                        fused_moe=False)
+    net = M.attach_lora(base, LoraSpec(r=4, target_modules="auto"),
+                        TrainingSpec(gradient_checkpointing=False, fused_moe=False))
     wrapped = {n.rsplit(".", 1)[-1] for n, m in net.named_modules() if hasattr(m, "lora_A")}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"}
     trainable, total = M.parameter_counts(net)

@@ -7,7 +7,7 @@ import torch
 
 from entrypoint import kernels, moe
 from entrypoint import model as M
-from entrypoint.hyperparams import LoraSpec
+from entrypoint.hyperparams import LoraSpec, TrainingSpec
 
 STEPS = 20
 
@@ -17,7 +17,7 @@ def lora_net(tiny_model, fast: bool, dtype=torch.float32, dropout: float = 0.0):
     torch.manual_seed(0)  # the same LoRA A init in both models
     base = M.load_4bit(str(tiny_model), precision, {"": "cpu"}, "sdpa")
     net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=dropout, target_modules="auto"),
-                        gradient_checkpointing=True, fused_moe=fast)
+                        TrainingSpec(fused_moe=fast))
     g = torch.Generator().manual_seed(1)
     for name, p in net.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; non-zero B exercises every LoRA gradient from step 1
@@ -149,7 +149,7 @@ def test_a_router_trained_alone_gets_its_gradient(tiny_model):
         base = M.load_4bit(str(tiny_model), M.Precision(torch.float32, "fp32", "test"), {"": "cpu"}, "sdpa",
                            skip_modules=["gate"])
         net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=0.0, target_modules=["gate"]),
-                            gradient_checkpointing=False, fused_moe=fast)
+                            TrainingSpec(gradient_checkpointing=False, fused_moe=fast))
         for name, p in net.named_parameters():
             if "lora_B" in name:
                 p.data = torch.full_like(p, 0.05)

@@ -1,0 +1,133 @@
+"""Gradient checkpointing with each decoder layer's input kept in host memory
+(`training.offload_checkpoints`, on by default; bench/README.md has its memory and speed).
+
+With checkpointing, what stays on the GPU between a layer's forward and its backward is the
+layer's input: tokens x hidden in fp32 (peft's prepare_model_for_kbit_training keeps the
+residual stream in fp32), 0.25 GiB a layer for 8 packed rows of 2048 at Mixtral's width, 8 GiB
+over 32 layers. Here that input is copied to pinned host memory on a side stream while the
+layer computes, and copied back, one layer ahead, while backward runs the layer above it.
+
+It is torch's own non-reentrant checkpoint (torch.utils.checkpoint, the one
+transformers uses with `use_reentrant: False`): the RNG and autocast state are replayed
+by torch and the autograd graph stays whole, so DDP sees every parameter. Only where the
+recomputation reads the layer's input changes: from the host copy, not from a GPU tensor
+held by the checkpoint. The recomputation sees the same bits, so gradients are the
+checkpoint's own (tests/entrypoint/test_offload.py). Unsloth's "unsloth" gradient
+checkpointing does the same with a reentrant Function; this one keeps DDP's unused-parameter
+search working. Written by hand: neither torch, transformers nor peft has it for a layer's input
+(torch.autograd.graph.save_on_cpu moves every saved tensor, and copies synchronously).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+class _HostCopy:
+    """One layer input: given back as is to the forward that builds the graph, then from
+    host memory to the recomputation in backward."""
+
+    def __init__(self, x: torch.Tensor, previous: _HostCopy | None):
+        self.live: torch.Tensor | None = x
+        self.device = x.device
+        self.requires_grad = x.requires_grad  # the recomputation must save what the forward saved
+        self.previous = weakref.ref(previous) if previous is not None else None
+        self.fetched: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        if x.is_cuda:
+            stream = _copy_stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                self.host.copy_(x.detach(), non_blocking=True)
+            x.record_stream(stream)  # its memory is not reused before the copy has read it
+            self.copied = stream.record_event()
+        else:  # nothing to offload on a CPU run; a copy keeps the code path the same
+            self.host = x.detach().clone()
+
+    def take(self) -> torch.Tensor:
+        if self.live is not None:  # the first forward: the graph's own tensor
+            x, self.live = self.live, None
+            return x
+        if self.host is None:
+            raise RuntimeError("an offloaded checkpoint was recomputed twice; retain_graph is not supported")
+        if self.fetched is None:
+            self.prefetch()
+        x = self.fetched
+        if x.is_cuda:
+            torch.cuda.current_stream(x.device).wait_event(self.ready)
+        self.host = self.fetched = self.ready = None
+        x.requires_grad_(self.requires_grad)
+        previous = self.previous() if self.previous is not None else None
+        if previous is not None:
+            previous.prefetch()  # the layer below: its copy overlaps this layer's backward
+        return x
+
+    def prefetch(self) -> None:
+        if self.host is None or self.fetched is not None or self.live is not None:
+            return
+        if not self.host.is_pinned():
+            self.fetched = self.host
+            return
+        compute = torch.cuda.current_stream(self.device)
+        # Allocated on the compute stream, which frees it; the copy waits for everything
+        # queued there so far, as that memory may have been freed by work not yet run.
+        self.fetched = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        stream = _copy_stream(self.device)
+        stream.wait_stream(compute)
+        stream.wait_event(self.copied)
+        with torch.cuda.stream(stream):
+            self.fetched.copy_(self.host, non_blocking=True)
+        self.ready = stream.record_event()
+
+
+class Offloader:
+    """The checkpoint function of one model's decoder layers; links each layer's host
+    copy to the one below it so backward can fetch one layer ahead."""
+
+    def __init__(self):
+        self.last: _HostCopy | None = None
+
+    def __call__(self, function, hidden_states: torch.Tensor, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return function(hidden_states, *args, **kwargs)
+        box = _HostCopy(hidden_states, self.last)
+        self.last = box
+        del hidden_states
+        return checkpoint(_run, function, box, *args, use_reentrant=False, **kwargs)
+
+
+def _run(function, box: _HostCopy, *args, **kwargs):
+    return function(box.take(), *args, **kwargs)
+
+
+def use_offloaded_checkpoints(model) -> int:
+    """Give every checkpointed layer of `model` (after gradient_checkpointing_enable) the
+    offloading checkpoint. Returns how many layers it switched."""
+    offloader, switched = Offloader(), 0
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True and hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = offloader
+            switched += 1
+    return switched
+
+
+def describe(model) -> str:
+    """Where checkpointed layer inputs wait for backward: "host", "gpu" (the device the
+    model is on; "gpu" also on a CPU run) or "off" (no checkpointing)."""
+    funcs = [m._gradient_checkpointing_func for m in model.modules()
+             if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func")]
+    if not funcs:
+        return "off"
+    return "host" if all(isinstance(f, Offloader) for f in funcs) else "gpu"
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]

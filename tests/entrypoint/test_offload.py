@@ -1,0 +1,90 @@
+"""Checkpointed layer inputs kept off the GPU (entrypoint/offload.py), on the tiny 4-bit Mixtral (CPU).
+
+On a CPU the host copy is a plain copy; the CUDA side streams are exercised by
+bench/deep_memory.py on a GPU, which compares one step's gradients the same way."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+from entrypoint import model as M
+from entrypoint.hyperparams import LoraSpec, TrainingSpec
+
+
+def lora_net(tiny_model, offload: bool, fused: bool):
+    torch.manual_seed(0)
+    base = M.load_4bit(str(tiny_model), M.Precision(torch.float32, "fp32", "test"), {"": "cpu"}, "sdpa")
+    net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=0.2, target_modules="auto"),
+                        TrainingSpec(fused_moe=fused, offload_checkpoints=offload))
+    g = torch.Generator().manual_seed(1)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:  # non-zero B: every LoRA gradient is exercised from step 1
+            p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p)
+    net.train()
+    return net
+
+
+def layers(net):
+    return net.base_model.model.model.layers
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-moe", "stock-moe"])
+def test_offloaded_checkpoints_give_the_same_gradients_over_three_steps(tiny_model, fused):
+    """With LoRA dropout 0.2 (its masks redrawn in the recomputation) and the optimizer
+    moving the weights between steps: bit for bit the loss and gradients of GPU-held checkpoints."""
+    nets = [lora_net(tiny_model, offload, fused) for offload in (False, True)]
+    assert layers(nets[1])[0]._gradient_checkpointing_func is not layers(nets[0])[0]._gradient_checkpointing_func
+    opts = [torch.optim.AdamW([p for p in n.parameters() if p.requires_grad], lr=1e-2) for n in nets]
+    data = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        ids = torch.randint(0, 2048, (2, 48), generator=data)
+        seen = []
+        for net, opt in zip(nets, opts, strict=True):
+            torch.manual_seed(5)
+            loss = net(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads = [p.grad.clone() for p in net.parameters() if p.requires_grad and p.grad is not None]
+            seen.append((loss.item(), grads))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        (gpu_loss, gpu_grads), (host_loss, host_grads) = seen
+        assert host_loss == gpu_loss
+        assert len(host_grads) == len(gpu_grads) > 0
+        assert all(torch.equal(a, b) for a, b in zip(host_grads, gpu_grads, strict=True))
+
+
+def test_a_layer_input_is_not_held_between_forward_and_backward(tiny_model):
+    """What the offload is for: after the forward, nothing keeps a decoder layer's input
+    tensor (the checkpoint holds the host copy); with GPU-held checkpoints every one stays."""
+    held = {}
+    for offload in (False, True):
+        net = lora_net(tiny_model, offload, fused=True)
+        inputs = []
+        hooks = [layer.register_forward_pre_hook(lambda _m, args, seen=inputs: seen.append(weakref.ref(args[0])))
+                 for layer in layers(net)]
+        ids = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(3))
+        loss = net(input_ids=ids, labels=ids).loss
+        for h in hooks:
+            h.remove()
+        assert len(inputs) == len(layers(net))
+        held[offload] = sum(ref() is not None for ref in inputs)
+        loss.backward()  # the recomputation still finds each input
+        assert all(p.grad is not None for n, p in net.named_parameters() if "layers.0." in n and "lora_A" in n)
+    assert held == {False: len(inputs), True: 0}
+
+
+def test_without_grad_the_offloaded_layers_just_run(tiny_model):
+    """An evaluation pass in train mode under no_grad: no copies, the same logits."""
+    ids = torch.randint(0, 2048, (1, 32), generator=torch.Generator().manual_seed(4))
+    logits = []
+    for offload in (False, True):
+        net = lora_net(tiny_model, offload, fused=True)
+        net.eval()  # no dropout, so the two models compute the same
+        for layer in layers(net):  # checkpointing runs only in train mode: force it on for the pass
+            layer.training = True
+        with torch.no_grad():
+            logits.append(net(input_ids=ids).logits)
+    assert torch.equal(*logits)
