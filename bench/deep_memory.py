@@ -49,8 +49,12 @@ def random_model(shape: str, layers: int, precision: M.Precision):
     config_cls, model_cls, kwargs = Q.SHAPES[shape]
     config = getattr(transformers, config_cls)(num_hidden_layers=layers, architectures=[model_cls], **kwargs)
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        full = getattr(transformers, model_cls)(config).to(torch.bfloat16)
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: 188 GB in fp32 would not fit
+    try:
+        with torch.device("cuda"):
+            full = getattr(transformers, model_cls)(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
     state = full.state_dict()
     del full
     model = quantized_in_memory(config, state, precision, {"": 0}, M.attention_implementation(torch.device("cuda")))
