@@ -96,17 +96,47 @@ def gradients(net, batch) -> torch.Tensor:
     return g
 
 
+def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    return {"max_abs_diff": (a - b).abs().max().item(), "bitwise_equal": bool(torch.equal(a, b)),
+            "cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item()}
+
+
 def same_gradients(net, rows: int, seq: int) -> dict:
-    """One step's LoRA gradients with offloaded checkpoints against GPU-held ones."""
+    """Offloaded against GPU-held checkpoints on the same weights, data and dropout masks:
+    - inputs_equal: each layer input the recomputation read back from host memory against
+      a GPU copy of the forward's (the property the offload must keep, bit for bit);
+    - offload_vs_gpu: one step's LoRA gradients, next to gpu_vs_gpu, the same GPU-held step
+      twice: the run-to-run noise of the GPU's non-deterministic kernels (atomic adds in
+      backward, as the MoE scatter), which random routing over many layers amplifies."""
     from profile_step import packed_batch
 
+    from entrypoint import offload
+
     batch = packed_batch(rows, seq)
-    checkpoints(net, True)
-    a = gradients(net, batch)
+    kept, equal = {}, []
+    init, take = offload._HostCopy.__init__, offload._HostCopy.take
+
+    def keep(box, x, previous):
+        init(box, x, previous)
+        kept[id(box)] = x.detach().clone()
+
+    def check(box):
+        recompute = box.live is None
+        x = take(box)
+        if recompute:
+            equal.append(bool(torch.equal(x, kept.pop(id(box)))))
+        return x
+
+    offload._HostCopy.__init__, offload._HostCopy.take = keep, check
+    try:
+        checkpoints(net, True)
+        host = gradients(net, batch)
+    finally:
+        offload._HostCopy.__init__, offload._HostCopy.take = init, take
     checkpoints(net, False)
-    b = gradients(net, batch)
-    return {"rows": rows, "max_abs_diff": (a - b).abs().max().item(), "bitwise_equal": bool(torch.equal(a, b)),
-            "cosine": torch.nn.functional.cosine_similarity(a, b, dim=0).item()}
+    gpu, again = gradients(net, batch), gradients(net, batch)
+    return {"rows": rows, "inputs_read_back": len(equal), "inputs_equal": sum(equal),
+            "offload_vs_gpu": compare(host, gpu), "gpu_vs_gpu": compare(again, gpu)}
 
 
 def measure(net, rows: int, seq: int, steps: int, offload: bool) -> dict:

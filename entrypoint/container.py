@@ -36,6 +36,7 @@ MAX_RUNTIME_S = "SM_QLORA_MAX_RUNTIME_S"
 WORLD_SIZE = "WORLD_SIZE"
 RANK = "RANK"
 LOCAL_RANK = "LOCAL_RANK"
+LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"        # processes on this host (torchrun)
 
 
 def channel_env(name: str) -> str:

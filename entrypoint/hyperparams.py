@@ -93,7 +93,8 @@ class TrainingSpec(Strict):
     gradient_checkpointing: bool = True
     # With gradient_checkpointing on a GPU: each layer's checkpointed input waits for backward in
     # pinned host memory, not on the GPU (entrypoint/offload.py; 8 GiB less at 32 layers of Mixtral
-    # and 8 packed rows of 2048). The same gradients; the copies overlap compute.
+    # and 8 packed rows of 2048). The same gradients; the copies overlap compute. Where the host
+    # cannot hold them (offload_fits_host) the job keeps them on the GPU and says so.
     offload_checkpoints: bool = True
     # Mixtral only: one fused autograd pass per layer's experts (entrypoint/moe.py); the stock
     # transformers + PEFT path when false. Speed, memory and numerics: bench/README.md. Its first,
@@ -110,6 +111,21 @@ class TrainingSpec(Strict):
     seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy and torch seeds are 32-bit
     # Also checkpoint on a clock: a SIGKILL or a lost instance (no SIGTERM) loses at most this.
     checkpoint_minutes: float = Field(30, gt=0, le=7 * 24 * 60)
+
+
+# Offloaded checkpoints are pinned (never swapped out): the launcher's plan and the job both keep
+# them to this share of the host's memory, the rest being the model load, data and the processes.
+PINNED_HOST_SHARE = 0.5
+
+
+def offloaded_checkpoint_bytes(tokens: int, layers: int, hidden: int, processes: int = 1) -> int:
+    """Host memory that training.offload_checkpoints pins: every layer's input, fp32 (peft's
+    prepare_model_for_kbit_training keeps the residual stream in fp32), for each GPU process."""
+    return tokens * layers * hidden * 4 * processes
+
+
+def offload_fits_host(tokens: int, layers: int, hidden: int, processes: int, host_bytes: float) -> bool:
+    return offloaded_checkpoint_bytes(tokens, layers, hidden, processes) <= PINNED_HOST_SHARE * host_bytes
 
 
 class Hyperparameters(Strict):

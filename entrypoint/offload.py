@@ -98,11 +98,15 @@ class Offloader:
             return function(hidden_states, *args, **kwargs)
         box = _HostCopy(hidden_states, self.last)
         self.last = box
+        # torch stashes and replays the RNG state only of the devices its tensor arguments are
+        # on (the CPU's always): an empty tensor on the layer's device keeps the LoRA dropout
+        # masks of the recomputation those of the forward on a GPU.
+        anchor = hidden_states.new_empty(0)
         del hidden_states
-        return checkpoint(_run, function, box, *args, use_reentrant=False, **kwargs)
+        return checkpoint(_run, function, box, anchor, *args, use_reentrant=False, **kwargs)
 
 
-def _run(function, box: _HostCopy, *args, **kwargs):
+def _run(function, box: _HostCopy, _anchor: torch.Tensor, *args, **kwargs):
     return function(box.take(), *args, **kwargs)
 
 

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from entrypoint import container
-from entrypoint.hyperparams import Hyperparameters, unflatten
+from entrypoint.hyperparams import (
+    PINNED_HOST_SHARE,
+    Hyperparameters,
+    offload_fits_host,
+    offloaded_checkpoint_bytes,
+    unflatten,
+)
 from entrypoint.progress import emit, fail, train_line
 
 EXIT_BAD_INPUT = container.EXIT_BAD_INPUT
@@ -400,7 +406,8 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
     base = models.load_4bit(channel("model") or hp.model.id, precision, device_map, attn, token=token,
                             revision=hp.model.revision, trust_remote_code=hp.model.trust_remote_code)
     quant = models.check_quantized(base)
-    peft_model = models.attach_lora(base, hp.lora, hp.training)
+    offload = hp.training.offload_checkpoints and _host_holds_checkpoints(hp, ctx, base.config)
+    peft_model = models.attach_lora(base, hp.lora, hp.training.model_copy(update={"offload_checkpoints": offload}))
     trainable, total = models.parameter_counts(peft_model)
     moe_path = describe_moe(peft_model)
     ctx.say("model", linear4bit=quant["linear4bit"], trainable=trainable, total=total,
@@ -416,6 +423,21 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
     autocast = torch.autocast("cuda", dtype=precision.dtype) if device.type == "cuda" else contextlib.nullcontext()
     params = [p for p in net.parameters() if p.requires_grad]
     return Model(net, peft_model, params, precision, trainable, autocast)
+
+
+def _host_holds_checkpoints(hp: Hyperparameters, ctx: DistContext, config) -> bool:
+    """Whether this host's memory holds the offloaded checkpoints of every process on it (the
+    launcher's plan applies the same rule to the instance it picks); if not, say so."""
+    t = hp.training
+    tokens = t.per_device_batch_size * t.max_seq_length
+    processes = int(os.environ.get(container.LOCAL_WORLD_SIZE, "1"))
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if offload_fits_host(tokens, config.num_hidden_layers, config.hidden_size, processes, host):
+        return True
+    need = offloaded_checkpoint_bytes(tokens, config.num_hidden_layers, config.hidden_size, processes)
+    ctx.say("info", checkpoints="gpu", reason="host_memory", pinned_gib_needed=f"{need / 2**30:.1f}",
+            host_gib=f"{host / 2**30:.1f}", pinned_share_allowed=f"{PINNED_HOST_SHARE:g}")
+    return False
 
 
 def setup_optimizer(hp: Hyperparameters, ctx: DistContext, model: Model, batches: Batches) -> Optim:

@@ -31,6 +31,7 @@ class Instance:
     gpu: Gpu
     gpu_count: int
     price_per_hour: float
+    host_memory_gib: float
 
     @property
     def family(self) -> str:
@@ -74,8 +75,8 @@ def catalog() -> Catalog:
     raw = yaml.safe_load((Path(__file__).with_name("instances.yaml")).read_text())
     gpus = {k: Gpu(model=k, **v) for k, v in raw["gpus"].items()}
     instances = {
-        name: Instance(name=name, gpu=gpus[gpu], gpu_count=count, price_per_hour=price)
-        for name, (gpu, count, price) in raw["instances"].items()
+        name: Instance(name=name, gpu=gpus[gpu], gpu_count=count, price_per_hour=price, host_memory_gib=host)
+        for name, (gpu, count, price, host) in raw["instances"].items()
     }
     lo, hi = raw["spot_discount_range"]
     return Catalog(instances, str(raw["prices_read"]), raw["region"], (lo, hi))

@@ -7,8 +7,9 @@ Memory per GPU for QLoRA is a sum of parts (bytes):
 - embeddings and output head in fp32 (peft's prepare_model_for_kbit_training casts them);
 - LoRA parameters with their fp32 gradients and 8-bit AdamW states (10 bytes each);
 - activations: with gradient checkpointing CKPT_BYTES per hidden unit per layer and token
-  (read off the Mistral-7B runs' slope); without checkpointing every layer keeps its
-  activations (an estimate, not calibrated);
+  (read off the Mistral-7B runs' slope), for every layer, or for OFFLOAD_LAYERS_ON_GPU layers
+  where training.offload_checkpoints keeps them in host memory; without checkpointing every
+  layer keeps its activations (an estimate, not calibrated);
 - the larger of two transients that are never alive together, since the head's buffers are
   freed before backward reaches the first decoder layer: the logits with their
   loss/gradient buffers (HEAD_BYTES per token per vocabulary entry), or one decoder layer's
@@ -18,10 +19,11 @@ Memory per GPU for QLoRA is a sum of parts (bytes):
 - then allocator slack (8%) and the CUDA context (0.6 GiB) that peak-allocated figures
   leave out.
 The model is checked against peak memory measured on an H200 for real runs of the
-entrypoint, Mixtral-8x7B (both MoE paths) and Mistral-7B at full width (MEASURED);
-`calibration()` gives the error of each and whether a constant was fitted on it.
+entrypoint, Mixtral-8x7B (both MoE paths, checkpoints on the GPU or offloaded, up to all
+32 layers) and Mistral-7B at full width (MEASURED); `calibration()` gives the error of each
+and whether a constant was fitted on it.
 
-Throughput comes from the same H200 runs (Mixtral-8x7B-shaped, 32 layers extrapolated):
+Throughput comes from H200 runs of Mixtral-8x7B's shape, per MoE path (H200_TOKENS_PER_S):
 a step costs a fixed part (kernel launches and Python per quantized linear module) plus a
 part per token (scaled by active parameters per token, and by each GPU's dense bf16/fp16
 rate and memory bandwidth, half each). Every assumption is printed with the plan.
@@ -34,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from entrypoint.hyperparams import Strategy
+from entrypoint.hyperparams import PINNED_HOST_SHARE, Strategy, offload_fits_host
 from launcher.config import JobConfig
 from launcher.datafiles import READERS, RowError
 from launcher.errors import ConfigError
@@ -56,33 +58,51 @@ MLP_BACKWARD_BYTES = {"fused": 14.0, "stock": 20.8}
 LAYER_BACKWARD_BYTES = 44  # per token per hidden unit: the rest of the layer being differentiated
 # (recomputed attention, norms, LoRA dropout copies, residual gradients); the one constant fitted
 # since the fused path, on its 2- and 4-layer runs
+# training.offload_checkpoints: the layer input still being copied out in forward and the one
+# fetched ahead in backward (entrypoint/offload.py); a count from the design, not fitted.
+OFFLOAD_LAYERS_ON_GPU = 2
 NO_CKPT_BYTES_PER_HIDDEN = 34  # per token per layer without checkpointing: an estimate, not measured
 SLACK = 1.08
 CUDA_CONTEXT_GIB = 0.6
 
 # Peak torch.cuda.max_memory_allocated of the entrypoint on an H200 at full width, LoRA r16 on
 # `target_modules: auto`, max_seq_length 2048 (bench/README.md). moe: the Mixtral expert path
-# (None: dense). in_sample: a constant was fitted on the run (HEAD_BYTES binds only where the
-# head's transient is the larger: the Mistral runs); the rest are predicted out of sample: the
-# stock-path Mixtral runs and the 8-layer fused run.
+# (None: dense); offload: training.offload_checkpoints. in_sample: a constant was fitted on the
+# run (HEAD_BYTES binds only where the head's transient is the larger: the Mistral runs); the
+# rest are predicted out of sample: the stock-path Mixtral runs, the 8-layer fused run and
+# every run with offloaded checkpoints or at 32 layers.
 MEASURED = [
     # bench/h200-2026-11-29.json: the stock path, before entrypoint/moe.py
-    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 2, "rows": 4, "seq": 2048, "peak_gib": 8.69, "in_sample": False},
-    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 4, "rows": 4, "seq": 2048, "peak_gib": 10.09, "in_sample": False},
-    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 2, "rows": 1, "seq": 2048, "peak_gib": 4.07, "in_sample": False},
-    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 4, "rows": 1, "seq": 2048, "peak_gib": 5.62, "in_sample": False},
+    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 2, "rows": 4, "seq": 2048, "peak_gib": 8.69, "in_sample": False, "offload": False},
+    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 4, "rows": 4, "seq": 2048, "peak_gib": 10.09, "in_sample": False, "offload": False},
+    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 2, "rows": 1, "seq": 2048, "peak_gib": 4.07, "in_sample": False, "offload": False},
+    {"shape": "mixtral-8x7b", "moe": "stock", "layers": 4, "rows": 1, "seq": 2048, "peak_gib": 5.62, "in_sample": False, "offload": False},
     # bench/h200-2026-11-29-fused-r1.json: the fused path (training.fused_moe, the default)
-    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 2, "rows": 8, "seq": 2048, "peak_gib": 11.94, "in_sample": True},
-    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 4, "rows": 8, "seq": 2048, "peak_gib": 13.86, "in_sample": True},
-    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 8, "rows": 8, "seq": 2048, "peak_gib": 18.04, "in_sample": False},
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 2, "rows": 8, "seq": 2048, "peak_gib": 11.94, "in_sample": True, "offload": False},
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 4, "rows": 8, "seq": 2048, "peak_gib": 13.86, "in_sample": True, "offload": False},
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 8, "rows": 8, "seq": 2048, "peak_gib": 18.04, "in_sample": False, "offload": False},
     # bench/h200-2026-11-29-mistral.json
-    {"shape": "mistral-7b", "moe": None, "layers": 4, "rows": 4, "seq": 2048, "peak_gib": 5.96, "in_sample": True},
-    {"shape": "mistral-7b", "moe": None, "layers": 8, "rows": 4, "seq": 2048, "peak_gib": 6.91, "in_sample": True},
-    {"shape": "mistral-7b", "moe": None, "layers": 4, "rows": 1, "seq": 2048, "peak_gib": 2.67, "in_sample": True},
-    {"shape": "mistral-7b", "moe": None, "layers": 8, "rows": 1, "seq": 2048, "peak_gib": 3.25, "in_sample": True},
+    {"shape": "mistral-7b", "moe": None, "layers": 4, "rows": 4, "seq": 2048, "peak_gib": 5.96, "in_sample": True, "offload": False},
+    {"shape": "mistral-7b", "moe": None, "layers": 8, "rows": 4, "seq": 2048, "peak_gib": 6.91, "in_sample": True, "offload": False},
+    {"shape": "mistral-7b", "moe": None, "layers": 4, "rows": 1, "seq": 2048, "peak_gib": 2.67, "in_sample": True, "offload": False},
+    {"shape": "mistral-7b", "moe": None, "layers": 8, "rows": 1, "seq": 2048, "peak_gib": 3.25, "in_sample": True, "offload": False},
+    # bench/h200-2026-11-29-offload.json: the defaults (fused path, offloaded checkpoints)
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 2, "rows": 8, "seq": 2048, "peak_gib": 12.0, "in_sample": False, "offload": True},
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 4, "rows": 8, "seq": 2048, "peak_gib": 13.53, "in_sample": False, "offload": True},
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 8, "rows": 8, "seq": 2048, "peak_gib": 16.7, "in_sample": False, "offload": True},
+    # bench/h200-2026-11-29-deep-32.json: all 32 layers (bench/deep_memory.py, the job's model and step)
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 32, "rows": 8, "seq": 2048, "peak_gib": 34.32, "in_sample": False, "offload": True},
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 32, "rows": 8, "seq": 2048, "peak_gib": 40.99, "in_sample": False, "offload": False},
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 32, "rows": 4, "seq": 2048, "peak_gib": 30.01, "in_sample": False, "offload": True},
+    {"shape": "mixtral-8x7b", "moe": "fused", "layers": 32, "rows": 4, "seq": 2048, "peak_gib": 32.93, "in_sample": False, "offload": False},
 ]
-# The same runs' throughput at 32 layers (real tokens/s) for 1 and 4 packed rows of 2048.
-H200_TOKENS_PER_S = {2048: 1026.0, 8192: 2385.0}
+# Real tokens/s at 32 layers, by MoE path, for two micro-batch sizes (tokens). stock: the
+# entrypoint at 1 and 4 packed rows of 2048 (bench/h200-2026-11-29.json, extrapolated from 2 and
+# 4 layers). fused: the entrypoint at 8 rows, 3,841 (h200-2026-11-29-offload.json, 2/4/8 layers
+# extrapolated; 3,819 and 3,866 in the two repeats before offloading); at 4 rows, deep_memory.py's
+# step measured at 32 layers, 3,458, times the entrypoint's rate over deep_memory's at 8 rows
+# (3,841 / 4,020: data loading, logging, the scheduler) = 3,304.
+H200_TOKENS_PER_S = {"stock": {2048: 1026.0, 8192: 2385.0}, "fused": {8192: 3304.0, 16384: 3841.0}}
 H200 = {"tflops": 989.0, "bandwidth_gbs": 4800.0}
 MIXTRAL = BUILT_IN["mixtral-8x7b"]
 DDP_EFFICIENCY = 0.9
@@ -99,7 +119,7 @@ def mlp_path(shape: Shape, fused_moe: bool) -> str:
 
 
 def memory_parts_gib(shape: Shape, tokens: int, r: int, layers: int | None = None, checkpointing: bool = True,
-                     split: int = 1, fused_moe: bool = True) -> dict[str, float]:
+                     split: int = 1, fused_moe: bool = True, offload: bool = True) -> dict[str, float]:
     """Peak allocated bytes by part, for one GPU holding 1/split of the layers (and, in
     the worst case, the embeddings, head and logits as well). The last part is the larger
     transient, "logits" or "layer_backward" (see the module docstring)."""
@@ -111,7 +131,8 @@ def memory_parts_gib(shape: Shape, tokens: int, r: int, layers: int | None = Non
         "lora_and_optimizer": per_gpu_layers * shape.lora_params_per_layer(r) * LORA_BYTES,
     }
     if checkpointing:
-        parts["checkpoints"] = tokens * per_gpu_layers * shape.hidden * CKPT_BYTES
+        kept = min(per_gpu_layers, OFFLOAD_LAYERS_ON_GPU) if offload else per_gpu_layers
+        parts["checkpoints"] = tokens * kept * shape.hidden * CKPT_BYTES
     else:
         parts["activations"] = tokens * per_gpu_layers * (
             shape.hidden * NO_CKPT_BYTES_PER_HIDDEN + shape.experts_per_token * shape.intermediate * 8)
@@ -137,16 +158,17 @@ def calibration() -> list[dict]:
     out = []
     for m in MEASURED:
         pred = peak_allocated_gib(BUILT_IN[m["shape"]], m["rows"] * m["seq"], 16, layers=m["layers"],
-                                  fused_moe=m["moe"] == "fused")
+                                  fused_moe=m["moe"] == "fused", offload=m["offload"])
         out.append(m | {"predicted_gib": round(pred, 2), "error_pct": round(100 * (pred - m["peak_gib"]) / m["peak_gib"], 1)})
     return out
 
 
 # --------------------------------------------------------------------------- throughput
 
-def tokens_per_second(shape: Shape, inst: Instance, tokens_per_micro_batch: int, strategy: str) -> float:
+def tokens_per_second(shape: Shape, inst: Instance, tokens_per_micro_batch: int, strategy: str,
+                      fused_moe: bool = True) -> float:
     """Real tokens/s for the whole job on one instance (see the module docstring)."""
-    (t1, r1), (t2, r2) = sorted(H200_TOKENS_PER_S.items())
+    (t1, r1), (t2, r2) = sorted(H200_TOKENS_PER_S[mlp_path(shape, fused_moe)].items())
     per_token = (t2 / r2 - t1 / r1) / (t2 - t1)  # s per token, Mixtral-8x7B on an H200
     fixed = t1 / r1 - per_token * t1  # s per step
     linears = shape.layers * (4 + 3 * shape.experts)
@@ -162,19 +184,19 @@ def tokens_per_second(shape: Shape, inst: Instance, tokens_per_micro_batch: int,
 
 
 ASSUMPTIONS = [
-    "throughput: the entrypoint measured on one H200 (Mixtral-8x7B width, 4-bit, 2048-token rows: "
-    "1,026 tok/s at 1 row, 2,385 at 4 rows per micro-batch, 32 layers extrapolated); a step = fixed "
+    "throughput: the entrypoint measured on one H200 (Mixtral-8x7B width, 4-bit, 2048-token rows, 32 "
+    "layers): the fused MoE path (training.fused_moe, the default) 3,304 tok/s at 4 rows and 3,841 at 8 "
+    "per micro-batch; the stock path (and dense models) 1,026 at 1 row and 2,385 at 4; a step = fixed "
     "part per quantized linear module + per-token part scaled by active parameters per token",
-    "those rates are the stock MoE path's: the fused default measured 3,819 tok/s at 8 rows, where this "
-    "predicts 3,061, so Mixtral hours and cost err long (not yet refitted: one fused batch size measured)",
     "other GPUs: the per-token part scales half with dense bf16/fp16 TFLOP/s, half with memory bandwidth; "
     "the fixed part (kernel launches, Python) does not scale",
     f"data parallel: {DDP_EFFICIENCY:.0%} efficiency per extra GPU; model split over GPUs: one GPU busy at a time",
     f"time adds {STARTUP_HOURS} h of start-up (image, model download, 4-bit load); prices on demand, "
     "spot as the catalog's discount range",
     "memory: NF4 + double-quant constants, fp32 embeddings/head, LoRA with grads and 8-bit AdamW, "
-    "checkpointed activations, then the larger of the logits' buffers and one layer's backward (its MoE "
-    f"block by training.fused_moe); x{SLACK} allocator slack + {CUDA_CONTEXT_GIB} GiB CUDA context",
+    f"checkpointed activations ({OFFLOAD_LAYERS_ON_GPU} layers' worth on the GPU with training.offload_checkpoints, "
+    f"the rest pinned in host memory where it fits in {PINNED_HOST_SHARE:.0%} of the instance's), then the larger of the logits' buffers and one layer's backward (its "
+    f"MoE block by training.fused_moe); x{SLACK} allocator slack + {CUDA_CONTEXT_GIB} GiB CUDA context",
 ]
 
 
@@ -289,13 +311,18 @@ def _fit(shape: Shape, inst: Instance, cfg: JobConfig, rows: int) -> tuple[Strat
     and the GiB each GPU needs that way."""
     t, c = cfg.training, cfg.compute
     tokens = rows * t.max_seq_length
-    kw = {"checkpointing": t.gradient_checkpointing, "fused_moe": t.fused_moe}
-    single = needed_gib(shape, tokens, cfg.lora.r, **kw)
+
+    def kw(processes: int) -> dict:  # processes on the host, each pinning its own checkpoints
+        offload = t.offload_checkpoints and offload_fits_host(tokens, shape.layers, shape.hidden, processes,
+                                                              inst.host_memory_gib * GIB)
+        return {"checkpointing": t.gradient_checkpointing, "fused_moe": t.fused_moe, "offload": offload}
+
+    single = needed_gib(shape, tokens, cfg.lora.r, **kw(inst.gpu_count if c.strategy in ("auto", "ddp") else 1))
     multi = inst.gpu_count > 1 or c.instance_count > 1
     if c.strategy != "model_parallel" and single <= inst.gpu.memory_gib:
         return (c.strategy if c.strategy != "auto" else ("ddp" if multi else "single")), single
     if c.strategy in ("auto", "model_parallel") and inst.gpu_count > 1 and c.instance_count == 1:
-        split = needed_gib(shape, tokens, cfg.lora.r, split=inst.gpu_count, **kw)
+        split = needed_gib(shape, tokens, cfg.lora.r, split=inst.gpu_count, **kw(1))
         return ("model_parallel" if split <= inst.gpu.memory_gib else None), split
     return None, single
 
@@ -326,7 +353,8 @@ def evaluate(shape: Shape, inst: Instance, cfg: JobConfig, dataset_tokens: float
     strategy, need = _fit(shape, inst, cfg, rows)
     fits = strategy is not None
     tokens = rows * t.max_seq_length
-    rate = tokens_per_second(shape, inst, tokens, strategy) * cfg.compute.instance_count if fits else None
+    rate = (tokens_per_second(shape, inst, tokens, strategy, t.fused_moe) * cfg.compute.instance_count
+            if fits else None)
     hours = usd = spot = None
     if fits and dataset_tokens:
         hours = dataset_tokens * t.epochs / rate / 3600 + STARTUP_HOURS

@@ -88,3 +88,29 @@ def test_without_grad_the_offloaded_layers_just_run(tiny_model):
         with torch.no_grad():
             logits.append(net(input_ids=ids).logits)
     assert torch.equal(*logits)
+
+
+def test_a_host_too_small_to_pin_the_checkpoints_keeps_them_on_the_gpu_and_says_so(monkeypatch, capsys):
+    """The job applies the plan's rule to the host it runs on: 8 rows of 2048 at Mixtral's 32
+    layers of 4096 pin 8 GiB per process; 8 processes on a 96 GiB host may pin half of it, 48."""
+    import os
+    from types import SimpleNamespace
+
+    from entrypoint import train
+    from entrypoint.hyperparams import Hyperparameters
+
+    hp = Hyperparameters.model_validate({"model": {"id": "mistralai/Mixtral-8x7B-Instruct-v0.1"},
+                                         "data": {"train": "train.jsonl"},
+                                         "training": {"per_device_batch_size": 8, "max_seq_length": 2048}})
+    mixtral = SimpleNamespace(num_hidden_layers=32, hidden_size=4096)
+    ctx = train.DistContext(0, 1, 0, torch.device("cpu"))
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf", lambda name: 96 * 2**18 if name == "SC_PHYS_PAGES" else 4096
+                        if name == "SC_PAGE_SIZE" else real(name))  # 96 GiB
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert train._host_holds_checkpoints(hp, ctx, mixtral)  # 32 GiB
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert not train._host_holds_checkpoints(hp, ctx, mixtral)
+    assert capsys.readouterr().out.strip() == ("[info] checkpoints=gpu reason=host_memory pinned_gib_needed=64.0 "
+                                               "host_gib=96.0 pinned_share_allowed=0.5")
