@@ -120,8 +120,10 @@ PINNED_HOST_SHARE = 0.5
 
 def offloaded_checkpoint_bytes(tokens: int, layers: int, hidden: int, processes: int = 1) -> int:
     """Host memory that training.offload_checkpoints pins: every layer's input, fp32 (peft's
-    prepare_model_for_kbit_training keeps the residual stream in fp32), for each GPU process."""
-    return tokens * layers * hidden * 4 * processes
+    prepare_model_for_kbit_training keeps the residual stream in fp32), for each GPU process,
+    each input in a block rounded up to a power of two as torch's caching host allocator does."""
+    per_layer = tokens * hidden * 4
+    return (1 << (per_layer - 1).bit_length()) * layers * processes
 
 
 def offload_fits_host(tokens: int, layers: int, hidden: int, processes: int, host_bytes: float) -> bool:

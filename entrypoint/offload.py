@@ -32,7 +32,7 @@ class _HostCopy:
     """One layer input: given back as is to the forward that builds the graph, then from
     host memory to the recomputation in backward."""
 
-    def __init__(self, x: torch.Tensor, previous: _HostCopy | None):
+    def __init__(self, x: torch.Tensor, previous: _HostCopy | None, capacity: int):
         self.live: torch.Tensor | None = x
         self.device = x.device
         self.requires_grad = x.requires_grad  # the recomputation must save what the forward saved
@@ -43,7 +43,10 @@ class _HostCopy:
             stream = _copy_stream(x.device)
             stream.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(stream):
-                self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                # torch's caching host allocator rounds a pinned block up to a power of two and
+                # reuses only blocks of that size: every input asks for the largest size seen, so
+                # a smaller batch (an epoch's last) reuses blocks instead of pinning new ones
+                self.host = torch.empty(capacity, dtype=x.dtype, pin_memory=True)[:x.numel()].view(x.shape)
                 self.host.copy_(x.detach(), non_blocking=True)
             x.record_stream(stream)  # its memory is not reused before the copy has read it
             self.copied = stream.record_event()
@@ -83,6 +86,7 @@ class _HostCopy:
         stream.wait_event(self.copied)
         with torch.cuda.stream(stream):
             self.fetched.copy_(self.host, non_blocking=True)
+        self.fetched.record_stream(stream)  # freed unread (an aborted backward): not reused mid-copy
         self.ready = stream.record_event()
 
 
@@ -92,22 +96,50 @@ class Offloader:
 
     def __init__(self):
         self.last: _HostCopy | None = None
+        self.largest = 0  # elements of the largest layer input so far
 
     def __call__(self, function, hidden_states: torch.Tensor, *args, **kwargs):
         if not torch.is_grad_enabled():
             return function(hidden_states, *args, **kwargs)
-        box = _HostCopy(hidden_states, self.last)
+        self.largest = max(self.largest, hidden_states.numel())
+        box = _HostCopy(hidden_states, self.last, 1 << (self.largest - 1).bit_length())
         self.last = box
         # torch stashes and replays the RNG state only of the devices its tensor arguments are
-        # on (the CPU's always): an empty tensor on the layer's device keeps the LoRA dropout
-        # masks of the recomputation those of the forward on a GPU.
-        anchor = hidden_states.new_empty(0)
-        del hidden_states
-        return checkpoint(_run, function, box, anchor, *args, use_reentrant=False, **kwargs)
+        # on (the CPU's always): empty tensors on the input's device and on the layer's own (not
+        # the same where accelerate splits the model over GPUs) keep the LoRA dropout masks of
+        # the recomputation those of the forward.
+        layer = _layer(function)
+        anchors = [hidden_states.new_empty(0, device=d) for d in {hidden_states.device, _device(layer)}
+                   if d is not None]
+        version = hidden_states._version
+        out = checkpoint(_run, function, box, len(anchors), *anchors, *args, use_reentrant=False, **kwargs)
+        if hidden_states._version != version:  # the host copy ran beside the layer: it may hold either
+            raise RuntimeError(f"{type(layer).__name__} changed its input in place, which "
+                               "training.offload_checkpoints cannot copy; set it to false")
+        return out
 
 
-def _run(function, box: _HostCopy, _anchor: torch.Tensor, *args, **kwargs):
-    return function(box.take(), *args, **kwargs)
+def _run(function, box: _HostCopy, n_anchors: int, *args, **kwargs):
+    return function(box.take(), *args[n_anchors:], **kwargs)
+
+
+def _layer(function) -> torch.nn.Module | None:
+    """The layer behind transformers' `partial(layer.__call__, **kwargs)`."""
+    layer = getattr(getattr(function, "func", function), "__self__", None)
+    return layer if isinstance(layer, torch.nn.Module) else None
+
+
+def _device(layer: torch.nn.Module | None) -> torch.device | None:
+    """Where `layer` runs: accelerate's execution device when it dispatched the model over
+    devices, else its first parameter's device."""
+    if layer is None:
+        return None
+    hook = getattr(layer, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    param = next(layer.parameters(), None)
+    return param.device if param is not None else None
 
 
 def use_offloaded_checkpoints(model) -> int:

@@ -61,6 +61,9 @@ LAYER_BACKWARD_BYTES = 44  # per token per hidden unit: the rest of the layer be
 # training.offload_checkpoints: the layer input still being copied out in forward and the one
 # fetched ahead in backward (entrypoint/offload.py); a count from the design, not fitted.
 OFFLOAD_LAYERS_ON_GPU = 2
+# The job checks its host's MemTotal, which is below the instance's published memory (the kernel
+# and firmware keep some): the plan counts 90% of it so what it approves the job accepts.
+HOST_USABLE = 0.9
 NO_CKPT_BYTES_PER_HIDDEN = 34  # per token per layer without checkpointing: an estimate, not measured
 SLACK = 1.08
 CUDA_CONTEXT_GIB = 0.6
@@ -195,7 +198,7 @@ ASSUMPTIONS = [
     "spot as the catalog's discount range",
     "memory: NF4 + double-quant constants, fp32 embeddings/head, LoRA with grads and 8-bit AdamW, "
     f"checkpointed activations ({OFFLOAD_LAYERS_ON_GPU} layers' worth on the GPU with training.offload_checkpoints, "
-    f"the rest pinned in host memory where it fits in {PINNED_HOST_SHARE:.0%} of the instance's), then the larger of the logits' buffers and one layer's backward (its "
+    f"the rest pinned in host memory where it fits in {PINNED_HOST_SHARE:.0%} of {HOST_USABLE:.0%} of the instance's), then the larger of the logits' buffers and one layer's backward (its "
     f"MoE block by training.fused_moe); x{SLACK} allocator slack + {CUDA_CONTEXT_GIB} GiB CUDA context",
 ]
 
@@ -314,7 +317,7 @@ def _fit(shape: Shape, inst: Instance, cfg: JobConfig, rows: int) -> tuple[Strat
 
     def kw(processes: int) -> dict:  # processes on the host, each pinning its own checkpoints
         offload = t.offload_checkpoints and offload_fits_host(tokens, shape.layers, shape.hidden, processes,
-                                                              inst.host_memory_gib * GIB)
+                                                              inst.host_memory_gib * GIB * HOST_USABLE)
         return {"checkpointing": t.gradient_checkpointing, "fused_moe": t.fused_moe, "offload": offload}
 
     single = needed_gib(shape, tokens, cfg.lora.r, **kw(inst.gpu_count if c.strategy in ("auto", "ddp") else 1))

@@ -114,3 +114,19 @@ def test_a_host_too_small_to_pin_the_checkpoints_keeps_them_on_the_gpu_and_says_
     assert not train._host_holds_checkpoints(hp, ctx, mixtral)
     assert capsys.readouterr().out.strip() == ("[info] checkpoints=gpu reason=host_memory pinned_gib_needed=64.0 "
                                                "host_gib=96.0 pinned_share_allowed=0.5")
+
+
+def test_a_layer_that_changes_its_input_in_place_is_refused():
+    """The host copy runs beside the layer, so it could hold the input before or after the
+    change: an error naming the layer and the way out, not wrong gradients."""
+    from functools import partial
+
+    from entrypoint.offload import Offloader
+
+    class Doubling(torch.nn.Module):
+        def forward(self, x):
+            return x.mul_(2)
+
+    x = torch.randn(3, 4, requires_grad=True) * 1  # a non-leaf, as a layer input is
+    with pytest.raises(RuntimeError, match="Doubling changed its input in place.*offload_checkpoints"):
+        Offloader()(partial(Doubling().__call__), x)
