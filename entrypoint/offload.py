@@ -62,8 +62,8 @@ class _HostCopy:
         if self.fetched is None:
             self.prefetch()
         x = self.fetched
-        if x.is_cuda:
-            torch.cuda.current_stream(x.device).wait_event(self.ready)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
         self.host = self.fetched = self.ready = None
         x.requires_grad_(self.requires_grad)
         previous = self.previous() if self.previous is not None else None
@@ -74,7 +74,7 @@ class _HostCopy:
     def prefetch(self) -> None:
         if self.host is None or self.fetched is not None or self.live is not None:
             return
-        if not self.host.is_pinned():
+        if self.device.type != "cuda":  # the CPU run's copy is already where it is used
             self.fetched = self.host
             return
         compute = torch.cuda.current_stream(self.device)
