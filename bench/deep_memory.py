@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from entrypoint import model as M  # noqa: E402
 from entrypoint.hyperparams import LoraSpec, TrainingSpec  # noqa: E402
+from entrypoint.offload import checkpointed_layers  # noqa: E402
 
 
 def quantized_in_memory(config, state_dict: dict, precision: M.Precision, device_map, attn: str):
@@ -71,8 +72,7 @@ def lora_model(model, fused: bool):
     for n, p in net.named_parameters():
         if "lora_B" in n:  # non-zero B, so every LoRA gradient is exercised from step 0
             p.data = (torch.randn(p.shape, generator=g) * 0.01).to(p)
-    net._gpu_checkpoints = {m: m._gradient_checkpointing_func for m in net.modules()
-                            if getattr(m, "gradient_checkpointing", False) is True}
+    net._gpu_checkpoints = {m: m._gradient_checkpointing_func for m in checkpointed_layers(net)}
     net.train()
     return net
 

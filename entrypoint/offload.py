@@ -142,25 +142,29 @@ def _device(layer: torch.nn.Module | None) -> torch.device | None:
     return param.device if param is not None else None
 
 
+def checkpointed_layers(model) -> list[torch.nn.Module]:
+    """The modules transformers' gradient_checkpointing_enable gave a checkpoint function: the
+    decoder layers, which call it, and (in 4.56) the model holding them, which does not."""
+    return [m for m in model.modules()
+            if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func")]
+
+
 def use_offloaded_checkpoints(model) -> int:
-    """Give every checkpointed layer of `model` (after gradient_checkpointing_enable) the
-    offloading checkpoint. Returns how many layers it switched."""
-    offloader, switched = Offloader(), 0
-    for module in model.modules():
-        if getattr(module, "gradient_checkpointing", False) is True and hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = offloader
-            switched += 1
-    return switched
+    """Give every checkpointed layer of `model` the offloading checkpoint. Returns how many
+    layers it switched."""
+    offloader, layers = Offloader(), checkpointed_layers(model)
+    for layer in layers:
+        layer._gradient_checkpointing_func = offloader
+    return len(layers)
 
 
 def describe(model) -> str:
     """Where checkpointed layer inputs wait for backward: "host", "gpu" (the device the
     model is on; "gpu" also on a CPU run) or "off" (no checkpointing)."""
-    funcs = [m._gradient_checkpointing_func for m in model.modules()
-             if getattr(m, "gradient_checkpointing", False) is True and hasattr(m, "_gradient_checkpointing_func")]
-    if not funcs:
+    layers = checkpointed_layers(model)
+    if not layers:
         return "off"
-    return "host" if all(isinstance(f, Offloader) for f in funcs) else "gpu"
+    return "host" if all(isinstance(m._gradient_checkpointing_func, Offloader) for m in layers) else "gpu"
 
 
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
