@@ -50,6 +50,9 @@ MERGE_SCRIPT = "sm_qlora_merge.py"   # the merge job: entrypoint.merge.main
 # Where SageMaker syncs checkpoint_s3_uri to and from (Estimator checkpoint_local_path).
 CHECKPOINT_PATH = OPT_ML / "checkpoints"
 
+# SageMaker shows the first 1024 characters of /opt/ml/output/failure as FailureReason.
+FAILURE_MAX_CHARS = 1024
+
 EXIT_OK = 0
 EXIT_FAILED = 1     # training went wrong (a non-finite loss): the inputs were fine
 EXIT_BAD_INPUT = 2

@@ -119,8 +119,10 @@ def _moe_forward(self, hidden_states: torch.Tensor):
     backward = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
                                              or any(t is not None and t.requires_grad for t in params))
     # w2's LoRA dropout is drawn inside the SwiGLU kernel from this seed (row i of the layer's
-    # expert-sorted rows: seed + i); the CPU generator is what layer checkpointing replays
-    seed = int(torch.randint(0, 2**30, (1,)).item())
+    # expert-sorted rows: seed + i); the CPU generator is what layer checkpointing replays.
+    # No dropout (evaluation), no draw: evaluating must not move the training run's RNG.
+    dropping = any(p.dropout > 0 for projs in plan for p in projs)
+    seed = int(torch.randint(0, 2**30, (1,)).item()) if dropping else 0
     out = _Experts.apply(x, weights, selected, (plan, compute, backward, seed), *params)
     return out.view(batch, seq, hidden), router_logits
 

@@ -151,3 +151,11 @@ def fail(reason: str) -> str:
     line = f"[error] reason={reason.replace(chr(10), ' ')}"
     _write(line)
     return line
+
+
+def skipped(name: str, why: str) -> str:
+    """`[resume] skipped step-16: trainer.pt missing`: a checkpoint resume passed over, in
+    words (a `[resume]` line with no pairs, which the readers above ignore)."""
+    line = f"[resume] skipped {name}: {why.replace(chr(10), ' ')}"
+    _write(line)
+    return line

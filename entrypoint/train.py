@@ -22,11 +22,12 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from entrypoint import container
+from entrypoint import container, progress
 from entrypoint.hyperparams import (
     PINNED_HOST_SHARE,
     Hyperparameters,
@@ -38,6 +39,7 @@ from entrypoint.progress import emit, fail, train_line
 
 EXIT_BAD_INPUT = container.EXIT_BAD_INPUT
 EXIT_STOPPED = container.EXIT_STOPPED
+_PROCESS_STARTED = time.time()  # a failure file older than this is a previous run's
 MIN_STOP_MARGIN_S = 120.0  # before MaxRuntime; or 3x the last checkpoint's time, if longer
 
 
@@ -275,24 +277,45 @@ def run_job(interrupt: Interrupt, started: float) -> int:
     if hp.training.per_device_batch_size == "auto":  # the launcher resolves it; sent by hand, 1 row
         hp.training.per_device_batch_size = 1
     _quiet_progress_bars()
+    from entrypoint.checkpoints import AdapterMismatch
     from entrypoint.data import DataError
     from entrypoint.model import QuantizationError
 
     try:
         return recipe(hp, interrupt, started)
-    except (BadInput, DataError, QuantizationError) as exc:
+    except (BadInput, DataError, QuantizationError, AdapterMismatch) as exc:
         return record_failure(str(exc), EXIT_BAD_INPUT)
     except TrainingDiverged as exc:
         return record_failure(str(exc), container.EXIT_FAILED)
+    except Exception as exc:  # anything else: the traceback to the log, the cause in words to FailureReason
+        traceback.print_exc()
+        return record_failure(unexpected(exc, hp), container.EXIT_FAILED)
+
+
+def unexpected(exc: Exception, hp: Hyperparameters) -> str:
+    """A failure nobody checked for, in a user's words: what went wrong and what to try."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    cause = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if isinstance(exc, OSError) and ("huggingface.co" in str(exc) or hp.model.id in str(exc)):
+        return (f"model.id {hp.model.id} could not be loaded ({cause[:300]}). The job may have no internet: "
+                "give model.id as an s3:// prefix, check the id and model.revision, or set aws.hf_token_secret "
+                "for a gated model")
+    return f"the job failed: {cause[:600]}. The traceback is in the job's log (sm-qlora logs JOB)"
 
 
 def record_failure(reason: str, code: int) -> int:
-    """One line in the log, and /opt/ml/output/failure, which SageMaker shows as FailureReason."""
-    fail(reason)
+    """One line in the log, and /opt/ml/output/failure, which SageMaker shows as FailureReason
+    (its first 1024 characters): the cause and its hint on the first line, nothing more. The
+    first process of this run to fail writes it (a rank that fails because another did keeps
+    quiet); the toolkit writes its own only when none is there."""
+    line = " ".join(reason.split())
+    fail(line)
     with contextlib.suppress(OSError):
-        out = container.output_dir()
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "failure").write_text(reason[:1000])
+        path = container.output_dir() / "failure"
+        if path.is_file() and path.stat().st_mtime >= _PROCESS_STARTED:
+            return code
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(line[: container.FAILURE_MAX_CHARS - 1] + "\n")
     return code
 
 
@@ -406,6 +429,7 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
     base = models.load_4bit(channel("model") or hp.model.id, precision, device_map, attn, token=token,
                             revision=hp.model.revision, trust_remote_code=hp.model.trust_remote_code)
     quant = models.check_quantized(base)
+    one_cpu_kernel(base)
     offload = hp.training.offload_checkpoints and _host_holds_checkpoints(hp, ctx, base.config)
     peft_model = models.attach_lora(base, hp.lora, hp.training.model_copy(update={"offload_checkpoints": offload}))
     trainable, total = models.parameter_counts(peft_model)
@@ -423,6 +447,16 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
     autocast = torch.autocast("cuda", dtype=precision.dtype) if device.type == "cuda" else contextlib.nullcontext()
     params = [p for p in net.parameters() if p.requires_grad]
     return Model(net, peft_model, params, precision, trainable, autocast)
+
+
+def one_cpu_kernel(model) -> None:
+    """bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a 4-bit layer for a bf16 kernel
+    the first time it runs in eval without grad, and keeps it so: training after an
+    evaluation would run on other numerics than training without one. The job trains and
+    evaluates on the one path training uses."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
 
 
 def _host_holds_checkpoints(hp: Hyperparameters, ctx: DistContext, config) -> bool:
@@ -466,15 +500,29 @@ def setup_optimizer(hp: Hyperparameters, ctx: DistContext, model: Model, batches
 
 
 def resume(ctx: DistContext, model: Model, optim: Optim) -> tuple[int, History]:
-    """From the newest complete checkpoint (a stopped job, or a spot restart), if any."""
+    """From the newest checkpoint that counts (a stopped job, or a spot restart), if any,
+    saying which newer ones it skipped and why. A checkpoint of another adapter shape
+    fails the job (checkpoints.AdapterMismatch): resuming it would mix two adapters."""
     from entrypoint import checkpoints
 
-    newest = checkpoints.latest(container.checkpoint_dir())
-    if newest is None:
-        return 0, History()
-    state = checkpoints.load(newest, model.peft, optim.optimizer, optim.scheduler, optim.scaler, ctx.rank, ctx.world)
-    ctx.say("resume", step=state["step"], path=newest)
-    return state["step"], History(**state.get("history", {}))
+    root = container.checkpoint_dir()
+    refused: set[Path] = set()
+    while True:
+        newest, skipped = checkpoints.newest_valid(root, exclude=refused)
+        for name, why in skipped if ctx.is_main else ():
+            progress.skipped(name, why)
+        if newest is None:
+            return 0, History()
+        try:
+            state = checkpoints.load(newest, model.peft, optim.optimizer, optim.scheduler, optim.scaler,
+                                     ctx.rank, ctx.world)
+        except checkpoints.Invalid as why:
+            if ctx.is_main:
+                progress.skipped(newest.name, str(why))
+            refused.add(newest)
+            continue
+        ctx.say("resume", step=state["step"], path=newest)
+        return state["step"], History(**state.get("history", {}))
 
 
 # --------------------------------------------------------------------------- the loop
