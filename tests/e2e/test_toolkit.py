@@ -259,6 +259,70 @@ def test_the_image_start_ignores_sigterm_and_the_wrapper_passes_it_on(submitted,
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+def test_a_sigterm_before_the_entry_process_exists_is_delivered_when_it_starts(submitted, tmp_path):
+    """Without training: a fake `train` that is still "installing requirements" (3 s) when
+    SIGTERM reaches PID 1, then starts an entry process that imports for 1 s before it
+    installs its handler. The wrapper holds the signal and delivers it to the handler."""
+    script = submitted["request"]["HyperParameters"]["sagemaker_program"].strip('"')
+    root = tmp_path / "early"
+    (root / "opt" / "ml" / "input" / "config").mkdir(parents=True)
+    (root / "opt" / "ml" / "input" / "config" / "resourceconfig.json").write_text('{"current_host": "algo-1"}')
+    env = layout.container_env(submitted["request"], root, submitted["aws_env"], GPUS)
+    fake = root / "bin"
+    (fake / script).write_text("import signal, sys, time\nprint('entry started', flush=True)\ntime.sleep(1)\n"
+                               "signal.signal(signal.SIGTERM, lambda *a: (print('got SIGTERM', flush=True), sys.exit(143)))\n"
+                               "print('handler installed', flush=True)\ntime.sleep(60)\n")
+    (fake / "train").write_text(f'#!/bin/sh\necho installing requirements\nsleep 3\ncd "{fake}" && exec python3 -- {script}\n')
+    (fake / "train").chmod(0o755)
+    container = Container(layout.container_command(submitted["request"]), opt=root / "opt", env=env, log=root / "log")
+    container.wait_for("installing requirements", timeout=30)
+    os.kill(container.pid1(), 15)
+    assert container.wait(timeout=30) == 143, container.text()
+    log = container.text()
+    assert log.index("entry started") < log.index("handler installed") < log.index("got SIGTERM"), log
+
+
+def test_a_stop_while_the_toolkit_prepares_stops_the_job_at_its_first_step(submitted):
+    """The real toolkit: SIGTERM to PID 1 as soon as the container starts, while the
+    toolkit downloads the source dir and installs requirements and no entry process exists.
+    The job still checkpoints, prints [stopped] and exits 143 (it lost 600 steps before)."""
+    script = submitted["request"]["HyperParameters"]["sagemaker_program"].strip('"')
+    container, ml = start(submitted, "early-stop")
+    pid1 = container.pid1()
+    time.sleep(0.5)
+    assert not _entry_processes(pid1, script), "the entry already runs: this would not test an early stop"
+    os.kill(pid1, 15)
+    rc = container.wait(timeout=SIGKILL_AFTER_S + 300)
+    log = container.text()
+    stopped = re.search(r"^\[stopped\] step=(\d+) reason=signal_15", log, re.M)
+    assert stopped, log[-5000:]
+    assert int(stopped.group(1)) < STEPS and "[done]" not in log
+    assert (ml / "checkpoints" / f"step-{stopped.group(1)}" / "COMPLETE").is_file()
+    assert rc != 0
+
+
+def _entry_processes(pid1: int, script: str) -> list[int]:
+    """Processes under `pid1` whose second or third word is the entry script (as the wrapper matches)."""
+    parents, found = {}, []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if script.encode() in argv[1:3]:
+            found.append(int(stat.parent.name))
+
+    def under(pid: int) -> bool:
+        while pid > 1:
+            if pid == pid1:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return [pid for pid in found if under(pid)]
+
+
 def test_the_budget_clock_starts_with_the_container_not_the_job(tmp_path):
     """SageMaker's MaxRuntime runs from the container's start; the job starts later (the
     toolkit's pip install, torchrun). PID 1 here starts 2 s before the job asks."""
