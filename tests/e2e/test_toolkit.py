@@ -218,6 +218,24 @@ def test_a_spot_restart_ends_with_the_uninterrupted_runs_adapter(restarted, unin
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # as tests/e2e/test_local_run.py
 
 
+def test_a_restore_whose_newest_checkpoint_lacks_trainer_pt_resumes_from_the_one_before(submitted, stopped, tmp_path):
+    """The sync uploaded a newer checkpoint's manifest and adapter but not its trainer.pt
+    when the instance went (before: exit 1 with FileNotFoundError on both processes)."""
+    stopped_at = int(re.search(r"^\[stopped\] step=(\d+)", stopped["log"], re.M).group(1))
+    restored = tmp_path / "restored"
+    shutil.copytree(stopped["ml"] / "checkpoints", restored)
+    newer = restored / f"step-{stopped_at + 4}"
+    shutil.copytree(restored / f"step-{stopped_at}", newer)
+    (newer / "trainer.pt").unlink()
+    container, ml = start(submitted, "damaged-restore", checkpoints=restored)
+    rc = container.wait(timeout=600)
+    log = container.text()
+    assert rc == 0, log[-5000:]
+    assert f"[resume] skipped step-{stopped_at + 4}: trainer.pt missing\n" in log
+    assert re.search(rf"^\[resume\] step={stopped_at} ", log, re.M)
+    assert progress(log).done.step == STEPS
+
+
 def test_each_job_line_is_reprinted_once_with_no_blank_line_after_it(uninterrupted):
     lines = uninterrupted["log"].splitlines()
     after = [lines[i + 1] for i, line in enumerate(lines[:-1]) if progress(line).last_train or line.startswith("[done]")]
