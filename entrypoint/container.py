@@ -21,6 +21,7 @@ CHANNELS = "SM_CHANNELS"                  # the input channels, a JSON list
 INPUT_DIR = "SM_INPUT_DIR"
 OUTPUT_DATA_DIR = "SM_OUTPUT_DATA_DIR"
 TRAINING_JOB_NAME = "TRAINING_JOB_NAME"
+TRAINING_JOB_ARN = "TRAINING_JOB_ARN"     # its region is the API's the job asks about its own stop
 
 # Ours: set by the launcher (Estimator environment) or the local runner.
 JOB_NAME = "SM_QLORA_JOB_NAME"
@@ -31,6 +32,8 @@ LAUNCHER_VERSION = "SM_QLORA_LAUNCHER_VERSION"
 RUNS_DIR = "SM_QLORA_RUNS_DIR"                # where local runs live (default ./runs)
 # The job's MaxRuntimeInSeconds: SageMaker kills the job then, so it stops cleanly before.
 MAX_RUNTIME_S = "SM_QLORA_MAX_RUNTIME_S"
+# How often a job without the wrapper asks whether it is Stopping (entrypoint/stopping.py).
+STOP_POLL_S = "SM_QLORA_STOP_POLL_S"
 
 # torchrun sets these for each process.
 WORLD_SIZE = "WORLD_SIZE"

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from entrypoint import container, progress
+from entrypoint import container, progress, stopping
 from entrypoint.hyperparams import (
     PINNED_HOST_SHARE,
     Hyperparameters,
@@ -57,11 +57,16 @@ class Interrupt:
 
     def __init__(self):
         self.signum: int | None = None
+        self.reason = ""  # what the [stopped] line says
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        self.signum, self.reason = signum, f"signal_{signum}"
+
+    def job_stopping(self) -> None:
+        """SageMaker says the job is Stopping, and no signal will come (entrypoint/stopping.py)."""
+        self.signum, self.reason = signal.SIGTERM, "job_stopping"
 
     def __bool__(self) -> bool:
         return self.signum is not None
@@ -334,6 +339,8 @@ def recipe(hp: Hyperparameters, interrupt: Interrupt, started: float) -> int:
     from transformers import set_seed
 
     ctx = setup_dist(hp)
+    if ctx.is_main:  # a tuning job's training job: its stop is never signalled
+        stopping.watch(interrupt.job_stopping, ctx.say)
     set_seed(hp.training.seed)
     token = hf_token()
     batches = setup_data(hp, ctx, token)
@@ -547,7 +554,7 @@ def train(hp: Hyperparameters, ctx: DistContext, model: Model, optim: Optim, bat
             result = train_step(ctx, model, optim, batches, group, interrupt, step)
             if result is None:  # SIGTERM between micro-batches: save what the last step left
                 seconds = checkpoint(hp, ctx, model, optim, clock, step, rng_at_start, history)
-                ctx.say("stopped", step=step, reason=f"signal_{interrupt.signum}", checkpoint_s=f"{seconds:.2f}")
+                ctx.say("stopped", step=step, reason=interrupt.reason, checkpoint_s=f"{seconds:.2f}")
                 return step, EXIT_STOPPED
             step += 1
             step_times.append(result.seconds)
@@ -573,7 +580,7 @@ def train(hp: Hyperparameters, ctx: DistContext, model: Model, optim: Optim, bat
                 checkpoint(hp, ctx, model, optim, clock, step, checkpoints.rng_state(), history,
                            reason=None if on_schedule or not by_clock else "clock")
             if stop or budget_low:
-                ctx.say("stopped", step=step, reason=f"signal_{interrupt.signum}" if stop else "max_runtime",
+                ctx.say("stopped", step=step, reason=interrupt.reason if stop else "max_runtime",
                         checkpoint_s=f"{clock.checkpoint_s:.2f}")
                 return step, EXIT_STOPPED if stop else container.EXIT_OK
     return step, container.EXIT_OK

@@ -59,7 +59,7 @@ REQUIREMENTS = "bitsandbytes>=0.46\n"
 # list equal to the tracked entrypoint/*.py. `merge` is the merge job's module (issue 12);
 # a module of this list that is absent is left out.
 SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "data", "hyperparams", "kernels",
-                  "merge", "model", "moe", "offload", "progress", "train")
+                  "merge", "model", "moe", "offload", "progress", "stopping", "train")
 SECRET_ENV = container.HF_TOKEN_SECRET
 MAX_RUNTIME_ENV = container.MAX_RUNTIME_S
 # torchrun SIGKILLs its workers 30 s after it is told to stop; the wrapper signals the

@@ -185,6 +185,7 @@ def test_sigterm_to_pid1_checkpoints_and_stops_well_inside_120_s(stopped):
     assert [p.name for p in (stopped["ml"] / "checkpoints").iterdir()] == [ckpt.name]  # the only checkpoint
     assert "[done]" not in log
     assert stopped["seconds"] < SIGKILL_AFTER_S / 2
+    assert "stop_watch" not in log  # the wrapper is PID 1: the signal comes, nothing asks
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +340,39 @@ def _entry_processes(pid1: int, script: str) -> list[int]:
         return False
 
     return [pid for pid in found if under(pid)]
+
+
+def set_moto_status(name: str, status: str) -> None:
+    """moto's training jobs are Completed at once and it has no StopTrainingJob: the one
+    thing set by hand here is the status SageMaker shows while a stop is under way."""
+    from moto.sagemaker.models import sagemaker_backends
+
+    sagemaker_backends["123456789012"]["us-east-1"].training_jobs[name].training_job_status = status
+
+
+def test_a_tuning_jobs_training_job_learns_of_its_stop_without_the_signal(submitted):
+    """A tuning job's definition has no ContainerEntrypoint: PID 1 is the image's bash,
+    which drops SIGTERM. Rank 0 sees its own status turn Stopping (moto, asked every 1 s)
+    and the job checkpoints and stops as it does on the signal."""
+    request = json.loads(json.dumps(submitted["request"], default=str))
+    for key in ("ContainerEntrypoint", "ContainerArguments"):
+        request["AlgorithmSpecification"].pop(key, None)
+    request["Environment"] = request.get("Environment", {}) | {"SM_QLORA_STOP_POLL_S": "1"}
+    container, ml = start(submitted | {"request": request}, "tuning-stop")
+    assert layout.container_command(request) == layout.IMAGE_COMMAND
+    container.wait_for("[train] step=4/", timeout=400)
+    os.kill(container.pid1(), 15)  # what StopTrainingJob sends: dropped by the image's bash
+    set_moto_status(request["TrainingJobName"], "Stopping")
+    try:
+        rc = container.wait(timeout=SIGKILL_AFTER_S)
+    finally:
+        set_moto_status(request["TrainingJobName"], "Completed")
+    log = container.text()
+    assert "[info] stop_watch=DescribeTrainingJob every_s=1" in log
+    stopped = re.search(r"^\[stopped\] step=(\d+) reason=job_stopping ", log, re.M)
+    assert stopped and 4 <= int(stopped.group(1)) < STEPS, log[-5000:]
+    assert (ml / "checkpoints" / f"step-{stopped.group(1)}" / "COMPLETE").is_file()
+    assert rc != 0 and "[done]" not in log
 
 
 def test_the_budget_clock_starts_with_the_container_not_the_job(tmp_path):
