@@ -36,6 +36,7 @@ from entrypoint import container
 from entrypoint.hyperparams import Strategy, flatten
 from entrypoint.progress import METRIC_DEFINITIONS
 from launcher import __version__
+from launcher.api_limits import launcher_tags
 from launcher.aws import client, is_not_found, session, split_s3, translated
 from launcher.channels import input_channels
 from launcher.config import JobConfig, job_name_for
@@ -333,13 +334,7 @@ def submit(cfg: JobConfig, strategy: Strategy, *, dry_run: bool = False, resume:
             section, key = channel.field.split(".")
             setattr(getattr(hp, section), key, uri)  # the job sees where its input came from, not a laptop path
         source_dir = uploads.blob(code_tarball(files), "sourcedir.tar.gz")
-    tags = [
-        {"Key": "sm-qlora:config-sha256", "Value": cfg.digest()},
-        {"Key": "sm-qlora:launcher-version", "Value": __version__},
-        {"Key": "sm-qlora:base-job-name", "Value": cfg.job_name},
-    ] + [{"Key": k, "Value": v} for k, v in sorted(cfg.aws.tags.items())]
-    if resume:
-        tags.append({"Key": "sm-qlora:resumed-from", "Value": resume})
+    tags = launcher_tags(cfg, resume)
 
     boto_sess = session(cfg.aws.region, cfg.aws.profile)
     if dry_run:
