@@ -91,9 +91,8 @@ def preview_request(cfg: JobConfig, strategy: str, rows: int, budget_s: int | No
     sdk = {"sagemaker_submit_directory": f"{out}/uploads/{UPLOAD_HASH}/sourcedir.tar.gz",
            "sagemaker_program": container.ENTRY_SCRIPT, "sagemaker_container_log_level": SDK_LOG_LEVEL,
            "sagemaker_job_name": name, "sagemaker_region": cfg.aws.region}
-    if strategy == "ddp":
-        sdk["sagemaker_torch_distributed_enabled"] = True
-    sdk["sagemaker_instance_type"] = c.instance_type
+    if strategy == "ddp":  # the SDK's keys for distribution={"torch_distributed": ...}
+        sdk |= {"sagemaker_torch_distributed_enabled": True, "sagemaker_instance_type": c.instance_type}
     hyper |= {k: json.dumps(v) for k, v in sdk.items()}
     origin |= {"HyperParameters['sagemaker_submit_directory']": "output.s3_uri",
                "HyperParameters['sagemaker_job_name']": "job_name"}
