@@ -37,9 +37,12 @@ from launcher.channels import input_channels
 from launcher.config import JobConfig, job_name_for
 from launcher.container_entry import container_entry_point
 
+# torchrun SIGKILLs its workers 30 s after it is told to stop; the wrapper signals the
+# workers, not torchrun, and this gives any later shutdown of torchrun's the same 120 s
+# SageMaker allows (the variable exists in torch >= 2.9; older torch ignores it).
+SHUTDOWN_TIMEOUT_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "110"}
 UPLOAD_HASH = "0" * 16  # submit.Uploads names an upload by 16 hex digits of its sha256
-# What SDK v2 adds to the hyperparameters of a HuggingFace estimator (values JSON-encoded).
-SDK_LOG_LEVEL = 20
+SDK_LOG_LEVEL = 20  # sagemaker_container_log_level, which SDK v2 adds (logging.INFO)
 TAG_PREFIX = "sm-qlora:"
 # A few of the Java classes the model uses, by Unicode category prefix.
 UNICODE_CLASSES = {"L": "\ue000", "Z": "\ue001", "N": "\ue002"}
@@ -58,8 +61,24 @@ def launcher_tags(cfg: JobConfig, resume: str | None = None) -> list[dict[str, s
 
 
 def runtime_s(cfg: JobConfig, budget_s: int | None) -> int:
-    """MaxRuntimeInSeconds as submit sends it: the budget's, else compute.max_run_hours."""
+    """MaxRuntimeInSeconds: the budget's (plan.budget_runtime_s), else compute.max_run_hours."""
     return int(budget_s if budget_s is not None else cfg.compute.max_run_hours * 3600)
+
+
+def max_wait_s(cfg: JobConfig, max_run: int) -> int:
+    """A spot job's MaxWait covers the run and the waits for capacity: never below MaxRuntime."""
+    c = cfg.compute
+    return max(max_run, int((c.max_wait_hours or c.max_run_hours) * 3600))
+
+
+def job_environment(cfg: JobConfig, max_run: int) -> dict[str, str]:
+    env = {container.LAUNCHER_VERSION: __version__, "PYTHONUNBUFFERED": "1", **SHUTDOWN_TIMEOUT_ENV}
+    if cfg.aws.hf_token_secret:
+        env[container.HF_TOKEN_SECRET] = cfg.aws.hf_token_secret  # the ARN, not the token
+    # SageMaker stops the job at MaxRuntime; the job plans its own end inside it (a last
+    # checkpoint and the adapter), so it never ends with nothing to show.
+    env[container.MAX_RUNTIME_S] = str(max_run)
+    return env
 
 
 def preview_request(cfg: JobConfig, strategy: str, rows: int, budget_s: int | None = None,
@@ -77,30 +96,10 @@ def preview_request(cfg: JobConfig, strategy: str, rows: int, budget_s: int | No
               "OutputDataConfig.S3OutputPath": "output.s3_uri", "CheckpointConfig.S3Uri": "output.s3_uri",
               "Environment": "aws.hf_token_secret"}
     hp = cfg.hyperparameters(strategy, rows=rows)
-    inputs = []
-    for channel in input_channels(hp):
-        uri = channel.source if not channel.is_local else f"{out}/uploads/{UPLOAD_HASH}/{Path(channel.source).name}"
-        origin[f"InputDataConfig[{len(inputs)}]"] = channel.field if not channel.is_local else "output.s3_uri"
-        section, key = channel.field.split(".")
-        setattr(getattr(hp, section), key, uri)
-        inputs.append({"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
-                                                        "S3DataDistributionType": "FullyReplicated"}},
-                       "ChannelName": channel.name})
-    hyper = {k: json.dumps(v) for k, v in flatten(hp).items()}
-    origin |= {f"HyperParameters[{k!r}]": k for k in hyper}
-    sdk = {"sagemaker_submit_directory": f"{out}/uploads/{UPLOAD_HASH}/sourcedir.tar.gz",
-           "sagemaker_program": container.ENTRY_SCRIPT, "sagemaker_container_log_level": SDK_LOG_LEVEL,
-           "sagemaker_job_name": name, "sagemaker_region": cfg.aws.region}
-    if strategy == "ddp":  # the SDK's keys for distribution={"torch_distributed": ...}
-        sdk |= {"sagemaker_torch_distributed_enabled": True, "sagemaker_instance_type": c.instance_type}
-    hyper |= {k: json.dumps(v) for k, v in sdk.items()}
-    origin |= {"HyperParameters['sagemaker_submit_directory']": "output.s3_uri",
-               "HyperParameters['sagemaker_job_name']": "job_name"}
+    inputs = _inputs(hp, out, origin)
+    hyper = _hyperparameters(cfg, hp, name, strategy, origin)
     max_run = runtime_s(cfg, budget_s)
-    env = {container.LAUNCHER_VERSION: __version__, "PYTHONUNBUFFERED": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "110"}
-    if cfg.aws.hf_token_secret:
-        env[container.HF_TOKEN_SECRET] = cfg.aws.hf_token_secret
-    env[container.MAX_RUNTIME_S] = str(max_run)
+    env = job_environment(cfg, max_run)
     tags = launcher_tags(cfg, resume)
     for i, tag in enumerate(tags):
         origin[f"Tags[{i}]"] = (f"aws.tags.{tag['Key']}" if not tag["Key"].startswith(TAG_PREFIX) or
@@ -108,7 +107,7 @@ def preview_request(cfg: JobConfig, strategy: str, rows: int, budget_s: int | No
                                 "--resume" if tag["Key"].endswith("resumed-from") else "job_name")
     stopping = {"MaxRuntimeInSeconds": max_run}
     if c.spot:
-        stopping["MaxWaitTimeInSeconds"] = max(max_run, int((c.max_wait_hours or c.max_run_hours) * 3600))
+        stopping["MaxWaitTimeInSeconds"] = max_wait_s(cfg, max_run)
     request = {
         "AlgorithmSpecification": {"TrainingInputMode": "File", "ContainerEntrypoint": container_entry_point(
             container.ENTRY_SCRIPT), "MetricDefinitions": METRIC_DEFINITIONS, "EnableSageMakerMetricsTimeSeries": True}
@@ -126,6 +125,34 @@ def preview_request(cfg: JobConfig, strategy: str, rows: int, budget_s: int | No
     if c.spot:
         request["EnableManagedSpotTraining"] = True
     return request, origin
+
+
+def _inputs(hp, out: str, origin: dict[str, str]) -> list[dict]:
+    """InputDataConfig; local inputs become their upload's URI in `hp`, as submit does."""
+    inputs = []
+    for channel in input_channels(hp):
+        uri = channel.source if not channel.is_local else f"{out}/uploads/{UPLOAD_HASH}/{Path(channel.source).name}"
+        origin[f"InputDataConfig[{len(inputs)}]"] = channel.field if not channel.is_local else "output.s3_uri"
+        section, key = channel.field.split(".")
+        setattr(getattr(hp, section), key, uri)
+        inputs.append({"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
+                                                        "S3DataDistributionType": "FullyReplicated"}},
+                       "ChannelName": channel.name})
+    return inputs
+
+
+def _hyperparameters(cfg: JobConfig, hp, name: str, strategy: str, origin: dict[str, str]) -> dict[str, str]:
+    """The job's hyperparameters and those SDK v2 adds, each JSON-encoded as the SDK sends them."""
+    hyper = {k: json.dumps(v) for k, v in flatten(hp).items()}
+    origin |= {f"HyperParameters[{k!r}]": k for k in hyper}
+    sdk = {"sagemaker_submit_directory": f"{cfg.output.s3_uri}/uploads/{UPLOAD_HASH}/sourcedir.tar.gz",
+           "sagemaker_program": container.ENTRY_SCRIPT, "sagemaker_container_log_level": SDK_LOG_LEVEL,
+           "sagemaker_job_name": name, "sagemaker_region": cfg.aws.region}
+    if strategy == "ddp":  # the SDK's keys for distribution={"torch_distributed": ...}
+        sdk |= {"sagemaker_torch_distributed_enabled": True, "sagemaker_instance_type": cfg.compute.instance_type}
+    origin |= {"HyperParameters['sagemaker_submit_directory']": "output.s3_uri",
+               "HyperParameters['sagemaker_job_name']": "job_name"}
+    return hyper | {k: json.dumps(v) for k, v in sdk.items()}
 
 
 # --------------------------------------------------------------------------- the model
