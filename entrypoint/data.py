@@ -149,10 +149,17 @@ def load_rows(location: str, token: str | None = None, shown_as: str | None = No
 def _text(row: dict, column: str, source: str, index: int) -> str:
     if row.get(column) is None:  # datasets fills a key missing from one JSONL row with None
         raise DataError(f"{source}: row {index + 1}: missing column {column!r} (columns: {', '.join(row)})")
-    value = row[column]
+    problem = text_problem(row[column], column)
+    if problem:
+        raise DataError(f"{source}: row {index + 1}: {problem}")
+    return row[column]
+
+
+def text_problem(value, column: str) -> str | None:
+    """Why a prompt, response or text value is not usable (the launcher's validate asks too)."""
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{source}: row {index + 1}: column {column!r} must be non-empty text, got {value!r}")
-    return value
+        return f"column {column!r} must be non-empty text, got {str(value)[:60]!r} ({_kind(value)})"
+    return None
 
 
 def _messages(row: dict, spec, source: str, index: int) -> list[dict]:
@@ -165,17 +172,51 @@ def _messages(row: dict, spec, source: str, index: int) -> list[dict]:
         msgs.append({"role": "user", "content": _text(row, cols.prompt, source, index)})
         msgs.append({"role": "assistant", "content": _text(row, cols.response, source, index)})
         return msgs
-    msgs = row.get(cols.messages)
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{source}: row {index + 1}: column {cols.messages!r} must be a list of messages")
-    for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
-            raise DataError(f"{source}: row {index + 1}: message {j + 1} needs a role "
-                            "(system, user or assistant) and text content")
-    if not any(m["role"] == "assistant" for m in msgs):
-        raise DataError(f"{source}: row {index + 1}: no assistant message to learn from")
+    problem, msgs = chat_messages(row.get(cols.messages), cols.messages)
+    if problem:
+        raise DataError(f"{source}: row {index + 1}: {problem}")
     return msgs
+
+
+# ShareGPT rows ({"from": "human", "value": "..."}), as many public chat datasets are written.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = ("system", "user", "assistant")
+
+
+def chat_message(m) -> dict | None:
+    """One message as {role, content}: OpenAI style as it is, ShareGPT's from/value mapped;
+    None when it is neither. `datasets` gives every message all the keys any row used (the
+    others None), so the style is told by which keys hold a value."""
+    if not isinstance(m, dict):
+        return None
+    if m.get("role") is not None:
+        role, content = m["role"], m.get("content")
+    else:
+        role, content = SHAREGPT_ROLES.get(m.get("from")), m.get("value")
+    if role not in ROLES or not isinstance(content, str):
+        return None
+    return {"role": role, "content": content}
+
+
+def chat_messages(value, column: str) -> tuple[str | None, list[dict]]:
+    """(why the column's value is not a conversation, or None; its messages as {role, content}).
+    The launcher's validate calls this too, so both sides accept the same rows."""
+    if not isinstance(value, list) or not value:
+        return f"column {column!r} must be a list of messages, got {_kind(value)}", []
+    msgs = []
+    for j, m in enumerate(value):
+        msg = chat_message(m)
+        if msg is None:
+            return (f"message {j + 1} needs a role (system, user or assistant) and text content, "
+                    "or ShareGPT's from (human, gpt, system) and value"), []
+        msgs.append(msg)
+    if not any(m["role"] == "assistant" for m in msgs):
+        return "no assistant message to learn from", []
+    return None, msgs
+
+
+def _kind(value) -> str:
+    return "nothing" if value is None else JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

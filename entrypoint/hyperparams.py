@@ -8,6 +8,7 @@ keys (`lora.r`), each value JSON-encoded; `flatten` and `unflatten` are the two 
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -62,6 +63,10 @@ class DataSpec(Strict):
     def _known_scheme(cls, v: str | None) -> str | None:
         if v is not None and "://" in v and not v.startswith(("s3://", "hf://")):
             raise ValueError("must be a local file, an s3:// URI or an hf:// dataset")
+        if v is not None and v.startswith("hf://"):
+            name, _, split = v[len("hf://"):].partition(":")
+            if not re.match(HUB_ID_PATTERN, name) or (split and not re.fullmatch(r"[\w.\[\]:%+-]+", split)):
+                raise ValueError(f"{v!r} is not an hf:// dataset like hf://org/name or hf://org/name:train")
         return v
 
 

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from entrypoint.hyperparams import HUB_ID_PATTERN, Hyperparameters, StrategyChoice, Strict
 from launcher.datafiles import DATA_SUFFIXES, column_problems
@@ -159,7 +167,7 @@ def _partition_problem(arn: str) -> str | None:
 
 class AwsSpec(Strict):
     region: str = "us-east-1"
-    role: str
+    role: str | None = None  # required for SageMaker (launcher.validate); a local run has none
     profile: str | None = None
     hf_token_secret: str | None = None
     # Local runs only: the name of an environment variable that holds the HF token.
@@ -180,7 +188,9 @@ class AwsSpec(Strict):
 
     @field_validator("role")
     @classmethod
-    def _role(cls, v: str, info: ValidationInfo) -> str:
+    def _role(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
         problem = _partition_problem(v)
         if problem:
             raise ValueError(problem)
@@ -237,20 +247,30 @@ class JobConfig(Hyperparameters):
 
     job_name: str
     compute: ComputeSpec = ComputeSpec()
-    output: OutputSpec
-    aws: AwsSpec
+    # Required for SageMaker (launcher.validate.missing_sections); a local run needs neither.
+    output: OutputSpec | None = None
+    aws: AwsSpec = AwsSpec()
     # The job's strategy is compute.strategy in a config; this inherited field only says so.
     strategy: None = Field(None, exclude=True, repr=False)
+    # Where the config's relative paths were read from (digest counts paths from here).
+    _base_dir: Path | None = PrivateAttr(None)
 
     @field_validator("strategy", mode="before")
     @classmethod
     def _strategy_lives_in_compute(cls, v: Any) -> None:
         raise ValueError("unknown key; did you mean compute.strategy?")
 
+    @field_validator("job_name", mode="before")
+    @classmethod
+    def _job_name_given(cls, v: Any) -> Any:
+        if v is None or v == "":  # `job_name:` or `--set job_name=` (YAML reads both as empty)
+            raise ValueError("is empty; name the job, like medical-mixtral (letters, digits and hyphens)")
+        return v
+
     @field_validator("job_name")
     @classmethod
     def _job_name(cls, v: str) -> str:
-        if not JOB_NAME_RE.fullmatch(v):
+        if len(v) <= JOB_NAME_MAX and not JOB_NAME_RE.fullmatch(v):
             raise ValueError(
                 "SageMaker job names use only letters, digits and single or repeated hyphens, "
                 "starting and ending with a letter or digit"
@@ -276,8 +296,15 @@ class JobConfig(Hyperparameters):
         )
 
     def digest(self) -> str:
-        """Short hash of the whole config: tags a job with the config that made it."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """Short hash of the whole config: tags a job with the config that made it. Local
+        paths count as written relative to the config's directory, so a project that is
+        moved or cloned elsewhere keeps its hash (a resume there does not warn)."""
+        dump = self.model_dump(mode="json")
+        for section, key in (("data", "train"), ("data", "validation"), ("model", "id")):
+            value = dump[section].get(key)
+            if value and "://" not in value and Path(value).is_absolute():
+                dump[section][key] = os.path.relpath(value, self._base_dir or Path.cwd())
+        blob = json.dumps(dump, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -561,6 +588,7 @@ def _load(source: str | Path | dict | JobConfig, overrides: list[str] | tuple[st
     base_dir = None
     if isinstance(source, JobConfig):
         raw = source.model_dump(mode="json", exclude_none=True)
+        base_dir = source._base_dir
     elif isinstance(source, dict):
         raw = copy.deepcopy(source)
     else:
@@ -576,4 +604,5 @@ def _load(source: str | Path | dict | JobConfig, overrides: list[str] | tuple[st
     problems += _data_problems(cfg, problems)
     if problems:
         raise ConfigError(problems)
+    cfg._base_dir = base_dir or Path.cwd()
     return cfg

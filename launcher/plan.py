@@ -31,11 +31,13 @@ rate and memory bandwidth, half each). Every assumption is printed with the plan
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from entrypoint.data import chat_messages
 from entrypoint.hyperparams import PINNED_HOST_SHARE, Strategy, offload_fits_host
 from launcher.config import JobConfig
 from launcher.datafiles import READERS, RowError
@@ -110,7 +112,9 @@ H200 = {"tflops": 989.0, "bandwidth_gbs": 4800.0}
 MIXTRAL = BUILT_IN["mixtral-8x7b"]
 DDP_EFFICIENCY = 0.9
 STARTUP_HOURS = 0.25  # image pull, model download and 4-bit load before the first step
+MIN_TRAINING_HOURS = 0.25  # the least MaxRuntime may leave after start-up (validate refuses less)
 CHARS_PER_TOKEN = 4.0
+TOKENIZE_BATCH = 1000  # rows per encode_batch: fast in Rust threads, memory bounded
 AUTO_BATCH_MAX = 16  # more packed rows per micro-batch buys little once the GPU is busy (bench/README.md)
 
 
@@ -208,32 +212,39 @@ ASSUMPTIONS = [
 def count_tokens(cfg: JobConfig) -> tuple[int | None, str]:
     """Tokens in the training set: counted with the model's tokenizer when it is a local
     directory, else estimated from characters; None when the data is not local or a row
-    cannot be read (the job refuses that row, naming it)."""
+    cannot be read (the job refuses that row, naming it). Rows are streamed and tokenized
+    TOKENIZE_BATCH at a time, so memory stays flat in the file's size."""
     train = Path(cfg.data.train)
     if "://" in cfg.data.train or not train.is_file():
         return None, "unknown (data is not a local file; pass --tokens)"
-    try:
-        texts = list(_row_texts(train, cfg))
-    except (RowError, OSError) as exc:
-        return None, f"not counted ({train}: {exc}; pass --tokens)"
     tok_path = Path(cfg.model.id) / "tokenizer.json"
+    tok = None
     if tok_path.is_file():
         try:
             from tokenizers import Tokenizer
 
             tok = Tokenizer.from_file(str(tok_path))
-            total = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
-            return total + 8 * len(texts), f"counted with {tok_path} (+8 template tokens per row)"
         except ImportError:
             pass
-    chars = sum(len(t) for t in texts)
-    return int(chars / CHARS_PER_TOKEN) + 8 * len(texts), f"estimate: {CHARS_PER_TOKEN:g} characters per token"
+    total = rows = 0
+    try:
+        texts = _row_texts(train, cfg)
+        while batch := list(itertools.islice(texts, TOKENIZE_BATCH)):  # itertools.batched is 3.12+
+            rows += len(batch)
+            total += (sum(len(e.ids) for e in tok.encode_batch(batch, add_special_tokens=False)) if tok
+                      else sum(len(t) for t in batch) / CHARS_PER_TOKEN)
+    except (RowError, OSError) as exc:
+        return None, f"not counted ({train}: {exc}; pass --tokens)"
+    if tok:
+        return total + 8 * rows, f"counted with {tok_path} (+8 template tokens per row)"
+    return int(total) + 8 * rows, f"estimate: {CHARS_PER_TOKEN:g} characters per token"
 
 
 def _row_texts(path: Path, cfg: JobConfig) -> Iterator[str]:
     """The text of each row, read as the config check reads it (launcher.datafiles)."""
-    if path.suffix == ".parquet":  # compressed: a rough guess from the size
-        yield "x" * int(path.stat().st_size / 2)
+    if path.suffix == ".parquet":  # compressed: a rough guess from the size, in pieces
+        size = int(path.stat().st_size / 2)
+        yield from ("x" * min(1 << 20, size - i) for i in range(0, size, 1 << 20))
         return
     if path.suffix not in READERS:
         return
@@ -244,9 +255,7 @@ def _row_texts(path: Path, cfg: JobConfig) -> Iterator[str]:
         if cfg.data.format == "instruction":
             yield f"{row.get(cols.prompt, '')} {row.get(cols.response, '')}"
         elif cfg.data.format == "chat":
-            messages = row.get(cols.messages)
-            yield " ".join(str(m.get("content", "")) for m in messages if isinstance(m, dict)) \
-                if isinstance(messages, list) else ""
+            yield " ".join(m["content"] for m in chat_messages(row.get(cols.messages), cols.messages)[1])
         else:
             yield str(row.get(cols.text, ""))
 
@@ -383,6 +392,9 @@ def model_shape(cfg: JobConfig, network: bool = True) -> Shape:
 
 
 def make_plan(cfg: JobConfig, dataset_tokens: float | None = None, network: bool = True) -> Plan:
+    if dataset_tokens is not None and not (math.isfinite(dataset_tokens) and dataset_tokens > 0):
+        raise ConfigError([("--tokens", f"{dataset_tokens!r} is not a number of tokens; give a positive count, "
+                            "like --tokens 2.5e7")])
     shape = model_shape(cfg, network)
     if dataset_tokens is None:
         counted, source = count_tokens(cfg)
@@ -411,9 +423,32 @@ def budget_runtime_s(cfg: JobConfig) -> int | None:
     return max(1, int(min(c.max_cost_usd / per_hour, c.max_run_hours) * 3600))
 
 
+def runtime_floor_problem(cfg: JobConfig) -> tuple[str, str] | None:
+    """A job whose MaxRuntime (from compute.max_cost_usd or compute.max_run_hours) leaves less
+    than start-up plus MIN_TRAINING_HOURS of training would be paid for and stopped before it
+    has anything to save; refused, naming both numbers. Needs no data, so S3 data too."""
+    c = cfg.compute
+    floor_h = STARTUP_HOURS + MIN_TRAINING_HOURS
+    runtime_h = budget_runtime_s(cfg) / 3600 if c.max_cost_usd is not None else c.max_run_hours
+    if runtime_h >= floor_h:
+        return None
+    need = f"at least {floor_h:g} h ({STARTUP_HOURS:g} h start-up + {MIN_TRAINING_HOURS * 60:g} min of training)"
+    if c.max_cost_usd is not None and runtime_h < c.max_run_hours:
+        per_hour = catalog().get(c.instance_type).price_per_hour * c.instance_count
+        return ("compute.max_cost_usd",
+                f"{format_usd(c.max_cost_usd)} buys {_duration(runtime_h)} on {c.instance_type} x{c.instance_count} "
+                f"({format_usd(per_hour)}/h); a job needs {need}, {format_usd(floor_h * per_hour)} at this price")
+    return ("compute.max_run_hours", f"{c.max_run_hours:g} h ({_duration(runtime_h)}) is too short; a job needs {need}")
+
+
+def _duration(hours: float) -> str:
+    return f"{hours * 3600:.0f} s" if hours < 1 / 60 else f"{hours * 60:.1f} min"
+
+
 def budget_problem(cfg: JobConfig) -> tuple[str, str] | None:
     """A plan whose estimated cost is above compute.max_cost_usd is refused, naming both.
-    Data that is not local cannot be counted here: then only MaxRuntime holds the cap."""
+    Data that is not local cannot be counted here: then only MaxRuntime holds the cap
+    (and runtime_floor_problem, which validate runs first)."""
     cap = cfg.compute.max_cost_usd
     if cap is None:
         return None

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from launcher.aws import client, split_s3
+from launcher.errors import ConfigError
+from launcher.validate import missing_sections
 
 SAGEMAKER_PRINCIPAL = "sagemaker.amazonaws.com"
 
@@ -266,6 +268,8 @@ CHECK_NAMES = ("role", "role trust", "iam:PassRole", "bucket", "instance quota",
 
 def preflight(cfg) -> list[Check]:
     """Every check, in order; read-only. `cfg` is a JobConfig (launcher.config.load_config)."""
+    if missing := missing_sections(cfg):  # a config written for local runs only
+        raise ConfigError(missing)
     region, profile = cfg.aws.region, cfg.aws.profile
     first, ident = check_identity(client("sts", region, profile))
     if ident is None:

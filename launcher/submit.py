@@ -35,7 +35,7 @@ from typing import Any
 from entrypoint import container
 from entrypoint.hyperparams import Strategy, flatten
 from entrypoint.progress import METRIC_DEFINITIONS
-from launcher import __version__
+from launcher.api_limits import job_environment, launcher_tags, max_wait_s, runtime_s
 from launcher.aws import client, is_not_found, session, split_s3, translated
 from launcher.channels import input_channels
 from launcher.config import JobConfig, job_name_for
@@ -60,12 +60,6 @@ REQUIREMENTS = "bitsandbytes>=0.46\n"
 # a module of this list that is absent is left out.
 SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "data", "hyperparams", "kernels",
                   "merge", "model", "moe", "offload", "progress", "stopping", "train")
-SECRET_ENV = container.HF_TOKEN_SECRET
-MAX_RUNTIME_ENV = container.MAX_RUNTIME_S
-# torchrun SIGKILLs its workers 30 s after it is told to stop; the wrapper signals the
-# workers, not torchrun, and this gives any later shutdown of torchrun's the same 120 s
-# SageMaker allows (the variable exists in torch >= 2.9; older torch ignores it).
-SHUTDOWN_TIMEOUT_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "110"}
 REDACTED = "***redacted***"
 SENSITIVE = ("TOKEN", "SECRET_VALUE", "PASSWORD", "API_KEY", "ACCESS_KEY")
 
@@ -206,17 +200,11 @@ def _estimator(cfg: JobConfig, *, sm_session, source_dir: str, hyperparameters: 
     c = cfg.compute
     image = {"image_uri": c.image_uri} if c.image_uri else {
         "transformers_version": TRANSFORMERS_VERSION, "pytorch_version": PYTORCH_VERSION, "py_version": PY_VERSION}
-    environment = {container.LAUNCHER_VERSION: __version__, "PYTHONUNBUFFERED": "1", **SHUTDOWN_TIMEOUT_ENV}
-    if cfg.aws.hf_token_secret:
-        environment[SECRET_ENV] = cfg.aws.hf_token_secret  # the ARN, not the token
-    max_run = int(max_runtime_s if max_runtime_s is not None else c.max_run_hours * 3600)
-    # SageMaker stops the job at MaxRuntime; the job plans its own end inside it (a last
-    # checkpoint and the adapter), so it never ends with nothing to show.
-    environment[MAX_RUNTIME_ENV] = str(max_run)
+    max_run = runtime_s(cfg, max_runtime_s)
+    environment = job_environment(cfg, max_run)
     kwargs: dict[str, Any] = {}
     if c.spot:
-        # MaxWait covers the run and the waits for capacity: never below MaxRuntime.
-        kwargs.update(use_spot_instances=True, max_wait=max(max_run, int((c.max_wait_hours or c.max_run_hours) * 3600)))
+        kwargs.update(use_spot_instances=True, max_wait=max_wait_s(cfg, max_run))
     if distribution:
         kwargs["distribution"] = distribution
     return HuggingFace(
@@ -333,13 +321,7 @@ def submit(cfg: JobConfig, strategy: Strategy, *, dry_run: bool = False, resume:
             section, key = channel.field.split(".")
             setattr(getattr(hp, section), key, uri)  # the job sees where its input came from, not a laptop path
         source_dir = uploads.blob(code_tarball(files), "sourcedir.tar.gz")
-    tags = [
-        {"Key": "sm-qlora:config-sha256", "Value": cfg.digest()},
-        {"Key": "sm-qlora:launcher-version", "Value": __version__},
-        {"Key": "sm-qlora:base-job-name", "Value": cfg.job_name},
-    ] + [{"Key": k, "Value": v} for k, v in sorted(cfg.aws.tags.items())]
-    if resume:
-        tags.append({"Key": "sm-qlora:resumed-from", "Value": resume})
+    tags = launcher_tags(cfg, resume)
 
     boto_sess = session(cfg.aws.region, cfg.aws.profile)
     if dry_run:

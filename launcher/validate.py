@@ -4,26 +4,61 @@ accepts the other accepts. Nothing here reaches the network."""
 
 from __future__ import annotations
 
+from launcher.api_limits import preview_request, request_problems
 from launcher.config import JobConfig, is_job_name
 from launcher.errors import ConfigError
-from launcher.plan import budget_problem, fit_problem
+from launcher.instances import catalog
+from launcher.plan import (
+    budget_problem,
+    budget_runtime_s,
+    choose_strategy,
+    fit_problem,
+    micro_batch_rows,
+    runtime_floor_problem,
+)
 
 
 def launch_problems(cfg: JobConfig, *, local: bool = False, resume: str | None = None) -> list[tuple[str, str]]:
-    problems = []
-    if not local:
-        if cfg.aws.hf_token_env:
-            problems.append(("aws.hf_token_env", "is for local runs; a SageMaker job reads the token from "
-                             "aws.hf_token_secret (a Secrets Manager ARN), so it never shows in DescribeTrainingJob"))
-        fit = fit_problem(cfg)  # on this machine the instance type is not used
-        if fit:
-            problems.append(fit)
-        elif budget := budget_problem(cfg):
-            problems.append(budget)
+    problems = local_problems(cfg) if local else sagemaker_problems(cfg, resume)
     if resume is not None and not is_job_name(resume):
         what = "a local run's name (runs/<name>/)" if local else "a SageMaker training job name"
         problems.append(("--resume", f"{resume!r} is not {what}: letters, digits and hyphens, at most 63"))
     return problems
+
+
+def local_problems(cfg: JobConfig) -> list[tuple[str, str]]:
+    return [(f"data.{field}", f"{value!r}: a local run reads local files and hf:// datasets, not S3; "
+             "copy it here (aws s3 cp) and name the file, or launch on SageMaker (without --local)")
+            for field in ("train", "validation") if (value := getattr(cfg.data, field) or "").startswith("s3://")]
+
+
+def missing_sections(cfg: JobConfig) -> list[tuple[str, str]]:
+    """A config for local runs may leave out `output` and `aws.role`; a SageMaker job needs them."""
+    problems = []
+    if cfg.output is None:
+        problems.append(("output.s3_uri", "required for a SageMaker job (where adapters, checkpoints and uploads "
+                         "go), like s3://my-bucket/qlora; only `launch --local` runs without it"))
+    if cfg.aws.role is None:
+        problems.append(("aws.role", "required for a SageMaker job: the execution role's ARN, like "
+                         "arn:aws:iam::123456789012:role/SageMakerExecutionRole; only `launch --local` runs without it"))
+    return problems
+
+
+def sagemaker_problems(cfg: JobConfig, resume: str | None) -> list[tuple[str, str]]:
+    problems = []
+    if cfg.aws.hf_token_env:
+        problems.append(("aws.hf_token_env", "is for local runs; a SageMaker job reads the token from "
+                         "aws.hf_token_secret (a Secrets Manager ARN), so it never shows in DescribeTrainingJob"))
+    if missing := missing_sections(cfg):
+        return missing + problems
+    fit, floor = fit_problem(cfg), runtime_floor_problem(cfg)
+    problems += [p for p in (fit, floor) if p]
+    if not (fit or floor) and (budget := budget_problem(cfg)):
+        problems.append(budget)
+    rows = micro_batch_rows(cfg, catalog().get(cfg.compute.instance_type))
+    request, origin = preview_request(cfg, choose_strategy(cfg), rows, budget_runtime_s(cfg), resume)
+    known = {field for field, _ in problems}
+    return problems + [p for p in request_problems(request, origin) if p[0] not in known]
 
 
 def validate_for_launch(cfg: JobConfig, *, local: bool = False, resume: str | None = None) -> JobConfig:

@@ -21,10 +21,12 @@ def write(tmp_path, job_dict, **compute) -> str:
 
 
 def test_a_cap_below_the_plans_estimate_is_refused_naming_both(job_dict, tmp_path, capsys):
-    config = write(tmp_path, job_dict, max_cost_usd=1)
+    # a cap that leaves time to train (over start-up + 15 min: $18.84 here), but not 1000 epochs
+    job_dict["training"] = job_dict.get("training", {}) | {"epochs": 1000}
+    config = write(tmp_path, job_dict, max_cost_usd=20)
     assert main(["validate", config]) == 2
     err = capsys.readouterr().err
-    assert "compute.max_cost_usd: the plan estimates $" in err and "above the cap $1.00" in err
+    assert "compute.max_cost_usd: the plan estimates $" in err and "above the cap $20.00" in err
     assert main(["launch", config, "--dry-run"]) == 2  # launch refuses the same config, nothing sent
 
 
