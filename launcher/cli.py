@@ -19,7 +19,7 @@ import traceback
 from typing import Any
 
 from launcher.config import load_config
-from launcher.errors import ConfigError, LauncherError
+from launcher.errors import ConfigError, LauncherError, disk_error
 from launcher.instances import format_usd
 from launcher.job import launch_job
 from launcher.plan import Plan, make_plan
@@ -232,7 +232,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- main
 
+def known_error(exc: BaseException) -> LauncherError | None:
+    """An error of the world, not of the launcher, that escaped a verb: AWS (exit 3) or the
+    disk (exit 1), said in one line. None for a real bug."""
+    if isinstance(exc, LauncherError):
+        return exc
+    if type(exc).__module__.startswith(("botocore.", "boto3.")):
+        from launcher.aws import translated
+
+        try:
+            with translated("AWS"):
+                raise exc
+        except LauncherError as err:
+            return err
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return disk_error(exc)
+    return None
+
+
 def _report(exc: BaseException, out: Printer) -> int:
+    exc = known_error(exc) or exc
     if isinstance(exc, LauncherError):
         if out.json:
             print(json.dumps({"error": type(exc).__name__, "message": exc.message, "hint": exc.hint,

@@ -1,0 +1,171 @@
+"""AWS and disk errors as a user meets them: each one line with the right exit code (3 for
+AWS, 1 or 2 for the disk), never "unexpected ..." and never a half-written result. Full
+and read-only disks are real small tmpfs mounts in a mount namespace of their own
+(`unshare -m`, as root), not mocked errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.cli import main
+from tests.conftest import ROOT
+
+
+def write_config(tmp_path: Path, raw: dict, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def one_error_line(err: str) -> str:
+    """The error the CLI printed: one `error:` line (and at most its `->` hint)."""
+    lines = [x for x in err.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err and "unexpected" not in err, err
+    return errors[0]
+
+
+# --------------------------------------------------------------------------- AWS: exit 3
+
+def test_an_upload_to_a_missing_bucket_is_an_aws_error_said_once(aws, job_dict, tmp_path, capsys):
+    job_dict["output"]["s3_uri"] = "s3://no-such-bucket-i19/qlora"
+    assert main(["launch", str(write_config(tmp_path, job_dict))]) == 3
+    err = capsys.readouterr().err
+    line = one_error_line(err)
+    assert "no-such-bucket-i19" in line
+    assert err.count("NoSuchBucket") <= 1, err  # the refusal once, not once per layer
+
+
+@pytest.fixture
+def no_credentials(aws, tmp_path, monkeypatch):
+    """A region and moto's endpoint, but no credentials anywhere boto3 looks (no instance
+    metadata either: nothing leaves loopback)."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("SM_QLORA_RUNS_DIR", str(tmp_path / "runs"))
+    from launcher.aws import session
+
+    session.cache_clear()
+    yield
+    session.cache_clear()
+
+
+@pytest.mark.parametrize("argv", [["status", "some-job"], ["stop", "some-job"], ["download", "some-job", "DEST"],
+                                  ["merge", "some-job", "s3://my-bucket/merged"], ["plot", "some-job"],
+                                  ["logs", "some-job"]])
+def test_no_credentials_is_exit_3_in_one_line_for_every_job_verb(no_credentials, tmp_path, capsys, argv):
+    argv = [str(tmp_path / "dest") if a == "DEST" else a for a in argv]
+    assert main(argv) == 3
+    line = one_error_line(capsys.readouterr().err)
+    assert "no AWS credentials" in line
+    assert not (tmp_path / "dest").exists() and not Path("some-job-loss.png").exists()
+
+
+def test_list_max_0_is_a_usage_error(capsys):
+    assert main(["list", "--max", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max" in err and "between 1 and 100" in err and "network" not in err
+
+
+# --------------------------------------------------------------------------- the disk: one line, nothing half-written
+
+def can_mount() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_mount = pytest.mark.skipif(not can_mount(), reason="needs root and `unshare -m` to mount a small tmpfs")
+
+
+def cli_on_small_disk(mount: Path, size: str, argv: list[str], env: dict, read_only: bool = False):
+    """`sm-qlora ARGV` with a fresh tmpfs of `size` at `mount`, seen by that process alone."""
+    mount.mkdir(parents=True, exist_ok=True)
+    ro = f" && mount -o remount,ro {mount}" if read_only else ""
+    script = f'mount -t tmpfs -o size={size} tmpfs {mount}{ro} && exec "$@"'
+    return subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m", "launcher", *argv],
+                          capture_output=True, text=True, env=os.environ | env, timeout=300)
+
+
+@pytest.fixture
+def finished_run(tmp_path) -> tuple[str, dict]:
+    """A Completed local run whose adapter is 300 KB: weights, config and a tokenizer."""
+    name = "tiny-20261129-000000"
+    root = tmp_path / "runs" / name
+    (root / "model").mkdir(parents=True)
+    (root / "job.json").write_text(json.dumps({"name": name, "status": "Completed", "started": 1.0, "ended": 2.0}))
+    (root / "model" / "adapter_model.safetensors").write_bytes(os.urandom(150_000))
+    (root / "model" / "adapter_config.json").write_text("{}")
+    (root / "model" / "tokenizer.json").write_bytes(os.urandom(150_000))
+    return name, {"SM_QLORA_RUNS_DIR": str(tmp_path / "runs"), "PYTHONPATH": str(ROOT)}
+
+
+@needs_mount
+def test_a_download_onto_a_full_disk_leaves_no_partial_file(finished_run, tmp_path):
+    name, env = finished_run
+    disk = tmp_path / "small"
+    result = cli_on_small_disk(disk, "200k", ["download", name, str(disk / "adapter")], env)
+    assert result.returncode == 1, result.stderr
+    line = one_error_line(result.stderr)
+    assert "no space left on" in line and str(disk / "adapter") in line
+
+
+@needs_mount
+def test_a_full_disk_keeps_the_destination_as_it_was(finished_run, tmp_path):
+    """The same download, then a listing of the destination inside the same namespace."""
+    name, env = finished_run
+    disk = tmp_path / "small"
+    disk.mkdir()
+    script = (f'mount -t tmpfs -o size=200k tmpfs {disk} && "$@"; echo "EXIT=$?"; '
+              f'find {disk} -type f -printf "%s %P\\n"')
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m", "launcher",
+                             "download", name, str(disk / "adapter")],
+                            capture_output=True, text=True, env=os.environ | env, timeout=300)
+    assert "EXIT=1" in result.stdout, result.stderr
+    files = result.stdout.split("EXIT=1", 1)[1].split()
+    assert files == [], f"left on the full disk: {files}"  # no 0-byte tokenizer.json beside the weights
+
+
+@needs_mount
+def test_a_download_onto_a_read_only_disk_says_so(finished_run, tmp_path):
+    name, env = finished_run
+    disk = tmp_path / "ro"
+    result = cli_on_small_disk(disk, "1m", ["download", name, str(disk / "adapter")], env, read_only=True)
+    assert result.returncode == 1
+    assert "read-only file system" in one_error_line(result.stderr)
+
+
+def test_a_download_into_a_file_or_under_a_file_is_one_line(finished_run, tmp_path, monkeypatch, capsys):
+    name, env = finished_run
+    monkeypatch.setenv("SM_QLORA_RUNS_DIR", env["SM_QLORA_RUNS_DIR"])
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    assert main(["download", name, str(a_file)]) == 2
+    assert f"{a_file} is a file" in one_error_line(capsys.readouterr().err)
+    assert main(["download", name, str(a_file / "adapter")]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert str(a_file) in line and "is a file, not a directory" in line
+    assert a_file.read_text() == "keep me"
+
+
+def test_a_download_leaves_no_staging_directory_behind(finished_run, tmp_path, monkeypatch, capsys):
+    name, env = finished_run
+    monkeypatch.setenv("SM_QLORA_RUNS_DIR", env["SM_QLORA_RUNS_DIR"])
+    dest = tmp_path / "adapter"
+    assert main(["download", name, str(dest)]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "tokenizer.json"]  # no staging directory left behind
