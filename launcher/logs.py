@@ -176,11 +176,13 @@ def follow_lines(job, *, follow: bool, poll_s: float = 5.0, describe_every_s: fl
         sleep(poll_s)
 
 
-def progress_of(job, limit: int = 200) -> Progress:
-    """What the last `limit` lines of each stream say (step, loss curves, outcome)."""
+def progress_of(job, limit: int | None = 200) -> Progress:
+    """What the last `limit` lines of each stream say (step, loss curves, outcome); with
+    no limit, every line from the first (a plot shows the whole job)."""
     progress = Progress()
     with translated(f"read the log of {job.name}"):  # refused or unreachable: exit 3, one line
-        for line in job.log_source().tail(limit):
+        source = job.log_source()
+        for line in source.poll() if limit is None else source.tail(limit):
             progress.update(line.message)
     return progress
 

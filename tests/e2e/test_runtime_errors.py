@@ -169,3 +169,137 @@ def test_a_download_leaves_no_staging_directory_behind(finished_run, tmp_path, m
     assert main(["download", name, str(dest)]) == 0
     assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                       "tokenizer.json"]  # no staging directory left behind
+
+
+# --------------------------------------------------------------------------- plot and list say what is there
+
+def test_plot_of_a_job_that_does_not_exist_fails_and_writes_nothing(aws, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", "no-such-job"]) == 3
+    assert "no training job named no-such-job" in one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_refuses_a_name_that_is_a_path(aws, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for name in ("../../x", "/tmp/x", ".."):
+        assert main(["plot", name]) == 2
+        assert "is not a job name" in one_error_line(capsys.readouterr().err)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def long_run(runs: Path, steps: int, chatter: int) -> str:
+    """A Completed local run whose log has `steps` training lines, each after `chatter` others."""
+    from entrypoint.progress import format_eta
+
+    name = "long-20261129-000000"
+    root = runs / name
+    (root / "output").mkdir(parents=True)
+    (root / "job.json").write_text(json.dumps({"name": name, "status": "Completed", "started": 1.0, "ended": 2.0}))
+    lines = []
+    for step in range(1, steps + 1):
+        lines += [f"chatter {i}" for i in range(chatter)]
+        lines.append(f"[train] step={step}/{steps} epoch=0.10 loss={3 - step / steps:.4f} lr=1.00e-04 "
+                     f"grad_norm=0.50 tokens_per_sec=100 eta={format_eta(steps - step)}")
+    (root / "output" / "job.log").write_text("\n".join(lines) + "\n")
+    return name
+
+
+def test_plot_and_status_plot_draw_every_step_of_a_long_job(tmp_path, monkeypatch, capsys):
+    """3,000 steps among 15,000 log lines: the first step is on the curve too."""
+    import launcher.job
+
+    monkeypatch.setenv("SM_QLORA_RUNS_DIR", str(tmp_path / "runs"))
+    name = long_run(tmp_path / "runs", steps=3000, chatter=4)
+    drawn = []
+    real = launcher.job.write_loss_png
+    monkeypatch.setattr(launcher.job, "write_loss_png", lambda p, path, title: drawn.append(p) or real(p, path, title))
+    assert main(["plot", name, "--out", str(tmp_path / "loss.png")]) == 0
+    assert main(["status", name, "--plot", str(tmp_path / "status.png")]) == 0
+    for progress in drawn:
+        steps = [s for s, _ in progress.train_loss]
+        assert steps == list(range(1, 3001))
+    assert len(drawn) == 2 and (tmp_path / "loss.png").stat().st_size > 0
+
+
+@pytest.fixture
+def no_aws(tmp_path, monkeypatch):
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    from launcher.aws import session
+
+    session.cache_clear()
+    yield
+    session.cache_clear()
+
+
+def test_list_reads_a_killed_run_as_ended_and_skips_a_damaged_one(no_aws, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("SM_QLORA_RUNS_DIR", str(runs))
+    killed = runs / "killed-20261129-000001"
+    (killed / "output").mkdir(parents=True)
+    # job.json still says InProgress, but no process holds the run's lock: its owner was killed
+    (killed / "job.json").write_text(json.dumps({"name": killed.name, "status": "InProgress", "started": 5.0}))
+    (killed / "output" / "job.log").write_text("[train] step=1/10 epoch=0.10 loss=2.0000 lr=1.00e-04 "
+                                               "grad_norm=0.50 tokens_per_sec=100 eta=0:00:09\n")
+    damaged = runs / "damaged-20261129-000002"
+    damaged.mkdir()
+    (damaged / "job.json").write_text('{"name": "damaged", "stat')
+    fine = runs / "fine-20261129-000003"
+    fine.mkdir()
+    (fine / "job.json").write_text(json.dumps({"name": fine.name, "status": "Completed", "started": 9.0}))
+    assert main(["list", "--output", "json"]) == 0
+    captured = capsys.readouterr()
+    jobs = {j["job_name"]: j["status"] for j in json.loads(captured.out)["jobs"]}
+    assert jobs == {killed.name: "Failed", fine.name: "Completed"}
+    assert "skipped a damaged local run" in captured.err and str(damaged / "job.json") in captured.err
+
+
+# --------------------------------------------------------------------------- local launches
+
+@pytest.fixture
+def stand_in_trainer(tmp_path, monkeypatch):
+    """The run's owner as it is, with a trainer that ends at once with `exit_code` (the
+    naming, the claim and the messages are under test, not training)."""
+    import launcher.local
+
+    monkeypatch.setenv("SM_QLORA_RUNS_DIR", str(tmp_path / "runs"))
+
+    def use(exit_code: int = 0) -> None:
+        script = f"import sys; print('[done] steps=1 train_loss=1.0 runtime_s=0 adapter=x'); sys.exit({exit_code})"
+        monkeypatch.setattr(launcher.local, "TRAINER", ("-c", script))
+
+    return use
+
+
+def test_four_local_launches_in_one_second_get_four_runs(stand_in_trainer, job_dict, tmp_path, monkeypatch):
+    import launcher.job
+    from launcher.config import job_name_for
+
+    stand_in_trainer(0)
+    monkeypatch.setattr(launcher.job, "job_name_for", lambda base: job_name_for(base, now=1764410100.0))
+    names = [launcher.job.launch_job(job_dict, local=True, echo=False).name for _ in range(4)]
+    assert len(set(names)) == 4
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(names)
+    assert names[0] == job_name_for(job_dict["job_name"], now=1764410100.0)
+
+
+def test_a_stopped_local_run_names_the_real_config_in_its_resume_hint(stand_in_trainer, job_dict, tmp_path, capsys):
+    stand_in_trainer(143)  # checkpointed and stopped
+    path = write_config(tmp_path, job_dict, "medical.yaml")
+    assert main(["launch", str(path), "--local"]) == 1
+    err = capsys.readouterr().err
+    assert f"sm-qlora launch {path} --local --resume " in err and "CONFIG" not in err
+
+
+def test_launch_local_without_the_train_extra_names_the_pip_command(stand_in_trainer, job_dict, tmp_path,
+                                                                      monkeypatch, capsys):
+    stand_in_trainer(0)
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if `pip install sagemaker-qlora` without [train]
+    assert main(["launch", str(write_config(tmp_path, job_dict)), "--local"]) == 2
+    err = capsys.readouterr().err
+    assert "peft" in one_error_line(err) and "pip install 'sagemaker-qlora[train]'" in err
+    assert not (tmp_path / "runs").exists()  # refused before anything was laid out
