@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from entrypoint import container
+
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -110,6 +112,7 @@ def staged(dest: Path, last: str = "adapter_config.json") -> Iterator[Path]:
         yield tmp
         files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
         for f in files:
+            container.readable_by_umask(f)
             target = dest / f.relative_to(tmp)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(f, target)

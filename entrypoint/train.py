@@ -16,9 +16,12 @@ nearing MaxRuntimeInSeconds the job checkpoints, saves the adapter and exits 0.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -284,11 +287,29 @@ def run_job(interrupt: Interrupt, started: float) -> int:
         return record_failure(str(exc), EXIT_BAD_INPUT)
     except TrainingDiverged as exc:
         return record_failure(str(exc), container.EXIT_FAILED)
+    except Exception as exc:
+        full = out_of_space(exc)
+        if full is None:
+            raise  # a bug: its traceback is the report
+        return record_failure(f"no space left on {full}; give the job a bigger disk "
+                              "(compute.volume_size_gb) or keep fewer checkpoints", container.EXIT_FAILED)
+
+
+def out_of_space(exc: BaseException) -> Path | None:
+    """Which of the job's directories filled up, when `exc` says a disk did: an OSError, or
+    the same error inside safetensors' or torch's own exception (they keep only its text).
+    The directory is the one with the least space left: staging files are gone by now."""
+    nospace = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not (nospace or "No space left on device" in str(exc) or "os error 28" in str(exc)):
+        return None
+    dirs = [d for d in (container.model_dir(), container.checkpoint_dir(), container.output_dir()) if d.is_dir()]
+    return min(dirs, key=lambda d: shutil.disk_usage(d).free) if dirs else container.OPT_ML
 
 
 def record_failure(reason: str, code: int) -> int:
     """One line in the log, and /opt/ml/output/failure, which SageMaker shows as FailureReason."""
-    fail(reason)
+    with contextlib.suppress(OSError):  # a full disk may refuse the log line too
+        fail(reason)
     with contextlib.suppress(OSError):
         out = container.output_dir()
         out.mkdir(parents=True, exist_ok=True)
@@ -296,8 +317,20 @@ def record_failure(reason: str, code: int) -> int:
     return code
 
 
+BNB_HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def quiet_hub_kernel_warning() -> None:
+    """bitsandbytes 0.50 on a CPU with AVX512-BF16 tries, as it is imported, to fetch an
+    optional kernel from the Hub and warns on every run when the `kernels` package is
+    absent; the fallback it then uses is its own CPU kernel, so the warning is noise here."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not str(record.msg).startswith(BNB_HUB_KERNEL_WARNING))
+
+
 def _quiet_progress_bars() -> None:
     """tqdm bars write carriage returns into CloudWatch; the SPEC's lines are the progress."""
+    quiet_hub_kernel_warning()
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     import datasets

@@ -303,3 +303,58 @@ def test_launch_local_without_the_train_extra_names_the_pip_command(stand_in_tra
     err = capsys.readouterr().err
     assert "peft" in one_error_line(err) and "pip install 'sagemaker-qlora[train]'" in err
     assert not (tmp_path / "runs").exists()  # refused before anything was laid out
+
+
+# --------------------------------------------------------------------------- merge: a dry run writes nothing, one writer wins
+
+from tests.e2e.test_merge import adapter, fake_local_run  # noqa: E402,F401  (the tiny adapter fixture)
+
+
+def test_merge_dry_run_of_a_local_run_writes_nothing(tiny_model, adapter, tmp_path, monkeypatch, capsys):  # noqa: F811
+    monkeypatch.setenv("SM_QLORA_RUNS_DIR", str(tmp_path / "runs"))
+    fake_local_run(tmp_path / "runs", "tiny-20261129-000000", tiny_model, adapter)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["merge", "tiny-20261129-000000", str(tmp_path / "merged"), "--dry-run", "--output", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dry_run"] is True and "entrypoint.merge" in out["command"]
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_two_merges_into_one_destination_one_wins_the_other_says_so(tiny_model, adapter, tmp_path):  # noqa: F811
+    dest = tmp_path / "merged"
+    cmd = [sys.executable, "-m", "entrypoint.merge", "--adapter", str(adapter), "--base", str(tiny_model),
+           "--out", str(dest), "--dtype", "fp32"]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    assert sorted(code for code, _, _ in results) == [0, 2], results
+    # bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" is filtered
+    assert not [r for r in results if "kernels-community" in r[1] + r[2]]
+    loser = next(r for r in results if r[0] == 2)
+    assert "Traceback" not in loser[1] + loser[2]
+    errors = [x for x in loser[1].splitlines() if x.startswith("[error]")]
+    assert len(errors) == 1 and str(dest) in errors[0], loser
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(dest)  # the winner's model is whole
+    assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no staging directory left
+
+
+def test_adapter_and_merged_weights_are_0644_like_the_files_beside_them(tiny_model, adapter, tmp_path):  # noqa: F811
+    from entrypoint.merge import MergeSpec, merge
+
+    merge(MergeSpec(adapter=str(adapter), base=str(tiny_model), out=str(tmp_path / "merged"), dtype="fp32"))
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "merged").iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes  # umask 022 here, as on most machines
+
+    import torch
+    from safetensors.torch import save_file
+
+    from entrypoint import checkpoints
+
+    with checkpoints.staged(tmp_path / "model") as tmp:  # how the job writes its adapter
+        save_file({"w": torch.zeros(2)}, tmp / "adapter_model.safetensors")
+        (tmp / "adapter_config.json").write_text("{}")
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "model").iterdir()}
+    assert modes == {"adapter_model.safetensors": "0o644", "adapter_config.json": "0o644"}
