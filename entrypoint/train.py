@@ -291,8 +291,8 @@ def run_job(interrupt: Interrupt, started: float) -> int:
         full = out_of_space(exc)
         if full is None:
             raise  # a bug: its traceback is the report
-        return record_failure(f"no space left on {full}; give the job a bigger disk "
-                              "(compute.volume_size_gb) or keep fewer checkpoints", container.EXIT_FAILED)
+        return record_failure(f"no space left on {full}: free some there (on SageMaker: a larger "
+                              "compute.volume_size_gb, or fewer checkpoints kept)", container.EXIT_FAILED)
 
 
 def out_of_space(exc: BaseException) -> Path | None:

@@ -358,3 +358,29 @@ def test_adapter_and_merged_weights_are_0644_like_the_files_beside_them(tiny_mod
         (tmp / "adapter_config.json").write_text("{}")
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "model").iterdir()}
     assert modes == {"adapter_model.safetensors": "0o644", "adapter_config.json": "0o644"}
+
+
+@needs_mount
+def test_a_local_run_that_fills_its_disk_records_no_space_left(tiny_model, tmp_path):
+    """A real run of the tiny model with its runs directory on a 250 KB tmpfs: the layout
+    and the log fit, the 310 KB adapter does not."""
+    cfg = {"job_name": "tiny-full", "model": {"id": str(tiny_model)},
+           "data": {"train": str(ROOT / "examples" / "data" / "medical.jsonl"), "format": "instruction",
+                    "columns": {"prompt": "question", "response": "answer"}},
+           "training": {"max_steps": 2, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+                        "max_seq_length": 128, "logging_steps": 1, "save_steps": 100},
+           "compute": {"instance_type": "ml.g5.xlarge"}, "output": {"s3_uri": "s3://local/tiny"},
+           "aws": {"region": "us-east-1", "role": "arn:aws:iam::123456789012:role/Local"}}
+    path = write_config(tmp_path, cfg)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    script = (f'mount -t tmpfs -o size=250k tmpfs {runs} && "$@"; echo "EXIT=$?"; cat {runs}/*/job.json')
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m", "launcher",
+                             "launch", str(path), "--local"], capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"SM_QLORA_RUNS_DIR": str(runs), "PYTHONPATH": str(ROOT)})
+    head, _, state = result.stdout.partition("EXIT=")
+    assert state.startswith("1"), result.stdout + result.stderr
+    reason = json.loads(state.split("\n", 1)[1])["failure_reason"]
+    assert reason.startswith(f"no space left on {runs}/tiny-full-"), reason
+    assert "Traceback" not in head + result.stderr and "SafetensorError" not in head + result.stderr
+    assert "no space left on" in one_error_line(result.stderr)
