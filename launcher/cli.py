@@ -207,6 +207,27 @@ def add_preflight(sub, common, config) -> None:
     v.add_argument("config")
 
 
+# --------------------------------------------------------------------------- init
+
+def cmd_init(args, out: Printer) -> int:
+    from launcher.starter import write_starter
+
+    files = write_starter(args.dest)
+    local, sagemaker = (str(p) for p in files[:2])
+    out.result({"files": [str(p) for p in files]}, "\n".join(
+        [f"wrote {p}" for p in files] + ["next:",
+         f"  sm-qlora launch {local} --local      # on this machine (needs pip install 'sagemaker-qlora[train]')",
+         f"  sm-qlora plan {sagemaker}            # after putting your bucket and role in it",
+         f"  sm-qlora launch {sagemaker}"]))
+    return 0
+
+
+def add_init(sub, common, config) -> None:
+    v = add_verb(sub, "init", "write a commented starter job (a local and a SageMaker variant) and a small dataset",
+                 [common], "sm-qlora init my-job/", cmd_init)
+    v.add_argument("dest", nargs="?", default=".", help="directory to write into (default: here)")
+
+
 # --------------------------------------------------------------------------- the parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     aws.add_argument("--region", default=None)
     aws.add_argument("--profile", default=None)
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (add_validate, add_plan, add_launch, add_preflight):
+    for add in (add_validate, add_plan, add_launch, add_preflight, add_init):
         add(sub, common, config)
     from launcher import control  # here, not at the top: control uses this module's add_verb
 
