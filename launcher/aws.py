@@ -50,8 +50,8 @@ def client(service: str, region: str | None = None, profile: str | None = None):
 
 
 HINTS = {
-    "AccessDenied": "the credentials lack a permission: see the README's IAM section",
-    "AccessDeniedException": "the credentials lack a permission: see the README's IAM section",
+    "AccessDenied": "the credentials lack a permission: see \"What the AWS account needs\" in the README",
+    "AccessDeniedException": "the credentials lack a permission: see \"What the AWS account needs\" in the README",
     "ResourceLimitExceeded": "raise the instance quota (Service Quotas > SageMaker > '<instance> for training job usage') or pick another instance",
     "ThrottlingException": "AWS throttled the calls even after retries; try again in a minute",
     "ExpiredToken": "refresh your credentials (aws sso login, or new keys)",
