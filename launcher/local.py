@@ -28,7 +28,7 @@ from entrypoint.progress import Progress
 from launcher.channels import input_channels
 from launcher.config import JobConfig, is_job_name
 from launcher.errors import ConfigError, JobFailed
-from launcher.logs import FileSource, read_complete_lines
+from launcher.logs import FileSource, read_complete_lines, record_growth
 from launcher.plan import micro_batch_rows
 from launcher.plot import write_loss_png
 
@@ -403,8 +403,10 @@ def run(cfg: JobConfig, name: str, resume: bool, echo: bool,
 
 def _wait(proc: subprocess.Popen, log: Path, echo: bool, resume: bool, received: list[int]) -> None:
     offset = log.stat().st_size if resume and log.exists() else 0
+    size = offset
     while True:
         code = proc.poll()
+        size = record_growth(log, size)  # when each line was written: `logs` shows that time
         if echo and signal.SIGHUP not in received:  # after a hang-up there is no terminal to print to
             lines, offset = read_complete_lines(log, offset)
             try:

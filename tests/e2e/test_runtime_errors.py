@@ -384,3 +384,26 @@ def test_a_local_run_that_fills_its_disk_records_no_space_left(tiny_model, tmp_p
     assert reason.startswith(f"no space left on {runs}/tiny-full-"), reason
     assert "Traceback" not in head + result.stderr and "SafetensorError" not in head + result.stderr
     assert "no space left on" in one_error_line(result.stderr)
+
+
+def test_local_logs_json_carries_when_each_line_was_written(stand_in_trainer, job_dict, tmp_path, monkeypatch,
+                                                            capsys):
+    import time
+
+    import launcher.local
+
+    script = ("import time; print('[info] first', flush=True); time.sleep(1.5); "
+              "print('[done] steps=1 train_loss=1.0 runtime_s=2 adapter=x', flush=True)")
+    monkeypatch.setattr(launcher.local, "TRAINER", ("-c", script))
+    from launcher.job import launch_job
+
+    started = time.time() * 1000
+    job = launch_job(job_dict, local=True, echo=False)
+    ended = time.time() * 1000
+    time.sleep(1.0)  # read a second after the run ended
+    assert main(["logs", job.name, "--output", "json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    stamps = [x["timestamp"] for x in lines if x.get("message", "").startswith(("[info] first", "[done]"))]
+    assert len(stamps) == 2
+    assert started <= stamps[0] < stamps[1] <= ended  # written during the run, not stamped when read
+    assert stamps[1] - stamps[0] >= 1200  # the 1.5 s between them, to the owner's 0.2 s polls
