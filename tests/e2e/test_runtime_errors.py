@@ -407,3 +407,25 @@ def test_local_logs_json_carries_when_each_line_was_written(stand_in_trainer, jo
     assert len(stamps) == 2
     assert started <= stamps[0] < stamps[1] <= ended  # written during the run, not stamped when read
     assert stamps[1] - stamps[0] >= 1200  # the 1.5 s between them, to the owner's 0.2 s polls
+
+
+def test_an_aws_refusal_of_the_job_is_said_once(aws, job_dict, tmp_path, monkeypatch, capsys):
+    """SageMaker refuses the CreateTrainingJob (moto accepts it, so the refusal is made at
+    botocore's API call, under the SageMaker SDK that sends it)."""
+    from botocore.client import BaseClient
+    from botocore.exceptions import ClientError
+
+    real = BaseClient._make_api_call
+
+    def refuse(self, operation, params):
+        if operation == "CreateTrainingJob":
+            raise ClientError({"Error": {"Code": "ValidationException", "Message": "refused-i19: no such role"}},
+                              operation)
+        return real(self, operation, params)
+
+    monkeypatch.setattr(BaseClient, "_make_api_call", refuse)
+    assert main(["launch", str(write_config(tmp_path, job_dict))]) == 3
+    err = capsys.readouterr().err
+    assert err.count("refused-i19") == 1, err
+    assert "troubleshooting" not in err, err
+    one_error_line(err)
