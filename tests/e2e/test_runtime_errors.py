@@ -73,6 +73,13 @@ def test_no_credentials_is_exit_3_in_one_line_for_every_job_verb(no_credentials,
     assert not (tmp_path / "dest").exists() and not Path("some-job-loss.png").exists()
 
 
+def test_every_error_type_is_importable_from_the_package():
+    import launcher
+
+    for name in ("LauncherError", "ConfigError", "AWSError", "JobFailed", "Interrupted", "DiskError"):
+        assert issubclass(getattr(launcher, name), launcher.LauncherError) and name in launcher.__all__
+
+
 def test_list_max_0_is_a_usage_error(capsys):
     assert main(["list", "--max", "0"]) == 2
     err = capsys.readouterr().err
@@ -384,6 +391,7 @@ def test_a_local_run_that_fills_its_disk_records_no_space_left(tiny_model, tmp_p
     assert reason.startswith(f"no space left on {runs}/tiny-full-"), reason
     assert "Traceback" not in head + result.stderr and "SafetensorError" not in head + result.stderr
     assert "no space left on" in one_error_line(result.stderr)
+    assert "kernels-community" not in head + result.stderr  # bitsandbytes' CPU-kernel notice is filtered
 
 
 def test_local_logs_json_carries_when_each_line_was_written(stand_in_trainer, job_dict, tmp_path, monkeypatch,
