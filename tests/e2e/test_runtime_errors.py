@@ -9,8 +9,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import boto3
 import pytest
 import yaml
 
@@ -396,8 +398,6 @@ def test_a_local_run_that_fills_its_disk_records_no_space_left(tiny_model, tmp_p
 
 def test_local_logs_json_carries_when_each_line_was_written(stand_in_trainer, job_dict, tmp_path, monkeypatch,
                                                             capsys):
-    import time
-
     import launcher.local
 
     script = ("import time; print('[info] first', flush=True); time.sleep(1.5); "
@@ -437,3 +437,28 @@ def test_an_aws_refusal_of_the_job_is_said_once(aws, job_dict, tmp_path, monkeyp
     assert err.count("refused-i19") == 1, err
     assert "troubleshooting" not in err, err
     one_error_line(err)
+
+
+def test_plot_of_a_sagemaker_job_reads_every_cloudwatch_page(aws, job_dict, tmp_path, monkeypatch):
+    """12,000 lines in the job's stream (more than one GetLogEvents page): the plot starts at step 1."""
+    import launcher.job
+    from launcher.job import launch_job
+
+    job = launch_job(job_dict)  # moto: the job exists
+    logs = boto3.client("logs")
+    logs.create_log_group(logGroupName="/aws/sagemaker/TrainingJobs")
+    stream = f"{job.name}/algo-1-1700000000"
+    logs.create_log_stream(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=stream)
+    t0 = int(time.time() * 1000) - 3_600_000
+    messages = []
+    for step in range(1, 3001):
+        messages += [f"chatter {step}-{i}" for i in range(3)]
+        messages.append(f"[train] step={step}/3000 epoch=0.10 loss={3 - step / 3000:.4f} lr=1.00e-04 "
+                        "grad_norm=0.50 tokens_per_sec=100 eta=0:00:01")
+    for start in range(0, len(messages), 5000):
+        logs.put_log_events(logGroupName="/aws/sagemaker/TrainingJobs", logStreamName=stream, logEvents=[
+            {"timestamp": t0 + i, "message": m} for i, m in enumerate(messages[start:start + 5000], start)])
+    drawn = []
+    monkeypatch.setattr(launcher.job, "write_loss_png", lambda p, path, title: drawn.append(p) or path)
+    assert main(["plot", job.name, "--out", str(tmp_path / "loss.png")]) == 0
+    assert [s for s, _ in drawn[0].train_loss] == list(range(1, 3001))
