@@ -462,3 +462,13 @@ def test_plot_of_a_sagemaker_job_reads_every_cloudwatch_page(aws, job_dict, tmp_
     monkeypatch.setattr(launcher.job, "write_loss_png", lambda p, path, title: drawn.append(p) or path)
     assert main(["plot", job.name, "--out", str(tmp_path / "loss.png")]) == 0
     assert [s for s, _ in drawn[0].train_loss] == list(range(1, 3001))
+
+
+def test_launch_job_local_shows_the_log_by_default(stand_in_trainer, job_dict, capsys):
+    from launcher.job import launch_job
+
+    stand_in_trainer(0)
+    launch_job(job_dict, local=True)
+    assert "[done] steps=1" in capsys.readouterr().out  # a Python user is not left silent for minutes
+    launch_job(job_dict, local=True, echo=False)
+    assert "[done]" not in capsys.readouterr().out
