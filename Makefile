@@ -1,6 +1,11 @@
 # make demo: fresh clone -> a finished local training run (tiny model, CPU).
 # make test: fresh clone -> lint and the whole test suite.
 PY ?= python3
+# CI and this project's build machines install torch 2.13.0, the CPU wheel they hold on
+# disk (asking pip for anything else there downloads GBs of CUDA wheels). It is not what a
+# laptop gets: `pip install '.[train]'` resolves torch>=2.8 as your platform provides it.
+# Elsewhere: make install TORCH=torch (or TORCH='torch --index-url https://download.pytorch.org/whl/cpu').
+TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
@@ -11,8 +16,8 @@ TINY := examples/tiny-mixtral/config.json
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch 2.13.0 first: the CPU build on this machine's disk (any other request downloads CUDA).
-	$(BIN)/pip install -q torch==2.13.0
+	# torch first, as $(TORCH) says (see the top of this file), so that [train] keeps it.
+	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[train,dev]'
 	touch $(STAMP)
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from entrypoint import container
+
 COMPLETE = "COMPLETE"  # the manifest
 STEP_DIR = re.compile(r"^step-(\d+)$")
 PARTIAL_DIR = re.compile(r"^step-(\d+)\.partial$")
@@ -241,6 +243,7 @@ def staged(dest: Path, last: str = "adapter_config.json") -> Iterator[Path]:
         yield tmp
         files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
         for f in files:
+            container.readable_by_umask(f)
             target = dest / f.relative_to(tmp)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(f, target)

@@ -104,3 +104,11 @@ def container_started(fallback: float) -> float:
     except (OSError, ValueError, IndexError, StopIteration):
         return fallback
     return started if 0 <= fallback - started <= 3600 else fallback
+
+
+def readable_by_umask(path: Path) -> None:
+    """Give a file the mode a plain open() would (0644 under umask 022): safetensors writes
+    its files 0600 through a temporary file of its own, unlike every other file beside them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

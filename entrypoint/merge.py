@@ -21,10 +21,12 @@ failed merge never leaves a half-written model behind. No launcher import.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,13 @@ from pathlib import Path
 from entrypoint import container
 from entrypoint.hyperparams import unflatten
 from entrypoint.progress import emit
-from entrypoint.train import BadInput, channel, hf_token, record_failure  # one way to fail, one token rule
+from entrypoint.train import (  # one way to fail, one token rule
+    BadInput,
+    channel,
+    hf_token,
+    quiet_hub_kernel_warning,
+    record_failure,
+)
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 MAX_SHARD_SIZE = "5GB"  # the hub's default: large enough for few files, small enough to resume downloads
@@ -112,27 +120,46 @@ def merge(spec: MergeSpec) -> Path:
     return out
 
 
+STAGING = ".merge-partial-"
+
+
+def _others(out: Path) -> list[Path]:
+    """What is in `out` besides merges still staging there."""
+    return [p for p in out.iterdir() if not p.name.startswith(STAGING)]
+
+
 def _staging_dir(out: Path) -> Path:
-    """Where the files are written before they count. An existing (empty) output directory
-    may be a mount point (SM_MODEL_DIR), so stage inside it; otherwise beside it."""
+    """Where the files are written before they count: a directory of this merge's own, so
+    two merges into one destination never write into each other's files. An existing
+    (empty) output directory may be a mount point (SM_MODEL_DIR), so stage inside it;
+    otherwise beside it."""
     if out.exists():
-        if not out.is_dir() or any(p for p in out.iterdir() if p.name != ".merge.partial"):
+        if not out.is_dir() or _others(out):
             raise BadInput(f"{out} exists and is not empty; pick a new directory")
-        tmp = out / ".merge.partial"
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.merge.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+        return Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING}{out.name}-", dir=out.parent))
 
 
 def _publish(tmp: Path, out: Path) -> None:
+    """Move the merged files into place; the second of two merges into one destination
+    finds it taken and says so, leaving the first one's files whole."""
+    taken = BadInput(f"{out} was filled by another merge while this one ran; its files are complete there")
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            container.readable_by_umask(f)
     if tmp.parent == out:
+        if _others(out):
+            raise taken
         for p in sorted(tmp.iterdir()):
             p.rename(out / p.name)
-    else:
-        tmp.rename(out)
+        return
+    try:
+        tmp.rename(out)  # atomic; refused when the other merge's directory is already there
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise taken from None
+        raise
 
 
 def write_card(directory: Path, spec: MergeSpec, lora: dict, dtype_name: str) -> Path:
@@ -212,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     toolkit passes the hyperparameters as command-line flags too, so sys.argv is not ours
     there: the container's files and channels are read instead."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # no carriage returns in CloudWatch
+    quiet_hub_kernel_warning()
     try:
         spec = spec_from_container() if argv is None else parse_args(argv)
         if spec.dtype not in DTYPES:

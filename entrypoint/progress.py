@@ -75,6 +75,14 @@ class Event:
         except (KeyError, ValueError):
             return None
 
+    def typed(self) -> dict[str, object]:
+        """The values for JSON: numbers as numbers (`loss` as `eval_loss` is), and
+        `step=120/3000` as step 120 and total_steps 3000."""
+        out: dict[str, object] = {k: _number(v) for k, v in self.values.items()}
+        if self.total is not None:
+            out["step"], out["total_steps"] = self.step, self.total
+        return out
+
     @property
     def step(self) -> int | None:
         raw = self.values.get("step") or self.values.get("steps")
@@ -89,6 +97,17 @@ class Event:
     def total(self) -> int | None:
         raw = self.values.get("step", "")
         return int(raw.split("/")[1]) if "/" in raw and raw.split("/")[1].isdigit() else None
+
+
+def _number(text: str) -> object:
+    """int or float when `text` is a finite number, else the text (JSON has no NaN)."""
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            continue
+        return value if value == value and value not in (float("inf"), float("-inf")) else text
+    return text
 
 
 def parse(line: str) -> Event | None:

@@ -16,9 +16,12 @@ nearing MaxRuntimeInSeconds the job checkpoints, saves the adapter and exits 0.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -293,8 +296,23 @@ def run_job(interrupt: Interrupt, started: float) -> int:
     except TrainingDiverged as exc:
         return record_failure(str(exc), container.EXIT_FAILED)
     except Exception as exc:  # anything else: the traceback to the log, the cause in words to FailureReason
+        full = out_of_space(exc)
+        if full is not None:
+            return record_failure(f"no space left on {full}: free some there (on SageMaker: a larger "
+                                  "compute.volume_size_gb, or fewer checkpoints kept)", container.EXIT_FAILED)
         traceback.print_exc()
         return record_failure(unexpected(exc, hp), container.EXIT_FAILED)
+
+
+def out_of_space(exc: BaseException) -> Path | None:
+    """Which of the job's directories filled up, when `exc` says a disk did: an OSError, or
+    the same error inside safetensors' or torch's own exception (they keep only its text).
+    The directory is the one with the least space left: staging files are gone by now."""
+    nospace = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not (nospace or "No space left on device" in str(exc) or "os error 28" in str(exc)):
+        return None
+    dirs = [d for d in (container.model_dir(), container.checkpoint_dir(), container.output_dir()) if d.is_dir()]
+    return min(dirs, key=lambda d: shutil.disk_usage(d).free) if dirs else container.OPT_ML
 
 
 def unexpected(exc: Exception, hp: Hyperparameters) -> str:
@@ -314,7 +332,8 @@ def record_failure(reason: str, code: int) -> int:
     first process of this run to fail writes it (a rank that fails because another did keeps
     quiet); the toolkit writes its own only when none is there."""
     line = " ".join(reason.split())
-    fail(line)
+    with contextlib.suppress(OSError):  # a full disk may refuse the log line too
+        fail(line)
     with contextlib.suppress(OSError):
         path = container.output_dir() / "failure"
         if path.is_file() and path.stat().st_mtime >= _PROCESS_STARTED:
@@ -324,8 +343,20 @@ def record_failure(reason: str, code: int) -> int:
     return code
 
 
+BNB_HUB_KERNEL_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def quiet_hub_kernel_warning() -> None:
+    """bitsandbytes 0.50 on a CPU with AVX512-BF16 tries, as it is imported, to fetch an
+    optional kernel from the Hub and warns on every run when the `kernels` package is
+    absent; the fallback it then uses is its own CPU kernel, so the warning is noise here."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not str(record.msg).startswith(BNB_HUB_KERNEL_WARNING))
+
+
 def _quiet_progress_bars() -> None:
     """tqdm bars write carriage returns into CloudWatch; the SPEC's lines are the progress."""
+    quiet_hub_kernel_warning()
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning")
     import datasets

@@ -9,7 +9,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["launch_job", "Job", "load_config", "LauncherError", "ConfigError", "AWSError", "JobFailed"]
+__all__ = ["launch_job", "Job", "load_config", "LauncherError", "ConfigError", "AWSError", "JobFailed", "Interrupted",
+           "DiskError"]
 
 
 def __getattr__(name):  # lazy: `sm-qlora --help` must not import boto3 or the SageMaker SDK
@@ -21,7 +22,7 @@ def __getattr__(name):  # lazy: `sm-qlora --help` must not import boto3 or the S
         from launcher.config import load_config
 
         return load_config
-    if name in ("LauncherError", "ConfigError", "AWSError", "JobFailed"):
+    if name in ("LauncherError", "ConfigError", "AWSError", "JobFailed", "Interrupted", "DiskError"):
         from launcher import errors
 
         return getattr(errors, name)

@@ -50,8 +50,8 @@ def client(service: str, region: str | None = None, profile: str | None = None):
 
 
 HINTS = {
-    "AccessDenied": "the credentials lack a permission: see the README's IAM section",
-    "AccessDeniedException": "the credentials lack a permission: see the README's IAM section",
+    "AccessDenied": "the credentials lack a permission: see \"What the AWS account needs\" in the README",
+    "AccessDeniedException": "the credentials lack a permission: see \"What the AWS account needs\" in the README",
     "ResourceLimitExceeded": "raise the instance quota (Service Quotas > SageMaker > '<instance> for training job usage') or pick another instance",
     "ThrottlingException": "AWS throttled the calls even after retries; try again in a minute",
     "ExpiredToken": "refresh your credentials (aws sso login, or new keys)",
@@ -106,6 +106,18 @@ def translated(action: str) -> Iterator[None]:
     except BotoCoreError as exc:
         kind = TransientAWSError if is_transient(exc) else AWSError
         raise kind(f"{action}: {exc}", "check the network and the region") from None
+    except Exception as exc:
+        if not is_boto3_error(exc):
+            raise
+        # boto3's transfer manager wraps the ClientError in its own (S3UploadFailedError: a
+        # missing bucket, a denied PutObject), which is no BotoCoreError
+        raise AWSError(f"{action}: {exc}", "check that output.s3_uri's bucket exists in this account "
+                       "and that the credentials may write to it") from None
+
+
+def is_boto3_error(exc: BaseException) -> bool:
+    """An error of boto3 itself (S3UploadFailedError, ...), told without importing boto3."""
+    return type(exc).__module__.startswith("boto3.")
 
 
 def split_s3(uri: str) -> tuple[str, str]:

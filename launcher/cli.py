@@ -19,7 +19,7 @@ import traceback
 from typing import Any
 
 from launcher.config import load_config
-from launcher.errors import ConfigError, LauncherError
+from launcher.errors import ConfigError, LauncherError, disk_error
 from launcher.instances import format_usd
 from launcher.job import launch_job
 from launcher.plan import Plan, make_plan
@@ -207,6 +207,27 @@ def add_preflight(sub, common, config) -> None:
     v.add_argument("config")
 
 
+# --------------------------------------------------------------------------- init
+
+def cmd_init(args, out: Printer) -> int:
+    from launcher.starter import write_starter
+
+    files = write_starter(args.dest)
+    local, sagemaker = (str(p) for p in files[:2])
+    out.result({"files": [str(p) for p in files]}, "\n".join(
+        [f"wrote {p}" for p in files] + ["next:",
+         f"  sm-qlora launch {local} --local      # on this machine (needs pip install 'sagemaker-qlora[train]')",
+         f"  sm-qlora plan {sagemaker}            # after putting your bucket and role in it",
+         f"  sm-qlora launch {sagemaker}"]))
+    return 0
+
+
+def add_init(sub, common, config) -> None:
+    v = add_verb(sub, "init", "write a commented starter job (a local and a SageMaker variant) and a small dataset",
+                 [common], "sm-qlora init my-job/", cmd_init)
+    v.add_argument("dest", nargs="?", default=".", help="directory to write into (default: here)")
+
+
 # --------------------------------------------------------------------------- the parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     aws.add_argument("--region", default=None)
     aws.add_argument("--profile", default=None)
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for add in (add_validate, add_plan, add_launch, add_preflight):
+    for add in (add_validate, add_plan, add_launch, add_preflight, add_init):
         add(sub, common, config)
     from launcher import control  # here, not at the top: control uses this module's add_verb
 
@@ -232,7 +253,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- main
 
+def known_error(exc: BaseException) -> LauncherError | None:
+    """An error of the world, not of the launcher, that escaped a verb: AWS (exit 3) or the
+    disk (exit 1), said in one line. None for a real bug."""
+    if isinstance(exc, LauncherError):
+        return exc
+    if type(exc).__module__.startswith(("botocore.", "boto3.")):
+        from launcher.aws import translated
+
+        try:
+            with translated("AWS"):
+                raise exc
+        except LauncherError as err:
+            return err
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return disk_error(exc)
+    return None
+
+
 def _report(exc: BaseException, out: Printer) -> int:
+    exc = known_error(exc) or exc
     if isinstance(exc, LauncherError):
         if out.json:
             print(json.dumps({"error": type(exc).__name__, "message": exc.message, "hint": exc.hint,

@@ -49,6 +49,8 @@ def cmd_status(args, out) -> int:
 def cmd_list(args, out) -> int:
     """sm-qlora list --max 20"""
     listed = list_jobs(args.region, args.profile, args.max)
+    for skipped in listed.skipped:
+        out.info(f"warning: skipped a damaged local run: {skipped}")
     if listed.sagemaker_unavailable:
         out.info(f"(SageMaker jobs not listed: {listed.sagemaker_unavailable})")
     if out.json:
@@ -107,7 +109,10 @@ def cmd_merge(args, out) -> int:
   sm-qlora merge medical-mixtral-20261129-101500 s3://my-bucket/qlora/merged --dry-run"""
     result = merge(args.job, args.dest, region=args.region, profile=args.profile, dtype=args.dtype,
                    instance_type=args.instance_type, wait=args.wait, dry_run=args.dry_run, echo=out.info)
-    if result.get("dry_run"):
+    if result.get("dry_run") and result["local"]:
+        out.result(result, f"would merge {args.job} into {result['merged']} (nothing written): "
+                   + " ".join(result["command"]))
+    elif result.get("dry_run"):
         out.result(result, json.dumps(result["request"], indent=2))
     elif result["local"]:
         out.result(result, f"merged {args.job} into {result['merged']} ({len(result['files'])} files)")
@@ -121,6 +126,17 @@ def cmd_merge(args, out) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """--max: SageMaker's ListTrainingJobs takes 1 to 100."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= n <= 100:
+        raise argparse.ArgumentTypeError(f"{n} is not between 1 and 100")
+    return n
+
+
 def register(sub, common: argparse.ArgumentParser, aws: argparse.ArgumentParser) -> None:
     """Add the job verbs to the CLI's subparsers; each gets `handler(args, out) -> int`,
     and its docstring is the runnable example --help ends with."""
@@ -132,7 +148,7 @@ def register(sub, common: argparse.ArgumentParser, aws: argparse.ArgumentParser)
     v.add_argument("job")
     v.add_argument("--plot", metavar="PNG", help="also write the loss curve here")
     v = verb("list", "recent jobs", cmd_list)
-    v.add_argument("--max", type=int, default=20)
+    v.add_argument("--max", type=_positive, default=20, metavar="N", help="at most N jobs (1-100)")
     v = verb("logs", "log lines and a live progress bar", cmd_logs)
     v.add_argument("job")
     v.add_argument("--follow", "-f", action="store_true")
@@ -152,7 +168,8 @@ def register(sub, common: argparse.ArgumentParser, aws: argparse.ArgumentParser)
     v.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bf16, fp16 on GPUs without bf16")
     v.add_argument("--instance-type", default=None, help="SageMaker: override the chosen merge instance")
     v.add_argument("--wait", action="store_true", help="SageMaker: wait for the merge job (and download to DEST)")
-    v.add_argument("--dry-run", action="store_true", help="SageMaker: print the CreateTrainingJob request; send nothing")
+    v.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request (SageMaker) or the "
+                   "merge command (local); write and send nothing")
 
 
 __all__ = ["register"]

@@ -45,6 +45,26 @@ class JobFailed(LauncherError):
     exit_code = 1
 
 
+class DiskError(LauncherError):
+    """A file could not be written or read here: full, read-only, or not a directory."""
+
+    exit_code = 1
+
+
+def disk_error(exc: OSError, action: str = "") -> DiskError:
+    """One line naming the path and the cause: "no space left on /data/adapter"."""
+    import errno
+
+    path = exc.filename or "?"
+    cause = {errno.ENOSPC: f"no space left on {path}", errno.EDQUOT: f"disk quota exceeded on {path}",
+             errno.EROFS: f"{path} is on a read-only file system", errno.EACCES: f"permission denied: {path}",
+             errno.EPERM: f"permission denied: {path}", errno.EEXIST: f"{path} exists already",
+             errno.ENOTDIR: f"{path}: a part of this path is a file, not a directory",
+             errno.EISDIR: f"{path} is a directory"}.get(exc.errno, f"{path}: {exc.strerror or exc}")
+    hint = "free some space and try again" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    return DiskError(f"{action}: {cause}" if action else cause, hint)
+
+
 class Interrupted(LauncherError):
     """Ctrl-C while following or running in the foreground."""
 

@@ -9,6 +9,9 @@ methods do.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,9 +20,9 @@ from typing import Any, Protocol
 
 from launcher import local
 from launcher.aws import region_or_error
-from launcher.config import JobConfig, job_name_for, load_config
-from launcher.errors import ConfigError, Interrupted, JobFailed, LauncherError
-from launcher.local import LocalBackend, read_state, runs_dir
+from launcher.config import JobConfig, is_job_name, job_name_for, load_config
+from launcher.errors import ConfigError, Interrupted, JobFailed, LauncherError, disk_error
+from launcher.local import LocalBackend, missing_train_modules, runs_dir
 from launcher.logs import (
     LOG_GROUP,
     TERMINAL,
@@ -64,8 +67,11 @@ class Job:
     @classmethod
     def attach(cls, name: str, region: str | None = None, profile: str | None = None) -> Job:
         """A handle on an existing job: a local run if runs/<name>/ exists, else SageMaker."""
+        if not is_job_name(name):  # before the name becomes a path (runs/<name>, <name>-loss.png)
+            raise ConfigError([("JOB", f"{name[:80]!r} is not a job name (letters, digits and hyphens, "
+                                       "at most 63, like tiny-test-20261129-101500)")])
         root = runs_dir() / name
-        if "/" not in name and name not in (".", "..") and (root / "job.json").is_file():
+        if (root / "job.json").is_file():
             return cls(name=name, backend=LocalBackend(name, root))
 
         region = region_or_error(region, profile, f"job {name} (it is not a local run under {runs_dir()})")
@@ -141,7 +147,8 @@ class Job:
         sleep, warn (see launcher.logs.follow_lines)."""
         return follow_lines(self, follow=follow, **kwargs)
 
-    def progress(self, limit: int = 200):
+    def progress(self, limit: int | None = 200):
+        """What the job's log says: from its last `limit` lines per stream, or every line."""
         return progress_of(self, limit)
 
     def summary(self) -> dict[str, Any]:
@@ -151,7 +158,7 @@ class Job:
         start = desc.get("TrainingStartTime") or desc.get("CreationTime")
         end = desc.get("TrainingEndTime")
         elapsed = round((timestamp_s(end) or time.time()) - timestamp_s(start)) if start is not None else None
-        last = p.last_train.values if p.last_train else {}
+        last = p.last_train.typed() if p.last_train else {}  # numbers as numbers in --output json
         return {
             "job_name": self.name, "local": self.is_local, "status": desc.get("TrainingJobStatus"),
             "secondary_status": desc.get("SecondaryStatus"), "failure_reason": desc.get("FailureReason"),
@@ -176,16 +183,13 @@ class Job:
             raise JobFailed(f"job {self.name} is {status}: there is no adapter to download",
                             f"sm-qlora status {self.name}")
         dest = Path(dest)
+        if dest.exists() and not dest.is_dir():
+            raise ConfigError([("DEST", f"{dest} is a file; name a directory to download into")])
         files = self.backend.artifacts(self.adapter_uri)
         if not files:
             raise JobFailed(f"no files under {self.adapter_uri}", "the job may have failed to save; see its logs")
         targets = [(inside(dest, rel, self.adapter_uri), fetch) for rel, fetch in files]
-        out = []
-        for target, fetch in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fetch(target)
-            out.append(target)
-        return out
+        return fetch_staged(dest, targets, f"download {self.name} into {dest}")
 
     def merge(self, dest: str | Path | None = None, **options) -> dict[str, Any]:
         """The base model with this job's adapter merged in (bf16 safetensors): on this
@@ -195,8 +199,10 @@ class Job:
         return merge_job(self, dest, **options)
 
     def plot(self, path: str | Path | None = None) -> Path:
-        """Write a PNG of training and eval loss against steps, from the job's logs."""
-        return write_loss_png(self.progress(limit=10000), Path(path) if path else self.backend.default_plot_path(),
+        """Write a PNG of training and eval loss against steps, from every line of the job's
+        logs. A job that does not exist is an error, not an empty plot."""
+        self.describe()
+        return write_loss_png(self.progress(limit=None), Path(path) if path else self.backend.default_plot_path(),
                               self.name)
 
     def wait(self, poll_s: float = 30.0) -> dict[str, Any]:
@@ -219,24 +225,59 @@ def inside(dest: Path, rel: str, source: str) -> Path:
     return target
 
 
+def fetch_staged(dest: Path, targets: list[tuple[Path, Callable[[Path], None]]], action: str) -> list[Path]:
+    """Fetch every file into a staging directory inside dest, then move them into place:
+    a full disk or a dropped connection leaves dest as it was, never a 0-byte file beside
+    complete-looking weights. Disk errors are one line naming the path and the cause."""
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".sm-qlora-download-", dir=dest))
+    except OSError as exc:
+        raise disk_error(exc, action) from None
+    try:
+        staged = []
+        for target, fetch in targets:
+            part = stage / target.relative_to(dest.resolve())
+            try:
+                part.parent.mkdir(parents=True, exist_ok=True)
+                fetch(part)
+            except OSError as exc:  # named as the file the user asked for, not the staging copy
+                raise disk_error(OSError(exc.errno, exc.strerror, str(target)), action) from None
+            staged.append((part, target))
+        for part, target in staged:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(part, target)
+            except OSError as exc:
+                raise disk_error(exc, action) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return [target for _, target in staged]
+
+
 # --------------------------------------------------------------------------- listing
 
 @dataclass
 class JobList:
     jobs: list[dict[str, Any]]          # job_name, status, where (local|sagemaker), created (epoch s)
     sagemaker_unavailable: str | None   # why SageMaker jobs are missing, when local runs were listed
+    skipped: list[str] = field(default_factory=list)  # local runs whose job.json could not be read
 
 
 def list_jobs(region: str | None = None, profile: str | None = None, max_results: int = 20) -> JobList:
     """Recent local runs and SageMaker jobs, newest first."""
-    rows = []
+    rows, skipped = [], []
     root = runs_dir()
     if root.is_dir():
         for d in sorted(root.iterdir(), reverse=True):
-            state = read_state(d) if d.is_dir() else {}
-            if state:
+            if not (d / "job.json").is_file():
+                continue
+            try:  # settle: a run whose owner was killed reads as ended, as `status` would say
+                state = local.settle(d)
                 rows.append({"job_name": d.name, "status": state.get("status"), "where": "local",
-                             "created": state.get("started")})
+                             "created": float(state.get("started") or 0) or None})
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                skipped.append(f"{d / 'job.json'}: {type(exc).__name__}: {str(exc)[:120]}")
     missing = None
     try:
 
@@ -246,19 +287,21 @@ def list_jobs(region: str | None = None, profile: str | None = None, max_results
             raise
         missing = str(exc)
     rows = sorted(rows, key=lambda r: r["created"] or 0, reverse=True)[:max_results]
-    return JobList(rows, missing)
+    return JobList(rows, missing, skipped)
 
 
 # --------------------------------------------------------------------------- launching
 
 def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | tuple[str, ...] = (),
                local: bool = False, dry_run: bool = False, resume: str | None = None,
-               wait: bool = False, echo: bool = False) -> Job:
+               wait: bool = False, echo: bool = True) -> Job:
     """Validate `config` and start the training job.
 
     - SageMaker (default): uploads local data and code once (content-addressed), submits a
       HuggingFace Estimator job and returns at once unless `wait`.
-    - `local=True`: runs the same entrypoint here under runs/<job>/ and returns when it ends.
+    - `local=True`: runs the same entrypoint here under runs/<job>/ and returns when it ends,
+      printing the job's log lines as they come (`echo=False` keeps it quiet). Needs the
+      `[train]` extra.
     - `dry_run=True`: builds the exact CreateTrainingJob request (job.request) and sends nothing.
     - `resume=JOB`: continue from JOB's checkpoints (SageMaker: a new job on JOB's checkpoint
       S3 URI; local: the same runs/JOB/, which must be neither running nor Completed).
@@ -268,7 +311,12 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
         raise ConfigError([("--dry-run", "is for SageMaker jobs; --local sends nothing anyway")])
     validate_for_launch(cfg, local=local, resume=resume)  # what `validate` checks: exit 2, nothing sent
     if local:
-        return run_local(cfg, resume=resume, echo=echo)
+        missing = missing_train_modules()
+        if missing:
+            raise ConfigError([("--local", f"a local run needs {', '.join(missing)}, which this Python lacks")],
+                              "pip install 'sagemaker-qlora[train]'")
+        return run_local(cfg, resume=resume, echo=echo,
+                         config_path=str(config) if isinstance(config, (str, Path)) else None)
 
     submitted = submit(cfg, choose_strategy(cfg), dry_run=dry_run, resume=resume,
                        max_runtime_s=budget_runtime_s(cfg))
@@ -281,14 +329,14 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
     return job
 
 
-def run_local(cfg: JobConfig, resume: str | None = None, echo: bool = False) -> Job:
+def run_local(cfg: JobConfig, resume: str | None = None, echo: bool = True, config_path: str | None = None) -> Job:
     """Run in the foreground; Ctrl-C, SIGTERM or a hang-up makes the entrypoint
     checkpoint and stop."""
-    name = resume or job_name_for(cfg.job_name)
-    root, state, received = local.run(cfg, name, resume=bool(resume), echo=echo)
+    root, state, received = local.run(cfg, resume or job_name_for(cfg.job_name), resume=bool(resume), echo=echo)
+    name = root.name  # runs/<name>-2/ when another launch took the name this second
     job = Job(name=name, backend=local.LocalBackend(name, root))
     job.describe()
-    resume_hint = f"resume with: sm-qlora launch CONFIG --local --resume {name}"
+    resume_hint = f"resume with: sm-qlora launch {config_path or 'CONFIG'} --local --resume {name}"
     if state["status"] != "Completed" and received:
         raise Interrupted(f"local run {name} interrupted; its newest checkpoint is in {root / 'checkpoints'}",
                           resume_hint)

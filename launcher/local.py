@@ -28,13 +28,24 @@ from entrypoint.progress import Progress
 from launcher.channels import input_channels
 from launcher.config import JobConfig, is_job_name
 from launcher.errors import ConfigError, JobFailed
-from launcher.logs import FileSource, read_complete_lines
+from launcher.logs import FileSource, read_complete_lines, record_growth
 from launcher.plan import micro_batch_rows
 from launcher.plot import write_loss_png
 
 HOST = "algo-1"
 TRAINER = ("-m", "entrypoint")  # what the owner runs under sys.executable (torchrun for ddp)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # each one: checkpoint and stop
+
+
+TRAIN_MODULES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors")
+
+
+def missing_train_modules() -> list[str]:
+    """What of the `[train]` extra this Python cannot import (found, not imported: torch
+    takes seconds to load, and the trainer imports it in its own process)."""
+    import importlib.util
+
+    return [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
 
 
 def runs_dir() -> Path:
@@ -90,12 +101,10 @@ def is_alive(root: Path) -> bool:
 def claim(cfg: JobConfig, name: str, resume: bool, warn: Callable[[str], None]) -> tuple[Path, int]:
     """The run's directory and its lock: a new one, or one to resume that is neither
     alive nor Completed."""
-    root = run_dir(name)
     if not resume:
-        if root.exists():
-            raise ConfigError([("job_name", f"{root} exists already")])
-        root.mkdir(parents=True)
+        root = new_run_dir(name)
         return root, lock(root)
+    root = run_dir(name)
     if not (root / "checkpoints").is_dir():
         raise ConfigError([("--resume", f"no local run {name!r} under {runs_dir()} to resume")])
     fd = lock(root)
@@ -111,6 +120,22 @@ def claim(cfg: JobConfig, name: str, resume: bool, warn: Callable[[str], None]) 
         warn(f"warning: {name} was started with config {state['config_sha256']}; this config is {cfg.digest()}. "
              "The run continues from its checkpoint with this config.")
     return root, fd
+
+
+def new_run_dir(name: str) -> Path:
+    """runs/<name>/, or runs/<name>-2/, -3, ... when launches in the same second took the
+    name: mkdir is atomic, so two processes never get one directory and none has to retry."""
+    runs_dir().mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        suffix = "" if n == 1 else f"-{n}"
+        candidate = name[: 63 - len(suffix)].rstrip("-") + suffix
+        root = run_dir(candidate)
+        try:
+            root.mkdir()
+        except FileExistsError:
+            continue
+        return root
+    raise ConfigError([("job_name", f"999 local runs named {name} exist already under {runs_dir()}")])
 
 
 def gpu_count() -> int:
@@ -345,6 +370,7 @@ def run(cfg: JobConfig, name: str, resume: bool, echo: bool,
     except OSError as exc:
         raise JobFailed(f"local run {name}: could not create its directory: {_oserror(exc)}", _space_hint()) from None
     received: list[int] = []
+    name = root.name
     try:
         try:
             root, proc = start(cfg, name, resume, fd)
@@ -377,8 +403,10 @@ def run(cfg: JobConfig, name: str, resume: bool, echo: bool,
 
 def _wait(proc: subprocess.Popen, log: Path, echo: bool, resume: bool, received: list[int]) -> None:
     offset = log.stat().st_size if resume and log.exists() else 0
+    size = offset
     while True:
         code = proc.poll()
+        size = record_growth(log, size)  # when each line was written: `logs` shows that time
         if echo and signal.SIGHUP not in received:  # after a hang-up there is no terminal to print to
             lines, offset = read_complete_lines(log, offset)
             try:

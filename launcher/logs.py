@@ -13,6 +13,7 @@ Written by hand: the SageMaker SDK's `logs_for_job` prints but yields nothing.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -111,17 +112,66 @@ def read_complete_lines(path: Path, offset: int) -> tuple[list[str], int]:
     return chunk[:end].decode(errors="replace").splitlines(), offset + end
 
 
+def times_path(log: Path) -> Path:
+    """Beside job.log, the local owner's record of when the log grew: lines of
+    `<size in bytes> <epoch ms>`, one per poll that saw new bytes."""
+    return log.with_name(log.name + ".times")
+
+
+def record_growth(log: Path, last_size: int) -> int:
+    """Note the log's size now, if it grew; return the size. A line whose last byte is
+    below a noted size was written by that time (the owner polls every 0.2 s)."""
+    try:
+        size = log.stat().st_size
+        if size > last_size:
+            with times_path(log).open("a") as f:
+                f.write(f"{size} {int(time.time() * 1000)}\n")
+    except OSError:  # a full disk: the log's times are a nicety, the run goes on
+        return last_size
+    return size
+
+
 class FileSource:
-    """A local run's runs/<job>/output/job.log, read as one stream."""
+    """A local run's runs/<job>/output/job.log, read as one stream. Each line carries the
+    time it was written (from the owner's job.log.times), not the time it was read."""
 
     def __init__(self, path: Path, offset: int = 0):
         self.path = path
         self.offset = offset
 
-    def poll(self) -> list[LogLine]:
-        lines, self.offset = read_complete_lines(self.path, self.offset)
+    def _written_at(self) -> Callable[[int], int]:
+        sizes, stamps = [], []
+        try:
+            for row in times_path(self.path).read_text().splitlines():
+                size, _, ms = row.partition(" ")
+                if size.isdigit() and ms.isdigit():
+                    sizes.append(int(size))
+                    stamps.append(int(ms))
+        except OSError:
+            pass
         now = int(time.time() * 1000)
-        return [_line("local", now, x) for x in lines]
+
+        def at(end: int) -> int:
+            i = bisect.bisect_left(sizes, end)
+            return stamps[i] if i < len(stamps) else now  # not noted yet (or a run without times)
+
+        return at
+
+    def poll(self) -> list[LogLine]:
+        start = self.offset
+        lines, self.offset = read_complete_lines(self.path, self.offset)
+        if not lines:
+            return []
+        at, end, out = self._written_at(), start, []
+        with self.path.open("rb") as f:  # each line's end in bytes, as the times are noted
+            f.seek(start)
+            raw = f.read(self.offset - start).split(b"\n")[:-1]
+        for chunk in raw:
+            end += len(chunk) + 1
+            out.append(at(end))
+        if len(out) != len(lines):  # a line held a \r or another break splitlines knows
+            out = [out[-1]] * len(lines)
+        return [_line("local", ms, x) for ms, x in zip(out, lines, strict=True)]
 
     def tail(self, limit: int = 200) -> list[LogLine]:
         if not self.path.is_file():
@@ -176,11 +226,13 @@ def follow_lines(job, *, follow: bool, poll_s: float = 5.0, describe_every_s: fl
         sleep(poll_s)
 
 
-def progress_of(job, limit: int = 200) -> Progress:
-    """What the last `limit` lines of each stream say (step, loss curves, outcome)."""
+def progress_of(job, limit: int | None = 200) -> Progress:
+    """What the last `limit` lines of each stream say (step, loss curves, outcome); with
+    no limit, every line from the first (a plot shows the whole job)."""
     progress = Progress()
     with translated(f"read the log of {job.name}"):  # refused or unreachable: exit 3, one line
-        for line in job.log_source().tail(limit):
+        source = job.log_source()
+        for line in source.poll() if limit is None else source.tail(limit):
             progress.update(line.message)
     return progress
 

@@ -79,9 +79,9 @@ def _completed(job) -> dict:
 
 # --------------------------------------------------------------------------- local runs
 
-def merge_local(job, dest: str | Path, dtype: str = "auto", echo=print) -> dict[str, Any]:
+def merge_local(job, dest: str | Path, dtype: str = "auto", echo=print, dry_run: bool = False) -> dict[str, Any]:
     """Merge runs/<job>/model into DEST on this machine (a subprocess, so a crash in torch
-    leaves this process and DEST clean)."""
+    leaves this process and DEST clean); a dry run says what it would run and writes nothing."""
     if str(dest).startswith("s3://"):
         raise ConfigError([("DEST", "a local run merges on this machine: give a directory, not an S3 URI")])
     dest = Path(dest).expanduser().resolve()
@@ -97,6 +97,9 @@ def merge_local(job, dest: str | Path, dtype: str = "auto", echo=print) -> dict[
         args += ["--revision", model["revision"]]
     if model.get("trust_remote_code"):
         args.append("--trust-remote-code")
+    if dry_run:
+        return {"job_name": job.name, "local": True, "dry_run": True, "merged": str(dest), "base_model": model["id"],
+                "command": args}
     root = Path(__file__).resolve().parent.parent
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
                         "PYTHONUNBUFFERED": "1"}
@@ -221,7 +224,7 @@ def merge_job(job, dest: str | Path | None, *, dtype: str = "auto", instance_typ
     if job.is_local:
         if dest is None:
             raise _config_error("DEST", "a local run merges into a directory: name it")
-        return merge_local(job, dest, dtype=dtype, echo=echo)
+        return merge_local(job, dest, dtype=dtype, echo=echo, dry_run=dry_run)
     return merge_sagemaker(job, None if dest is None else str(dest), dtype=dtype, instance_type=instance_type,
                            wait=wait, dry_run=dry_run, echo=echo)
 

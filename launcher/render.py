@@ -44,7 +44,7 @@ class View:
         if self.as_json:
             obj = {"stream": line.stream, "timestamp": line.timestamp, "message": line.message}
             if line.event is not None:
-                obj["event"] = {"kind": line.event.kind, **line.event.values}
+                obj["event"] = {"kind": line.event.kind, **line.event.typed()}
             print(json.dumps(obj), flush=True)
         elif self.live:
             self.console.print(line.message, markup=False, highlight=False, soft_wrap=True)

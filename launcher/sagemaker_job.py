@@ -29,13 +29,13 @@ class SageMakerBackend:
     def describe(self) -> dict[str, Any]:
         from botocore.exceptions import ClientError
 
-        try:
-            return self._sm().describe_training_job(TrainingJobName=self.name)
-        except ClientError as exc:
-            if is_not_found(exc):
-                raise AWSError(f"no training job named {self.name} in {self.region}",
-                               f"sm-qlora list --region {self.region} shows the recent ones") from None
-            with translated(f"describe {self.name}"):
+        with translated(f"describe {self.name}"):  # no credentials as much as a refusal: exit 3
+            try:
+                return self._sm().describe_training_job(TrainingJobName=self.name)
+            except ClientError as exc:
+                if is_not_found(exc):
+                    raise AWSError(f"no training job named {self.name} in {self.region}",
+                                   f"sm-qlora list --region {self.region} shows the recent ones") from None
                 raise
 
     def stop(self) -> bool:

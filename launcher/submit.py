@@ -74,6 +74,14 @@ def _quiet_sdk_logging() -> None:
         sm_logger.addHandler(logging.StreamHandler(sys.stderr))
     sm_logger.setLevel(logging.WARNING)
     logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
+    if not any(f is _no_troubleshooting_link for f in sm_logger.filters):
+        sm_logger.addFilter(_no_troubleshooting_link)
+
+
+def _no_troubleshooting_link(record: logging.LogRecord) -> bool:
+    """The SDK logs a link of its own beside every refused CreateTrainingJob; the refusal
+    itself reaches the user once, as our AWSError with its hint."""
+    return not str(record.msg).startswith("Please check the troubleshooting guide")
 
 
 def sha256_file(path: Path) -> str:

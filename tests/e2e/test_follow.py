@@ -126,8 +126,9 @@ def test_follow_prints_every_line_of_every_stream_once(stubbed, capsys):
     assert summary["cost"]["usd"] == pytest.approx(37.69, abs=0.01)  # 1 h of ml.p4d.24xlarge on demand
     assert summary["adapter"] == f"s3://my-bucket/qlora/jobs/{NAME}/output/model/"
     events = [o["event"] for o in objs if "event" in o]
-    assert events[1] == {"kind": "train", "step": "10/40", "epoch": "0.25", "loss": "1.7000", "lr": "1.00e-04",
-                         "grad_norm": "0.50", "tokens_per_sec": "2400", "eta": "0:07:00"}
+    # numbers as numbers (loss like eval_loss), step=10/40 as step and total_steps; eta stays h:mm:ss
+    assert events[1] == {"kind": "train", "step": 10, "total_steps": 40, "epoch": 0.25, "loss": 1.7, "lr": 1e-4,
+                         "grad_norm": 0.5, "tokens_per_sec": 2400, "eta": "0:07:00"}
     stubbed.assert_no_pending_responses()
 
 
@@ -203,7 +204,7 @@ def test_status_json_for_ci(stubbed, capsys):
     assert main(["status", NAME, "--output", "json", "--region", "us-east-1"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert (s["status"], s["secondary_status"], s["step"], s["total_steps"], s["loss"]) == (
-        "InProgress", "Training", 10, 40, "1.7500")
+        "InProgress", "Training", 10, 40, 1.75)  # a number, like eval_loss
     assert s["eval_loss"] == 1.8
     assert 3590 < s["elapsed_s"] < 3700
     assert s["cost"]["usd"] == pytest.approx(37.69, rel=0.02)
@@ -283,7 +284,7 @@ def test_the_same_verbs_read_a_local_run(tmp_path, monkeypatch, capsys):
                                                         "[done] steps=40 train_loss=1.2000 runtime_s=80 adapter=x"]) + "\n")
     assert main(["status", root.name, "--output", "json"]) == 0
     s = json.loads(capsys.readouterr().out)
-    assert (s["local"], s["status"], s["step"], s["loss"]) == (True, "Completed", 40, "1.2000")
+    assert (s["local"], s["status"], s["step"], s["loss"]) == (True, "Completed", 40, 1.2)
     assert main(["logs", root.name]) == 0
     assert "[done] steps=40" in capsys.readouterr().out
     assert main(["plot", root.name]) == 0
