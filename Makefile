@@ -6,13 +6,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TINY := examples/tiny-mixtral/config.json
 
-.PHONY: install demo test lint clean
+SDK3 := .venv-sdk3
+SDK3_STAMP := $(SDK3)/.installed-stamp
+# The launcher's tests once more under SageMaker SDK 3.x (the main venv keeps v2): the same
+# request field for field, every verb against moto. The toolkit and entrypoint tests need
+# only one SDK, so this venv has no torch (and no [train], no [dev] with its triton).
+SDK3_TESTS := tests/launcher tests/e2e/test_submit_moto.py tests/e2e/test_sdk_majors.py
+
+.PHONY: install demo test test-sdk3 lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch 2.13.0 first: the CPU build on this machine's disk (any other request downloads CUDA).
 	$(BIN)/pip install -q torch==2.13.0
+	# SDK v2 here, its range first (pip would pick 3.x); .venv-sdk3 holds the other major.
+	$(BIN)/pip install -q 'sagemaker>=2.257,<3'
 	$(BIN)/pip install -q -e '.[train,dev]'
 	touch $(STAMP)
 
@@ -30,6 +39,18 @@ lint: $(STAMP)
 
 test: $(TINY) lint
 	$(BIN)/pytest -q
+
+# 3.27.0 first, then us: pip must keep it (no downgrade) and `pip check` must stay clean.
+$(SDK3_STAMP): pyproject.toml
+	$(PY) -m venv $(SDK3)
+	$(SDK3)/bin/pip install -q --upgrade pip
+	$(SDK3)/bin/pip install -q sagemaker==3.27.0
+	$(SDK3)/bin/pip install -q -e . pytest 'moto[server]>=5.1,<5.3' hypothesis
+	$(SDK3)/bin/pip check
+	touch $(SDK3_STAMP)
+
+test-sdk3: $(SDK3_STAMP) $(TINY)
+	$(SDK3)/bin/python -m pytest -q $(SDK3_TESTS)
 
 clean:
 	rm -rf runs examples/tiny-mixtral .pytest_cache

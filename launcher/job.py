@@ -30,6 +30,7 @@ from launcher.logs import (
     progress_of,
     timestamp_s,
 )
+from launcher.merge import merge_job
 from launcher.plan import budget_runtime_s, choose_strategy
 from launcher.plot import write_loss_png
 from launcher.sagemaker_job import SageMakerBackend, list_sagemaker_jobs
@@ -190,8 +191,6 @@ class Job:
     def merge(self, dest: str | Path | None = None, **options) -> dict[str, Any]:
         """The base model with this job's adapter merged in (bf16 safetensors): on this
         machine for a local run, as a small SageMaker job for a SageMaker one."""
-        from launcher.merge import merge_job
-
         return merge_job(self, dest, **options)
 
     def plot(self, path: str | Path | None = None) -> Path:
