@@ -256,7 +256,8 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
     """Validate `config` and start the training job.
 
     - SageMaker (default): uploads local data and code once (content-addressed), submits a
-      HuggingFace Estimator job and returns at once unless `wait`.
+      training job through the installed SageMaker SDK (v2 or 3.x, the same request) and
+      returns at once unless `wait`.
     - `local=True`: runs the same entrypoint here under runs/<job>/ and returns when it ends.
     - `dry_run=True`: builds the exact CreateTrainingJob request (job.request) and sends nothing.
     - `resume=JOB`: continue from JOB's checkpoints (SageMaker: a new job on JOB's checkpoint

@@ -90,8 +90,8 @@ def request(spec: JobSpec, boto_sess) -> dict:
 def _trainer(spec: JobSpec, boto_sess):
     from sagemaker.core.helper.session_helper import Session
     from sagemaker.core.shapes import MetricDefinition, Tag
+    from sagemaker.core.training.configs import CheckpointConfig, Compute, OutputDataConfig, StoppingCondition
     from sagemaker.train import ModelTrainer
-    from sagemaker.train.configs import CheckpointConfig, Compute, OutputDataConfig, StoppingCondition
 
     trainer = ModelTrainer(
         training_image=image_uri(spec),
