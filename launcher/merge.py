@@ -223,4 +223,3 @@ def merge_job(job, dest: str | Path | None, *, dtype: str = "auto", instance_typ
         return merge_local(job, dest, dtype=dtype, echo=echo)
     return merge_sagemaker(job, None if dest is None else str(dest), dtype=dtype, instance_type=instance_type,
                            wait=wait, dry_run=dry_run, echo=echo)
-

@@ -83,7 +83,7 @@ def request(spec: JobSpec, boto_sess) -> dict:
                                        "EnableSageMakerMetricsTimeSeries": True}
     args["ProfilerConfig"] = {"DisableProfiler": True}
     if spec.max_wait_s is None:
-        del args["EnableManagedSpotTraining"]  # v2 leaves the default (false) out
+        args.pop("EnableManagedSpotTraining", None)  # v2 leaves the default (false) out
     return args
 
 
