@@ -24,15 +24,19 @@ from tests.e2e.container.service_model import checked_requests, violations  # no
 
 VENVS = (ROOT / ".venv", ROOT / ".venv-sdk3")
 # Each case moves fields the adapters set differently: the strategy (torchrun keys), spot and
-# MaxWait, an own image, a validation channel, the user's tags, the token secret, a budget.
+# MaxWait, an own image, a validation channel, the user's tags, the token secret, a budget,
+# a resume (another checkpoint URI, one more tag).
 CASES = {
     "ddp-on-demand": [],
     "single-gpu-spot-own-image": [
-        "compute.instance_type=ml.g6e.2xlarge", "compute.spot=true", "compute.max_wait_hours=30",
-        "compute.image_uri=123456789012.dkr.ecr.us-east-1.amazonaws.com/my-hf-training:1",
-        "data.validation=s3://my-bucket/data/val.jsonl", "aws.tags={team: nlp, cost-center: '42'}"],
-    "model-parallel-budget": ["compute.instance_type=ml.g5.12xlarge", "compute.max_cost_usd=40",
-                              "aws.hf_token_secret=arn:aws:secretsmanager:us-east-1:123456789012:secret:hf-AbCdEf"],
+        "--set", "compute.instance_type=ml.g6e.2xlarge", "--set", "compute.spot=true",
+        "--set", "compute.max_wait_hours=30",
+        "--set", "compute.image_uri=123456789012.dkr.ecr.us-east-1.amazonaws.com/my-hf-training:1",
+        "--set", "data.validation=s3://my-bucket/data/val.jsonl", "--set", "aws.tags={team: nlp, cost-center: '42'}"],
+    "model-parallel-budget-resume": [
+        "--set", "compute.instance_type=ml.g5.12xlarge", "--set", "compute.max_cost_usd=40",
+        "--set", "aws.hf_token_secret=arn:aws:secretsmanager:us-east-1:123456789012:secret:hf-AbCdEf",
+        "--resume", "medical-mixtral-20261201-080000"],
 }
 
 
@@ -52,14 +56,13 @@ def other_major_python() -> Path:
     pytest.skip(f"no venv here holds the other SDK major than {mine}: `make test-sdk3` builds .venv-sdk3")
 
 
-def dry_run_request(python: Path | str, overrides: list[str]) -> dict:
+def dry_run_request(python: Path | str, extra: list[str]) -> dict:
     """`sm-qlora launch --dry-run --output json` in `python`'s venv, on this checkout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {
         "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
         "AWS_EC2_METADATA_DISABLED": "true", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    args = ["launch", "examples/job.yaml", "--dry-run", "--output", "json", "--set", "data.train=s3://my-bucket/data/train.jsonl"]
-    for o in overrides:
-        args += ["--set", o]
+    args = ["launch", "examples/job.yaml", "--dry-run", "--output", "json",
+            "--set", "data.train=s3://my-bucket/data/train.jsonl", *extra]
     proc = subprocess.run([str(python), "-m", "launcher", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"{python}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     result = json.loads(proc.stdout)
