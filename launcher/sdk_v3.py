@@ -11,6 +11,9 @@ against botocore's service model like every request, tests/e2e/container/service
 - AlgorithmSpecification.EnableSageMakerMetricsTimeSeries: v2 turns it on with metric definitions;
 - TrainingJobName: it always appends its own suffix to `base_job_name`;
 - ProfilerConfig: it has no profiler setting; v2 sends `DisableProfiler`.
+Two it adds are written v2's way: channels without InputMode (the default, "File") and no
+EnableManagedSpotTraining=false on on-demand jobs. `_create_training_job_args` is private; the
+CI venv pins 3.27.0 and tests/e2e/test_sdk_majors.py fails the day a 3.x changes what it returns.
 The hyperparameters are the toolkit's, as v2 writes them: every value JSON-encoded (ModelTrainer
 leaves strings bare, so it gets them encoded already) plus the toolkit's own `sagemaker_*` keys
 that v2's Framework adds, because the container runs the same toolkit either way.
