@@ -110,3 +110,14 @@ def test_every_job_verb_works_under_the_installed_sdk(aws, job_dict, tmp_path, c
     code, merged = run("merge", name, "--instance-type", "ml.p4d.24xlarge")
     merge = boto3.client("sagemaker").describe_training_job(TrainingJobName=merged["merge_job"])
     assert code == 0 and merge["HyperParameters"]["sagemaker_program"] == '"sm_qlora_merge.py"'
+
+
+def test_an_own_training_image_is_the_image_the_job_runs(aws, job_dict):
+    """compute.image_uri under either SDK (v2's Estimator used to fail on it with a TypeError:
+    it requires py_version even when the image is given)."""
+    from launcher.job import launch_job
+
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/my-hf-training:1"
+    job = launch_job(job_dict, overrides=[f"compute.image_uri={image}"])
+    desc = boto3.client("sagemaker").describe_training_job(TrainingJobName=job.name)
+    assert desc["AlgorithmSpecification"]["TrainingImage"] == image
