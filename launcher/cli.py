@@ -18,13 +18,16 @@ import tempfile
 import traceback
 from typing import Any
 
+from launcher import control
 from launcher.config import load_config
 from launcher.errors import ConfigError, LauncherError, disk_error
 from launcher.instances import format_usd
 from launcher.job import launch_job
 from launcher.plan import Plan, make_plan
 from launcher.preflight import exit_code, gate, preflight
+from launcher.render import follow_job
 from launcher.validate import validate_for_launch
+from launcher.verb import add_verb
 
 DEBUG_ENV = "SM_QLORA_DEBUG"
 
@@ -42,14 +45,6 @@ class Printer:
     def info(self, text: str) -> None:
         """Human chatter goes to stderr so that stdout stays one JSON object."""
         print(text, file=sys.stderr if self.json else sys.stdout, flush=True)
-
-
-def add_verb(sub, name: str, help: str, parents: list, example: str, handler) -> argparse.ArgumentParser:
-    """A subcommand whose --help ends with one runnable example, run by `handler`."""
-    p = sub.add_parser(name, help=help, description=help, parents=parents,
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"example:\n  {example}")
-    p.set_defaults(handler=handler)
-    return p
 
 
 # --------------------------------------------------------------------------- validate
@@ -165,8 +160,6 @@ def cmd_launch(args, out: Printer) -> int:
         f"  adapter:  {job.adapter_uri}",
     ]))
     if args.wait:
-        from launcher.control import follow_job
-
         return follow_job(job, out, follow=True)
     return 0
 
@@ -245,8 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in (add_validate, add_plan, add_launch, add_preflight, add_init):
         add(sub, common, config)
-    from launcher import control  # here, not at the top: control uses this module's add_verb
-
     control.register(sub, common, aws)
     return p
 

@@ -8,12 +8,12 @@ import argparse
 import json
 from collections.abc import Callable
 
-from launcher.cli import add_verb
 from launcher.instances import format_usd
 from launcher.job import Job, list_jobs
 from launcher.logs import money
-from launcher.merge import DTYPES, merge
+from launcher.merge import DTYPES
 from launcher.render import exit_code, follow_job, state_text
+from launcher.verb import add_verb
 
 Handler = Callable[[argparse.Namespace, object], int]
 
@@ -107,8 +107,8 @@ def cmd_download(args, out) -> int:
 def cmd_merge(args, out) -> int:
     """sm-qlora merge tiny-medical-20261129-101500 ./merged
   sm-qlora merge medical-mixtral-20261129-101500 s3://my-bucket/qlora/merged --dry-run"""
-    result = merge(args.job, args.dest, region=args.region, profile=args.profile, dtype=args.dtype,
-                   instance_type=args.instance_type, wait=args.wait, dry_run=args.dry_run, echo=out.info)
+    result = _job(args).merge(args.dest, dtype=args.dtype, instance_type=args.instance_type, wait=args.wait,
+                              dry_run=args.dry_run, echo=out.info)
     if result.get("dry_run") and result["local"]:
         out.result(result, f"would merge {args.job} into {result['merged']} (nothing written): "
                    + " ".join(result["command"]))

@@ -33,6 +33,7 @@ from launcher.logs import (
     progress_of,
     timestamp_s,
 )
+from launcher.merge import merge_job
 from launcher.plan import budget_runtime_s, choose_strategy
 from launcher.plot import write_loss_png
 from launcher.sagemaker_job import SageMakerBackend, list_sagemaker_jobs
@@ -194,8 +195,6 @@ class Job:
     def merge(self, dest: str | Path | None = None, **options) -> dict[str, Any]:
         """The base model with this job's adapter merged in (bf16 safetensors): on this
         machine for a local run, as a small SageMaker job for a SageMaker one."""
-        from launcher.merge import merge_job
-
         return merge_job(self, dest, **options)
 
     def plot(self, path: str | Path | None = None) -> Path:
@@ -298,7 +297,8 @@ def launch_job(config: str | Path | dict | JobConfig, *, overrides: list[str] | 
     """Validate `config` and start the training job.
 
     - SageMaker (default): uploads local data and code once (content-addressed), submits a
-      HuggingFace Estimator job and returns at once unless `wait`.
+      training job through the installed SageMaker SDK (v2 or 3.x, the same request) and
+      returns at once unless `wait`.
     - `local=True`: runs the same entrypoint here under runs/<job>/ and returns when it ends,
       printing the job's log lines as they come (`echo=False` keeps it quiet). Needs the
       `[train]` extra.

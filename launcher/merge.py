@@ -206,9 +206,8 @@ def merge_sagemaker(job, dest: str | None, *, dtype: str = "auto", instance_type
         client("sagemaker", job.region, job.backend.profile).create_training_job(**request)
     echo(f"merge job {name} on {instance_type} ({why})")
     if wait:
-        from launcher.job import Job
-
-        merge = Job(name=name, backend=SageMakerBackend(name, job.region, job.backend.profile, output))
+        # a handle of the adapter job's own kind: merge.py sits below job.py and never imports it
+        merge = type(job)(name=name, backend=SageMakerBackend(name, job.region, job.backend.profile, output))
         merge.wait()
         if dest and not dest.startswith("s3://"):
             result["files"] = [str(p) for p in merge.download(dest)]
@@ -227,11 +226,3 @@ def merge_job(job, dest: str | Path | None, *, dtype: str = "auto", instance_typ
         return merge_local(job, dest, dtype=dtype, echo=echo, dry_run=dry_run)
     return merge_sagemaker(job, None if dest is None else str(dest), dtype=dtype, instance_type=instance_type,
                            wait=wait, dry_run=dry_run, echo=echo)
-
-
-def merge(job_name: str, dest: str | Path | None, *, region: str | None = None, profile: str | None = None,
-          **options) -> dict[str, Any]:
-    """The library call behind `sm-qlora merge JOB DEST`."""
-    from launcher.job import Job
-
-    return merge_job(Job.attach(job_name, region=region, profile=profile), dest, **options)

@@ -1,20 +1,14 @@
-"""Submitting a training job: the one module that talks to the SageMaker SDK (v2).
+"""Submitting a training job: the one place that talks to the SageMaker SDK.
 
-SageMaker SDK v2 reaches its end of support in July 2027; when it goes, this file is
-the one to port (to `ModelTrainer`). The SDK is imported inside functions: `import
-sagemaker` costs seconds, and `--help` / `validate` must not pay it.
+It uploads what is local, describes the job as a `JobSpec` and hands it to the adapter of the
+SDK major that is installed: launcher/sdk_v2.py (v2's HuggingFace Estimator) or
+launcher/sdk_v3.py (3.x's ModelTrainer). Both send the same CreateTrainingJob request, field
+for field (tests/e2e/test_sdk_majors.py holds them to one fixture). The SDK is imported
+inside the adapters: `import sagemaker` costs seconds, and `--help` / `validate` must not pay it.
 
-v2 quirks handled here (each verified against sagemaker 2.257):
-- it builds the STS endpoint itself and ignores AWS_ENDPOINT_URL, so we always hand it
-  an explicit bucket and never let it look one up;
-- telemetry is opted out through the session's sagemaker_config;
-- `debugger_hook_config=False, disable_profiler=True` keep it from adding rules;
-- multi-GPU is `distribution={"torch_distributed": {"enabled": True}}` (a `torchrun`
-  key is silently ignored);
-- `disable_output_compression=True` writes the adapter files as they are, no model.tar.gz;
-- code and data are uploaded by us to content-addressed keys, and the Estimator gets an
-  s3:// source_dir, so it uploads nothing itself (and `--dry-run` sends nothing);
-- `container_entry_point` replaces the image's PID 1 with a wrapper that still runs the
+- code and data are uploaded here to content-addressed keys, and the adapter gets s3:// URIs,
+  so the SDK uploads nothing itself (and `--dry-run` sends nothing);
+- the container entry point replaces the image's PID 1 with a wrapper that still runs the
   image's start script and `train`, and passes SIGTERM on (see launcher/container_entry.py).
 """
 
@@ -24,17 +18,16 @@ import copy
 import gzip
 import hashlib
 import io
-import logging
-import os
-import sys
 import tarfile
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from entrypoint import container
 from entrypoint.hyperparams import Strategy, flatten
 from entrypoint.progress import METRIC_DEFINITIONS
+from launcher import sdk_v2, sdk_v3
 from launcher.api_limits import job_environment, launcher_tags, max_wait_s, runtime_s
 from launcher.aws import client, is_not_found, session, split_s3, translated
 from launcher.channels import input_channels
@@ -42,12 +35,9 @@ from launcher.config import JobConfig, job_name_for
 from launcher.container_entry import container_entry_point
 from launcher.errors import AWSError, ConfigError, LauncherError
 from launcher.instances import catalog
+from launcher.job_spec import JobSpec
 from launcher.plan import micro_batch_rows
 
-# The newest HF PyTorch training image SageMaker SDK v2 knows (2.8.0 / transformers 4.56.2).
-PYTORCH_VERSION = "2.8.0"
-TRANSFORMERS_VERSION = "4.56.2"
-PY_VERSION = "py312"
 ENTRY_SCRIPT = container.ENTRY_SCRIPT
 MERGE_SCRIPT = container.MERGE_SCRIPT
 # The training toolkit pip-installs this file at every job start. A floor, not a pin: the
@@ -63,25 +53,10 @@ SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "d
 REDACTED = "***redacted***"
 SENSITIVE = ("TOKEN", "SECRET_VALUE", "PASSWORD", "API_KEY", "ACCESS_KEY")
 
-os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
 
-
-def _quiet_sdk_logging() -> None:
-    """The SDK logs INFO to stdout unless its logger already has a handler; stdout is for
-    results (`--output json` must be one object), so send its warnings to stderr."""
-    sm_logger = logging.getLogger("sagemaker")
-    if not sm_logger.handlers:
-        sm_logger.addHandler(logging.StreamHandler(sys.stderr))
-    sm_logger.setLevel(logging.WARNING)
-    logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
-    if not any(f is _no_troubleshooting_link for f in sm_logger.filters):
-        sm_logger.addFilter(_no_troubleshooting_link)
-
-
-def _no_troubleshooting_link(record: logging.LogRecord) -> bool:
-    """The SDK logs a link of its own beside every refused CreateTrainingJob; the refusal
-    itself reaches the user once, as our AWSError with its hint."""
-    return not str(record.msg).startswith("Please check the troubleshooting guide")
+def sdk_adapter():
+    """The adapter of the installed SDK major; only this module ever asks which."""
+    return sdk_v3 if int(version("sagemaker").split(".")[0]) >= 3 else sdk_v2
 
 
 def sha256_file(path: Path) -> str:
@@ -183,12 +158,6 @@ class Uploads:
         return uri
 
 
-def distribution_for(strategy: str) -> dict | None:
-    """The Estimator `distribution` for the caller's strategy: ddp is one process per GPU
-    through torchrun; model_parallel and single are one process."""
-    return {"torch_distributed": {"enabled": True}} if strategy == "ddp" else None
-
-
 def redact(obj: Any) -> Any:
     """Blank every value whose key looks like a secret (defence in depth: the token is
     never put in the request in the first place)."""
@@ -200,58 +169,21 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def _estimator(cfg: JobConfig, *, sm_session, source_dir: str, hyperparameters: dict, distribution,
-               checkpoint_s3_uri: str, tags: list[dict], max_runtime_s: int | None):
-    _quiet_sdk_logging()
-    from sagemaker.huggingface import HuggingFace
-
+def job_spec(cfg: JobConfig, *, name: str, strategy: str, hyperparameters: dict, source_dir: str,
+             inputs: dict[str, str], checkpoint_s3_uri: str, tags: list[dict], max_runtime_s: int | None) -> JobSpec:
     c = cfg.compute
-    image = {"image_uri": c.image_uri} if c.image_uri else {
-        "transformers_version": TRANSFORMERS_VERSION, "pytorch_version": PYTORCH_VERSION, "py_version": PY_VERSION}
     max_run = runtime_s(cfg, max_runtime_s)
     environment = job_environment(cfg, max_run)
-    kwargs: dict[str, Any] = {}
-    if c.spot:
-        kwargs.update(use_spot_instances=True, max_wait=max_wait_s(cfg, max_run))
-    if distribution:
-        kwargs["distribution"] = distribution
-    return HuggingFace(
-        entry_point=ENTRY_SCRIPT,
-        source_dir=source_dir,
-        role=cfg.aws.role,
-        instance_type=c.instance_type,
-        instance_count=c.instance_count,
-        volume_size=c.volume_size_gb,
-        max_run=max_run,
-        hyperparameters=hyperparameters,
-        environment=environment,
-        output_path=f"{cfg.output.s3_uri}/jobs",
-        code_location=f"{cfg.output.s3_uri}/code",
-        checkpoint_s3_uri=checkpoint_s3_uri,
-        checkpoint_local_path=str(container.CHECKPOINT_PATH),
-        metric_definitions=METRIC_DEFINITIONS,
-        tags=tags,
-        debugger_hook_config=False,
-        disable_profiler=True,
-        disable_output_compression=True,
-        container_entry_point=container_entry_point(ENTRY_SCRIPT),
-        sagemaker_session=sm_session,
-        **image,
-        **kwargs,
-    )
-
-
-def _sm_session(cfg: JobConfig, boto_sess):
-    _quiet_sdk_logging()
-    import sagemaker
-
-    bucket, _ = split_s3(cfg.output.s3_uri)
-    return sagemaker.Session(
-        boto_session=boto_sess,
-        default_bucket=bucket,  # never let v2 derive one through STS
-        sagemaker_config={"SchemaVersion": "1.0",
-                          "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}},
-    )
+    max_wait = max_wait_s(cfg, max_run) if c.spot else None
+    return JobSpec(
+        name=name, region=cfg.aws.region, role=cfg.aws.role, bucket=split_s3(cfg.output.s3_uri)[0],
+        image_uri=c.image_uri, instance_type=c.instance_type, instance_count=c.instance_count,
+        volume_size_gb=c.volume_size_gb, max_run_s=max_run, max_wait_s=max_wait, source_dir=source_dir,
+        entry_script=ENTRY_SCRIPT, hyperparameters=hyperparameters,
+        distributed=strategy == "ddp",  # ddp: one process per GPU through torchrun; the others one process
+        environment=environment, output_path=f"{cfg.output.s3_uri}/jobs", checkpoint_s3_uri=checkpoint_s3_uri,
+        checkpoint_local_path=str(container.CHECKPOINT_PATH), metric_definitions=METRIC_DEFINITIONS, tags=tags,
+        inputs=inputs, container_entry_point=container_entry_point(ENTRY_SCRIPT))
 
 
 class _DryRun:
@@ -305,13 +237,12 @@ class Submitted:
 
 def submit(cfg: JobConfig, strategy: Strategy, *, dry_run: bool = False, resume: str | None = None,
            max_runtime_s: int | None = None) -> Submitted:
-    """Upload what is local, build the Estimator and create the training job.
+    """Upload what is local, describe the job and create it through the installed SDK.
 
     `strategy` is the caller's decision (launch_job: the plan's); this only maps it.
     `max_runtime_s` (a budget) replaces compute.max_run_hours as MaxRuntimeInSeconds.
     The config was checked by validate_for_launch (the one set of rules `validate` runs).
     """
-    distribution = distribution_for(strategy)
     name = job_name_for(cfg.job_name)
     # before any upload: a job to resume that does not exist stops here
     checkpoint_s3_uri = (previous_checkpoint_uri(cfg, resume, dry_run) if resume
@@ -331,6 +262,8 @@ def submit(cfg: JobConfig, strategy: Strategy, *, dry_run: bool = False, resume:
         source_dir = uploads.blob(code_tarball(files), "sourcedir.tar.gz")
     tags = launcher_tags(cfg, resume)
 
+    spec = job_spec(cfg, name=name, strategy=strategy, hyperparameters=flatten(hp), source_dir=source_dir,
+                    inputs=inputs, checkpoint_s3_uri=checkpoint_s3_uri, tags=tags, max_runtime_s=max_runtime_s)
     boto_sess = session(cfg.aws.region, cfg.aws.profile)
     if dry_run:
         # A fresh botocore session of our own, so the hook never leaks into later calls.
@@ -340,11 +273,8 @@ def submit(cfg: JobConfig, strategy: Strategy, *, dry_run: bool = False, resume:
         hook = _DryRun()
         hook.register(boto_sess.events)
     with translated("create the training job"):
-        estimator = _estimator(cfg, sm_session=_sm_session(cfg, boto_sess), source_dir=source_dir,
-                               hyperparameters=flatten(hp), distribution=distribution,
-                               checkpoint_s3_uri=checkpoint_s3_uri, tags=tags, max_runtime_s=max_runtime_s)
         try:
-            estimator.fit(inputs=inputs or None, job_name=name, wait=False, logs=False)
+            sdk_adapter().create_training_job(spec, boto_sess)
         except RuntimeError as exc:
             if dry_run and "dry run" in str(exc):
                 raise AWSError(f"internal: {exc}") from None

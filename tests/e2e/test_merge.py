@@ -226,13 +226,12 @@ def test_sagemaker_merge_is_a_job_on_the_adapter_jobs_image_and_code(aws, job_di
     at once, and accepts the merge job's CreateTrainingJob as SageMaker would receive it."""
     import boto3
 
-    from launcher.job import launch_job
-    from launcher.merge import merge
+    from launcher.job import Job, launch_job
 
     job = launch_job(job_dict)
     sm = boto3.client("sagemaker")
     adapter_job = sm.describe_training_job(TrainingJobName=job.name)
-    result = merge(job.name, None, echo=lambda line: None)
+    result = Job.attach(job.name).merge(None, echo=lambda line: None)
     d = sm.describe_training_job(TrainingJobName=result["merge_job"])
     assert d["AlgorithmSpecification"]["TrainingImage"] == adapter_job["AlgorithmSpecification"]["TrainingImage"]
     assert d["RoleArn"] == adapter_job["RoleArn"]
@@ -280,14 +279,14 @@ def test_sagemaker_merge_of_an_s3_base_mounts_it_and_waits_then_downloads(aws, j
     import boto3
 
     from launcher import merge as merge_mod
-    from launcher.job import launch_job
+    from launcher.job import Job, launch_job
 
     job = launch_job(job_dict, overrides=["model.id=s3://my-bucket/models/Mixtral-8x7B-v0.1"])
     monkeypatch.setattr(merge_mod, "merge_job_name", lambda name: "the-merge")
     merged = f"qlora/merged/{job.name}/the-merge/output/model"
     boto3.client("s3").put_object(Bucket="my-bucket", Key=f"{merged}/config.json", Body=b"{}")
     monkeypatch.setattr("launcher.job.time.sleep", lambda s: None)
-    result = merge_mod.merge(job.name, str(tmp_path / "merged"), wait=True, echo=lambda line: None)
+    result = Job.attach(job.name).merge(str(tmp_path / "merged"), wait=True, echo=lambda line: None)
     d = boto3.client("sagemaker").describe_training_job(TrainingJobName="the-merge")
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in d["InputDataConfig"]}
     assert channels["model"] == "s3://my-bucket/models/Mixtral-8x7B-v0.1"

@@ -1,0 +1,60 @@
+"""What a SageMaker training job is, in the launcher's own terms: the one input of both SDK
+adapters (launcher/sdk_v2.py, launcher/sdk_v3.py), each of which turns it into the same
+CreateTrainingJob request. Nothing here imports an SDK."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# The HF PyTorch training image both SDK majors know (v2's table stops at transformers 4.56.2).
+PYTORCH_VERSION = "2.8.0"
+TRANSFORMERS_VERSION = "4.56.2"
+PY_VERSION = "py312"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    region: str
+    role: str
+    bucket: str  # output.s3_uri's bucket: an SDK session never derives one through STS
+    image_uri: str | None  # None: the HF training image of the versions above
+    instance_type: str
+    instance_count: int
+    volume_size_gb: int
+    max_run_s: int
+    max_wait_s: int | None  # set only for spot jobs
+    source_dir: str  # s3:// URI of sourcedir.tar.gz, uploaded by submit
+    entry_script: str
+    hyperparameters: dict[str, Any]  # the job's own, not yet JSON-encoded; the SDK adds the toolkit's
+    distributed: bool  # one process per GPU through torchrun
+    environment: dict[str, str]
+    output_path: str
+    checkpoint_s3_uri: str
+    checkpoint_local_path: str
+    metric_definitions: list[dict[str, str]]
+    tags: list[dict[str, str]]
+    inputs: dict[str, str]  # channel name -> s3:// URI
+    container_entry_point: list[str]
+
+
+def quiet_sdk_logging() -> None:
+    """Both SDK majors log INFO to stdout unless their logger already has a handler; stdout
+    is for results (`--output json` must be one object), so send their warnings to stderr."""
+    import logging
+    import sys
+
+    sm_logger = logging.getLogger("sagemaker")
+    if not sm_logger.handlers:
+        sm_logger.addHandler(logging.StreamHandler(sys.stderr))
+    sm_logger.setLevel(logging.WARNING)
+    logging.getLogger("sagemaker.config").setLevel(logging.WARNING)
+    if not any(f is _no_troubleshooting_link for f in sm_logger.filters):
+        sm_logger.addFilter(_no_troubleshooting_link)
+
+
+def _no_troubleshooting_link(record) -> bool:
+    """The SDK logs a link of its own beside every refused CreateTrainingJob; the refusal
+    itself reaches the user once, as our AWSError with its hint."""
+    return not str(record.msg).startswith("Please check the troubleshooting guide")
