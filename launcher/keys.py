@@ -53,8 +53,8 @@ NOTES = {
     "compute.image_uri": "override the pinned Hugging Face training image",
     "compute.max_cost_usd": "a budget: caps MaxRuntime at this price; a plan above it is refused",
     "compute.strategy": "auto: the plan picks one process per GPU (ddp) or the model split over GPUs",
-    "output.s3_uri": "uploads, code, checkpoints and the adapter go under this prefix",
-    "aws.role": "the SageMaker execution role's ARN",
+    "output.s3_uri": "uploads, code, checkpoints and the adapter go under this prefix (SageMaker only; --local needs no output section)",
+    "aws.role": "the SageMaker execution role's ARN (SageMaker only: required there)",
     "aws.profile": "an AWS CLI profile to use",
     "aws.hf_token_secret": "Secrets Manager ARN of a Hub token (gated models); the token never travels as a hyperparameter",
     "aws.hf_token_env": "local runs: the environment variable that holds a Hub token",
@@ -101,8 +101,13 @@ def _default(field) -> str:
 
 
 def _submodel(tp) -> type[BaseModel] | None:
+    """The section model of a field: `OutputSpec` and `OutputSpec | None` (a section that
+    only SageMaker launches need) alike."""
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return tp
+    if get_origin(tp) in (Union, types.UnionType):
+        models = [a for a in get_args(tp) if isinstance(a, type) and issubclass(a, BaseModel)]
+        return models[0] if len(models) == 1 else None
     return None
 
 
