@@ -104,3 +104,23 @@ def test_counting_and_checking_use_memory_flat_in_the_files_size(job_dict, tmp_p
     count_1x, check_1x, count_10x, check_10x = peaks
     assert count_10x < 1.5 * count_1x, peaks
     assert check_10x < 1.5 * check_1x, peaks
+
+
+def test_every_parquet_row_is_checked_and_counted(job_dict, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from launcher.datafiles import _parquet_rows
+
+    answers = [f"answer {i}" for i in range(2500)]
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"question": ["q?"] * 2500, "answer": answers}), f, row_group_size=700)
+    assert [r["answer"] for _, r in _parquet_rows(f, batch=300)] == answers
+    cfg = load_config(config(job_dict, f))
+    assert count_tokens(cfg)[0] == sum(len(f"q? {a}") for a in answers) // 4 + 8 * 2500
+    answers[2100] = "  "
+    pq.write_table(pa.table({"question": ["q?"] * 2500, "answer": answers}), f)
+    assert problems(config(job_dict, f))["data.train"] == \
+        f"{f}: row 2101: column 'answer' must be non-empty text, got '  ' (text)"
+    pq.write_table(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), f)
+    assert problems(config(job_dict, f))["data.train"] == f"{f}: no rows (the file is empty or blank)"
