@@ -3,7 +3,7 @@ object with the columns the config names, holding what the job can train on (tex
 list of chat messages), so a typo or a bad row fails here in seconds, naming the row, and
 not inside a paid job. Rows are streamed: memory stays flat in the file's size.
 
-Written by hand (standard library; pyarrow for Parquet when it is installed) because the
+Written by hand (standard library; pyarrow for Parquet when it is installed, as with `[train]`) because the
 one library that reads all four formats, `datasets`, is a training dependency the launcher
 does not have. What a value must hold is decided by entrypoint/data.py, which the job runs
 on every row again.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,16 +122,25 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, Any]]:
         raise RowError(f"not readable as CSV ({exc})") from None
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:  # the job still checks it
+def have_pyarrow() -> bool:
+    return importlib.util.find_spec("pyarrow") is not None
+
+
+def _parquet_rows(path: Path, batch: int = 1000) -> Iterator[tuple[int, Any]]:
+    """Rows of a Parquet file, `batch` at a time; none without pyarrow (the launcher alone
+    has none: the job still checks every row)."""
+    if not have_pyarrow():
         return
+    import pyarrow.parquet as pq
+
+    row_no = 0
     try:
-        names = pq.read_schema(path).names
+        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch):
+            for row in record_batch.to_pylist():
+                row_no += 1
+                yield row_no, row
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise RowError(f"not readable as Parquet ({exc})") from None
-    yield 1, dict.fromkeys(names, "?")  # the schema: every row has these columns
 
 
 READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
@@ -160,19 +170,19 @@ def column_problems(path: Path, spec, field: str) -> list[tuple[str, str]]:
     try:
         for row_no, row in READERS[path.suffix](path):
             seen += 1
-            problem = row_problem(row, need, f"{path}: row {row_no}", schema_only=path.suffix == ".parquet")
+            problem = row_problem(row, need, f"{path}: row {row_no}")
             if problem:
                 return [(problem[0] or f"data.{field}", problem[1])]
     except RowError as exc:
         return [(f"data.{field}", f"{path}: {exc}")]
     except OSError as exc:
         return [(f"data.{field}", f"{path}: cannot be read ({exc.strerror or exc})")]
-    if seen == 0 and path.suffix != ".parquet":
+    if seen == 0 and (path.suffix != ".parquet" or have_pyarrow()):
         return [(f"data.{field}", f"{path}: no rows (the file is empty or blank)")]
     return []
 
 
-def row_problem(row: Any, need: list[tuple[str, str]], where: str, schema_only: bool = False) -> tuple[str, str] | None:
+def row_problem(row: Any, need: list[tuple[str, str]], where: str) -> tuple[str, str] | None:
     """(config field or "", what is wrong) with the row at `where` ("FILE: row N"), or None."""
     if not isinstance(row, dict):
         return "", f"{where}: expected an object, got {type(row).__name__}"
@@ -183,8 +193,6 @@ def row_problem(row: Any, need: list[tuple[str, str]], where: str, schema_only: 
             file, _, row_no = where.rpartition(": ")
             return (f"data.columns.{key}", f"column {column!r} is not in {file} ({row_no} has: "
                     f"{', '.join(map(str, row)) or 'no columns'}){hint}")
-        if schema_only:
-            continue
         value = row[column]
         if key == "system" and not value:  # the job leaves a row's empty system prompt out
             continue

@@ -40,7 +40,7 @@ from pathlib import Path
 from entrypoint.data import chat_messages
 from entrypoint.hyperparams import PINNED_HOST_SHARE, Strategy, offload_fits_host
 from launcher.config import JobConfig
-from launcher.datafiles import READERS, RowError
+from launcher.datafiles import READERS, RowError, have_pyarrow
 from launcher.errors import ConfigError
 from launcher.instances import Instance, catalog, format_usd
 from launcher.shapes import BUILT_IN, Shape, resolve
@@ -242,7 +242,7 @@ def count_tokens(cfg: JobConfig) -> tuple[int | None, str]:
 
 def _row_texts(path: Path, cfg: JobConfig) -> Iterator[str]:
     """The text of each row, read as the config check reads it (launcher.datafiles)."""
-    if path.suffix == ".parquet":  # compressed: a rough guess from the size, in pieces
+    if path.suffix == ".parquet" and not have_pyarrow():  # unread: a rough guess from the size, in pieces
         size = int(path.stat().st_size / 2)
         yield from ("x" * min(1 << 20, size - i) for i in range(0, size, 1 << 20))
         return

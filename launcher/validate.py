@@ -27,9 +27,11 @@ def launch_problems(cfg: JobConfig, *, local: bool = False, resume: str | None =
 
 
 def local_problems(cfg: JobConfig) -> list[tuple[str, str]]:
-    return [(f"data.{field}", f"{value!r}: a local run reads local files and hf:// datasets, not S3; "
-             "copy it here (aws s3 cp) and name the file, or launch on SageMaker (without --local)")
-            for field in ("train", "validation") if (value := getattr(cfg.data, field) or "").startswith("s3://")]
+    """A local run sends nothing to AWS, so it cannot read S3 (the job would fail at its start)."""
+    values = {"data.train": cfg.data.train, "data.validation": cfg.data.validation, "model.id": cfg.model.id}
+    return [(field, f"{value!r}: a local run reads local files, hub ids and hf:// datasets, not S3; copy it "
+             "here (aws s3 cp) and name the local path, or launch on SageMaker (without --local)")
+            for field, value in values.items() if (value or "").startswith("s3://")]
 
 
 def missing_sections(cfg: JobConfig) -> list[tuple[str, str]]:

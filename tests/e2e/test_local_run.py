@@ -147,13 +147,16 @@ def test_sigterm_checkpoints_and_resume_ends_like_an_uninterrupted_run(finished,
 
 def test_a_bad_data_row_fails_the_job_with_its_file_and_row(tiny_model, runs, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    # the launcher checks the first 100 rows before it starts anything; the job checks every row
-    bad.write_text('{"question": "a?", "answer": "b."}\n' * 101 + '{"question": "c?"}\n')
+    # validate checks every row's prompt and response before anything starts; the job also
+    # refuses a column whose type changes between rows (`datasets` cannot read it), here one
+    # the config does not use
+    bad.write_text('{"question": "a?", "answer": "b.", "note": "x"}\n' * 101
+                   + '{"question": "c?", "answer": "d.", "note": 3}\n')
     cfg = config(tiny_model)
     cfg["data"]["train"] = str(bad)
     with pytest.raises(JobFailed) as info:
         launch_job(cfg, local=True)
-    assert "bad.jsonl: row 102: missing column 'answer'" in str(info.value)
+    assert "bad.jsonl: row 102: column 'note' is a number, but text in row 1" in str(info.value)
     job = Job.attach(next(runs.iterdir()).name)
     assert job.status() == "Failed"
     assert "row 102" in (job.local_dir / "output" / "failure").read_text()

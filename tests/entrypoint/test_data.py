@@ -47,6 +47,22 @@ def test_chat_rows_train_on_every_assistant_turn(tmp_path, tok):
     assert labelled_text(tok, ex) == "Hello.</s>Drink fluids.</s>"
 
 
+def test_sharegpt_rows_train_like_the_same_conversation_in_roles(tmp_path, tok):
+    """ShareGPT's from/value (human, gpt, system), as many public chat sets are written."""
+    share = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Fever?"},
+             {"from": "gpt", "value": "Drink fluids."}]
+    roles = [{"role": {"human": "user", "gpt": "assistant", "system": "system"}[m["from"]], "content": m["value"]}
+             for m in share]
+    got = []
+    for name, conv in (("s.jsonl", share), ("r.jsonl", roles)):
+        f = write_jsonl(tmp_path / name, [{"conversations": conv}])
+        spec = DataSpec(train=str(f), format="chat", columns={"messages": "conversations"})
+        (ex,), _ = data.load_examples(str(f), spec, tok, 256)
+        got.append((ex.input_ids, ex.labels))
+    assert got[0] == got[1]
+    assert labelled_text(tok, data.Example(*got[0])) == "Drink fluids.</s>"
+
+
 def test_text_rows_train_on_everything(tmp_path, tok):
     f = write_jsonl(tmp_path / "t.jsonl", [{"text": "Gout is a kind of arthritis."}])
     (ex,), _ = data.load_examples(str(f), DataSpec(train=str(f), format="text"), tok, 256)

@@ -68,25 +68,6 @@ def test_sharegpt_rows_pass_validate_and_plan_counts_them(job_dict, tmp_path):
     assert tokens == len("Be brief. Fever? Drink fluids.") // 4 + 8 and source.startswith("estimate")
 
 
-def test_sharegpt_rows_train_in_the_job_like_the_same_conversation_in_roles(tmp_path, tiny_model):
-    from transformers import AutoTokenizer
-
-    from entrypoint import data
-    from entrypoint.hyperparams import DataSpec
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    roles = {"conversations": [{"role": {"from": None, "human": "user", "gpt": "assistant", "system": "system"}[m["from"]],
-                                "content": m["value"]} for m in SHAREGPT["conversations"]]}
-    got = []
-    for name, row in (("s.jsonl", SHAREGPT), ("r.jsonl", roles)):
-        (tmp_path / name).write_text(json.dumps(row) + "\n")
-        spec = DataSpec(train=str(tmp_path / name), format="chat", columns={"messages": "conversations"})
-        (ex,), _ = data.load_examples(str(tmp_path / name), spec, tok, 256)
-        got.append((ex.input_ids, ex.labels))
-    assert got[0] == got[1]
-    assert tok.decode([t for t in got[0][1] if t != data.IGNORE]) == "Drink fluids.</s>"
-
-
 def test_a_json_array_is_read_row_by_row_across_chunks(job_dict, tmp_path):
     rows = [QA | {"answer": f"answer {i} " + "é" * (i % 7)} for i in range(500)]
     f = tmp_path / "d.json"
@@ -111,15 +92,35 @@ def _peak_bytes(fn) -> int:
 
 @pytest.mark.parametrize("tokenizer", [True, False], ids=["model-tokenizer", "character-estimate"])
 def test_counting_and_checking_use_memory_flat_in_the_files_size(job_dict, tmp_path, tiny_model, tokenizer):
-    """A file 10x the size (1.1 MB -> 11 MB) may not raise the Python heap's peak by more than
+    """A file 10x the size (0.65 MB -> 6.5 MB) may not raise the Python heap's peak by more than
     half: rows are streamed and tokenized 1000 at a time (it was every row at once)."""
     peaks, counted = [], []
-    for rows in (5_000, 50_000):
+    for rows in (3_000, 30_000):
         f = write_rows(tmp_path / f"d{rows}.jsonl", rows)
         cfg = load_config(config(job_dict, f) | ({"model": {"id": str(tiny_model)}} if tokenizer else {}))
         peaks.append(_peak_bytes(lambda cfg=cfg: counted.append(count_tokens(cfg)[0])))
         peaks.append(_peak_bytes(lambda f=f: load_config(config(job_dict, f))))
-    assert counted[1] == 10 * counted[0] > 5_000 * 20
+    assert counted[1] == 10 * counted[0] > 3_000 * 20
     count_1x, check_1x, count_10x, check_10x = peaks
     assert count_10x < 1.5 * count_1x, peaks
     assert check_10x < 1.5 * check_1x, peaks
+
+
+def test_every_parquet_row_is_checked_and_counted(job_dict, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from launcher.datafiles import _parquet_rows
+
+    answers = [f"answer {i}" for i in range(2500)]
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"question": ["q?"] * 2500, "answer": answers}), f, row_group_size=700)
+    assert [r["answer"] for _, r in _parquet_rows(f, batch=300)] == answers
+    cfg = load_config(config(job_dict, f))
+    assert count_tokens(cfg)[0] == sum(len(f"q? {a}") for a in answers) // 4 + 8 * 2500
+    answers[2100] = "  "
+    pq.write_table(pa.table({"question": ["q?"] * 2500, "answer": answers}), f)
+    assert problems(config(job_dict, f))["data.train"] == \
+        f"{f}: row 2101: column 'answer' must be non-empty text, got '  ' (text)"
+    pq.write_table(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), f)
+    assert problems(config(job_dict, f))["data.train"] == f"{f}: no rows (the file is empty or blank)"

@@ -48,13 +48,14 @@ def test_preflight_of_a_local_only_config_says_what_is_missing(tmp_path, tiny_mo
 
 
 def test_validate_local_refuses_s3_data_the_local_run_cannot_read(job_dict):
-    cfg = load_config(job_dict, ["data.train=s3://my-bucket/d/train.jsonl", "data.validation=s3://my-bucket/d/v.jsonl"])
+    cfg = load_config(job_dict, ["data.train=s3://my-bucket/d/train.jsonl", "data.validation=s3://my-bucket/d/v.jsonl",
+                                 "model.id=s3://my-bucket/models/mixtral"])
     validate_for_launch(cfg)  # SageMaker reads it
     with pytest.raises(ConfigError) as info:
         validate_for_launch(cfg, local=True)
     found = dict(info.value.problems)
-    assert set(found) == {"data.train", "data.validation"}
-    assert found["data.train"].startswith("'s3://my-bucket/d/train.jsonl': a local run reads local files and hf://")
+    assert set(found) == {"data.train", "data.validation", "model.id"}
+    assert found["data.train"].startswith("'s3://my-bucket/d/train.jsonl': a local run reads local files, hub ids")
 
 
 @pytest.mark.parametrize("uri", ["hf://", "hf://:train", "hf:// /x", "hf://org/name:a b"])
