@@ -19,7 +19,7 @@ from tests.conftest import DATA, ROOT
 def local_only(tmp_path) -> dict:
     """What a newcomer writes for `launch --local`: no output section, no aws section."""
     raw = yaml.safe_load((ROOT / "examples" / "local-tiny.yaml").read_text())
-    del raw["output"], raw["aws"]
+    assert "output" not in raw and "aws" not in raw  # the shipped example is already local-only
     (tmp_path / "data").mkdir(exist_ok=True)
     shutil.copy(DATA, tmp_path / "data" / "medical.jsonl")
     (tmp_path / "tiny-mixtral").symlink_to(ROOT / "examples" / "tiny-mixtral")
