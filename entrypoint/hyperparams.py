@@ -100,6 +100,10 @@ class TrainingSpec(Strict):
     # transformers + PEFT path when false. Speed, memory and numerics: bench/README.md. Its first,
     # opt-in version was called low_memory_moe; that name is still read.
     fused_moe: bool = Field(True, validation_alias=AliasChoices("fused_moe", "low_memory_moe"))
+    # bf16 models (Ampere+): the residual stream between the layers stays bf16 instead of the fp32
+    # that peft's prepare_model_for_kbit_training makes of it (entrypoint.model.set_residual_dtype):
+    # fewer casts, half-size checkpointed inputs. Speed and numerics: bench/README.md.
+    bf16_residual: bool = False
     # auto: bitsandbytes AdamW8bit on GPU, torch AdamW on CPU. Not paged by default: LoRA's
     # optimizer state is small (~0.5 GiB for Mixtral-8x7B r16), so paging to host memory buys
     # nothing, and it puts the state in CUDA managed memory; paged_adamw_8bit is one key away.
