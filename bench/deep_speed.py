@@ -13,7 +13,8 @@ Each recipe is the same model switched in place, so all of them run on identical
   padded to the longest (attention mask), paged AdamW 8-bit;
 - ours: the job's defaults before this run: fused MoE (entrypoint/moe.py), offloaded
   checkpoints (entrypoint/offload.py), packed rows of 2048, AdamW 8-bit;
-- ours-bf16: ours with training.bf16_residual (entrypoint.model.set_residual_dtype).
+- ours-bf16: ours with training.bf16_residual (entrypoint.model.set_residual_dtype);
+- ours-bf16-flex: and FlexAttention, whose document mask skips the blocks across packed examples.
 
 Both recipes draw example lengths from one distribution (log-normal, median ~545 tokens, capped
 at 2048: profile_step.packed_batch); tokens/s counts real tokens only. Every step is LoRA r16 on
@@ -45,10 +46,11 @@ from profile_step import packed_batch  # noqa: E402
 from entrypoint import model as M  # noqa: E402
 from entrypoint import moe  # noqa: E402
 
-RECIPES = {  # fused MoE, offloaded checkpoints, bf16 residual, packed rows
-    "plain": (False, False, False, False),
-    "ours": (True, True, False, True),
-    "ours-bf16": (True, True, True, True),
+RECIPES = {  # fused MoE, offloaded checkpoints, bf16 residual, attention
+    "plain": (False, False, False, "sdpa"),
+    "ours": (True, True, False, "sdpa"),
+    "ours-bf16": (True, True, True, "sdpa"),
+    "ours-bf16-flex": (True, True, True, "flex_attention"),
 }
 
 
@@ -67,7 +69,7 @@ def deep_model(shape: str, layers: int, unique: int, precision: M.Precision):
 
 def switch(net, recipe: str) -> None:
     """The same model and LoRA weights, run as `recipe` says."""
-    fused, offload, bf16, _ = RECIPES[recipe]
+    fused, offload, bf16, attention = RECIPES[recipe]
     for m in net.modules():
         if hasattr(m, "_stock_forward") and not fused:
             del m.forward, m._stock_forward  # back to the class's (stock) forward
@@ -75,6 +77,9 @@ def switch(net, recipe: str) -> None:
         moe.use_fused_moe(net)
     checkpoints(net, offload)
     M.set_residual_dtype(net, torch.bfloat16 if bf16 else torch.float32)
+    # packed rows: transformers builds the document mask from the position ids, dense for SDPA,
+    # a BlockMask for FlexAttention (which then skips the blocks across documents)
+    net.get_base_model().set_attn_implementation(attention)
 
 
 def padded_batches(n: int, seq: int, per_batch: int = 8, seed: int = 0) -> list[dict]:
@@ -148,7 +153,12 @@ def numerics(net, rows: int, seq: int) -> dict:
         stock_loss, stock = loss_and_grads(net, "plain", batch)
         out = {"rows": rows, "stock_loss": stock_loss}
         for recipe in ("plain", *[r for r in RECIPES if r != "plain"]):
-            loss, g = loss_and_grads(net, recipe, batch)
+            try:
+                loss, g = loss_and_grads(net, recipe, batch)
+            except Exception as e:  # noqa: BLE001 - FlexAttention may not compile here: say so
+                out[recipe] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                net.zero_grad(set_to_none=True)
+                continue
             out["stock-again" if recipe == "plain" else recipe] = compare(stock, g) | {
                 "loss": loss, "loss_rel_diff": abs(loss - stock_loss) / abs(stock_loss)}
     finally:
@@ -175,7 +185,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--unique", type=int, default=4, help="distinct random layers, copied up to --layers")
     ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--extra-rows", type=int, nargs="*", default=[], help="ours-bf16 at these rows too, last repeat")
+    ap.add_argument("--extra-rows", type=int, nargs="*", default=[], help="ours-bf16 at these rows too, first repeat")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
@@ -202,16 +212,17 @@ def main() -> None:
             args.out.write_text(json.dumps(out, indent=2))
 
     plan = [(rep, recipe, args.rows) for rep in range(args.repeats) for recipe in args.recipes]
-    plan += [(args.repeats - 1, "ours-bf16", rows) for rows in args.extra_rows]
+    plan[len(args.recipes):len(args.recipes)] = [(0, "ours-bf16", rows) for rows in args.extra_rows]
     for rep, recipe, rows in plan:
         if time.time() - t0 > args.budget_s:
             print(f"time budget spent: skipped #{rep} {recipe} rows={rows} and after", flush=True)
             break
         try:
             r = measure(net, recipe, plain if recipe == "plain" else packed[rows], args.steps)
-        except torch.OutOfMemoryError as e:  # a larger micro-batch may not fit: say so, go on
-            print(f"#{rep} {recipe} rows={rows}: out of memory ({str(e).splitlines()[0]})", flush=True)
-            out["runs"].append({"recipe": recipe, "repeat": rep, "rows": rows, "error": "out of memory"})
+        except Exception as e:  # noqa: BLE001 - a larger micro-batch may not fit, flex may not compile: go on
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"#{rep} {recipe} rows={rows}: failed ({why})", flush=True)
+            out["runs"].append({"recipe": recipe, "repeat": rep, "rows": rows, "error": why})
             torch.cuda.empty_cache()
             continue
         r |= {"repeat": rep, "rows": None if recipe == "plain" else rows, "layers": args.layers}
