@@ -140,7 +140,7 @@ def loss_and_grads(net, recipe: str, batch: dict) -> tuple[float, torch.Tensor]:
     return loss.item(), g
 
 
-def numerics(net, rows: int, seq: int) -> dict:
+def numerics(net, rows: int, seq: int, recipes=("plain", "ours", "ours-bf16")) -> dict:
     """Each recipe's loss and LoRA gradients against the stock path's (plain's model on packed
     rows) at identical weights and data, LoRA dropout off (the fused pass draws its masks
     differently); stock against itself gives the GPU's noise floor."""
@@ -151,16 +151,19 @@ def numerics(net, rows: int, seq: int) -> dict:
     batch = packed_batch(rows, seq)
     try:
         stock_loss, stock = loss_and_grads(net, "plain", batch)
-        out = {"rows": rows, "stock_loss": stock_loss}
-        for recipe in ("plain", *[r for r in RECIPES if r != "plain"]):
+        out, grads = {"rows": rows, "stock_loss": stock_loss}, {}
+        for recipe in ("plain", *[r for r in recipes if r != "plain"]):
             try:
                 loss, g = loss_and_grads(net, recipe, batch)
             except Exception as e:  # noqa: BLE001 - FlexAttention may not compile here: say so
                 out[recipe] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 net.zero_grad(set_to_none=True)
                 continue
+            grads[recipe] = g
             out["stock-again" if recipe == "plain" else recipe] = compare(stock, g) | {
                 "loss": loss, "loss_rel_diff": abs(loss - stock_loss) / abs(stock_loss)}
+        if "ours" in grads and "ours-bf16" in grads:  # the bf16 residual alone, both with the fused MoE pass
+            out["ours-bf16_vs_ours"] = compare(grads["ours"], grads["ours-bf16"])
     finally:
         for m, p in zip(drops, kept, strict=True):
             m.p = p
@@ -185,11 +188,13 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--unique", type=int, default=4, help="distinct random layers, copied up to --layers")
     ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--extra-rows", type=int, nargs="*", default=[], help="ours-bf16 at these rows too, first repeat")
+    ap.add_argument("--extra-rows", type=int, nargs="*", default=[], help="ours-bf16 at these rows too, every repeat")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    ap.add_argument("--recipes", nargs="+", default=["plain", "ours", "ours-bf16"], choices=list(RECIPES))
+    ap.add_argument("--numerics-layers", type=int, nargs="*", default=[2],
+                    help="also check numerics on models this deep (distinct layers), before the timed one")
     ap.add_argument("--budget-s", type=float, default=520, help="start no measurement after this many seconds")
     ap.add_argument("--profile", action="store_true", help="at the end, where one ours-bf16 step's GPU time goes")
     ap.add_argument("--out", type=Path)
@@ -198,21 +203,30 @@ def main() -> None:
     precision = M.choose_precision(torch.device("cuda"))
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "args": vars(args) | {"out": str(args.out)},
            "runs": []}
+    out["numerics"] = []
+    for layers in args.numerics_layers:  # shallow: deeper, random weights amplify any bf16 rounding (README)
+        small = lora_model(deep_model(args.shape, layers, layers, precision), True)
+        out["numerics"].append(numerics(small, min(4, args.rows), args.seq) | {"layers": layers})
+        print("numerics:", json.dumps(out["numerics"][-1]), flush=True)
+        del small
+        torch.cuda.empty_cache()
     net = lora_model(deep_model(args.shape, args.layers, args.unique, precision), True)
     out["build_s"] = time.time() - t0
     print(f"{args.layers} layers ({args.unique} unique) built in {out['build_s']:.0f} s", flush=True)
-    out["numerics"] = numerics(net, min(4, args.rows), args.seq)
-    print("numerics:", json.dumps(out["numerics"]), flush=True)
+    out["numerics"].append(numerics(net, min(4, args.rows), args.seq) | {"layers": args.layers})
+    print("numerics:", json.dumps(out["numerics"][-1]), flush=True)
     plain = padded_batches(args.steps, args.seq)
     packed = {rows: [packed_batch(rows, args.seq)] for rows in {args.rows, *args.extra_rows}}
 
     def save():
-        out["ratio_vs_plain"] = {r: ratios(out["runs"], r, args.rows) for r in args.recipes if r != "plain"}
+        out["ratio_vs_plain"] = {f"{r}-r{n}": ratios(out["runs"], r, n) for r, n in
+                                 [(r, args.rows) for r in args.recipes if r != "plain"]
+                                 + [("ours-bf16", n) for n in args.extra_rows]}
         if args.out:
             args.out.write_text(json.dumps(out, indent=2))
 
-    plan = [(rep, recipe, args.rows) for rep in range(args.repeats) for recipe in args.recipes]
-    plan[len(args.recipes):len(args.recipes)] = [(0, "ours-bf16", rows) for rows in args.extra_rows]
+    plan = [(rep, recipe, rows) for rep in range(args.repeats)
+            for recipe, rows in [(r, args.rows) for r in args.recipes] + [("ours-bf16", n) for n in args.extra_rows]]
     for rep, recipe, rows in plan:
         if time.time() - t0 > args.budget_s:
             print(f"time budget spent: skipped #{rep} {recipe} rows={rows} and after", flush=True)
