@@ -182,7 +182,7 @@ def ratios(runs: list[dict], recipe: str, rows: int) -> dict:
             "max": max(per, default=None), "per_repeat": per}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="mixtral-8x7b")
     ap.add_argument("--layers", type=int, default=32)
@@ -198,7 +198,11 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=520, help="start no measurement after this many seconds")
     ap.add_argument("--profile", action="store_true", help="at the end, where one ours-bf16 step's GPU time goes")
     ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     t0 = time.time()
     precision = M.choose_precision(torch.device("cuda"))
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "args": vars(args) | {"out": str(args.out)},
