@@ -146,13 +146,17 @@ def attach_lora(model, lora, training):
     (hyperparams.LoraSpec and TrainingSpec): training.fused_moe routes Mixtral's expert blocks
     through entrypoint.moe (same modules and adapter format; on an H200 1.4x faster per MoE
     layer with less memory than the stock path, bench/README.md); training.offload_checkpoints
-    keeps checkpointed layer inputs in host memory (entrypoint.offload)."""
+    keeps checkpointed layer inputs in host memory (entrypoint.offload); training.bf16_residual
+    keeps the residual stream in bf16 where the model was loaded in bf16 (set_residual_dtype)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    loaded = model.get_input_embeddings().weight.dtype
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    if training.bf16_residual and loaded == torch.bfloat16:
+        set_residual_dtype(model, torch.bfloat16)
     if training.gradient_checkpointing and training.offload_checkpoints:
         from entrypoint.offload import use_offloaded_checkpoints
 
@@ -168,6 +172,26 @@ def attach_lora(model, lora, training):
 
         use_fused_moe(model)
     return model
+
+
+def residual_params(model: nn.Module) -> list[nn.Parameter]:
+    """The floating-point weights that are neither 4-bit nor trainable: embeddings, norms, routers,
+    output head. prepare_model_for_kbit_training upcasts them to fp32, which makes the residual
+    stream between the layers fp32: every projection then casts its input down and its output up."""
+    return [p for p in model.parameters()
+            if p.is_floating_point() and not p.requires_grad and p.__class__.__name__ != "Params4bit"]
+
+
+def set_residual_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """training.bf16_residual: those weights back in the dtype the model was loaded in, so the
+    residual stream and each checkpointed layer input are bf16 (half the bytes). Each layer still
+    computes its norms in fp32 and its matmuls in bf16 under autocast; what changes is that the
+    sums of the residual stream round to bf16, as in bf16 training without QLoRA. bf16 only: an
+    fp16 residual stream can overflow (why PEFT upcasts). Returns how many weights were cast."""
+    params = residual_params(model)
+    for p in params:
+        p.data = p.data.to(dtype)
+    return len(params)
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:

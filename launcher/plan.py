@@ -26,7 +26,7 @@ and whether a constant was fitted on it.
 Throughput comes from H200 runs of Mixtral-8x7B's shape, per MoE path (H200_TOKENS_PER_S):
 a step costs a fixed part (kernel launches and Python per quantized linear module) plus a
 part per token (scaled by active parameters per token, and by each GPU's dense bf16/fp16
-rate and memory bandwidth, half each). Every assumption is printed with the plan.
+rate and memory bandwidth, BANDWIDTH_SHARE fitted on an H100 measured against the H200). Every assumption is printed with the plan.
 """
 
 from __future__ import annotations
@@ -108,7 +108,18 @@ MEASURED = [
 # step measured at 32 layers, 3,458, times the entrypoint's rate over deep_memory's at 8 rows
 # (3,841 / 4,020: data loading, logging, the scheduler) = 3,304.
 H200_TOKENS_PER_S = {"stock": {2048: 1026.0, 8192: 2385.0}, "fused": {8192: 3304.0, 16384: 3841.0}}
+# training.bf16_residual (the default on bf16 GPUs), measured on an H100 80GB at 32 layers and 8 rows,
+# the same model and step with and without it, three interleaved repeats each (bench/deep_speed.py,
+# h100-2026-12-06-deep-speed-r1.json): medians 4,149 against 3,794 tok/s. Applied to the fused
+# H200 figures above as a ratio: scaled, not measured on an H200.
+BF16_RESIDUAL_SPEEDUP = 4149.0 / 3794.0
 H200 = {"tflops": 989.0, "bandwidth_gbs": 4800.0}
+# The per-token part's share that scales with memory bandwidth (the rest with dense TFLOP/s): fitted on
+# the one pair of GPUs measured with the same step at 32 layers, 8 rows: H100 80GB (3.35 TB/s) 3,794
+# tok/s (h100-2026-12-06-deep-speed-r1.json, median of 3) against H200 (4.8 TB/s) 4,020
+# (h200-2026-11-29-deep-32.json); both have 989 TFLOP/s. Was 0.5 by assumption, which put the H100
+# 10% below what it measured.
+BANDWIDTH_SHARE = 0.14
 MIXTRAL = BUILT_IN["mixtral-8x7b"]
 DDP_EFFICIENCY = 0.9
 STARTUP_HOURS = 0.25  # image pull, model download and 4-bit load before the first step
@@ -173,7 +184,7 @@ def calibration() -> list[dict]:
 # --------------------------------------------------------------------------- throughput
 
 def tokens_per_second(shape: Shape, inst: Instance, tokens_per_micro_batch: int, strategy: str,
-                      fused_moe: bool = True) -> float:
+                      fused_moe: bool = True, bf16_residual: bool = True) -> float:
     """Real tokens/s for the whole job on one instance (see the module docstring)."""
     (t1, r1), (t2, r2) = sorted(H200_TOKENS_PER_S[mlp_path(shape, fused_moe)].items())
     per_token = (t2 / r2 - t1 / r1) / (t2 - t1)  # s per token, Mixtral-8x7B on an H200
@@ -182,8 +193,11 @@ def tokens_per_second(shape: Shape, inst: Instance, tokens_per_micro_batch: int,
     fixed *= linears / (MIXTRAL.layers * (4 + 3 * MIXTRAL.experts))
     per_token *= shape.active_params_per_token / MIXTRAL.active_params_per_token
     gpu = inst.gpu
-    per_token *= 0.5 * H200["tflops"] / gpu.tflops + 0.5 * H200["bandwidth_gbs"] / gpu.bandwidth_gbs
+    per_token *= ((1 - BANDWIDTH_SHARE) * H200["tflops"] / gpu.tflops
+                  + BANDWIDTH_SHARE * H200["bandwidth_gbs"] / gpu.bandwidth_gbs)
     rate = tokens_per_micro_batch / (fixed + per_token * tokens_per_micro_batch)
+    if bf16_residual and gpu.bf16 and mlp_path(shape, fused_moe) == "fused":
+        rate *= BF16_RESIDUAL_SPEEDUP
     if strategy == "ddp":
         workers = inst.gpu_count
         rate *= workers * (DDP_EFFICIENCY if workers > 1 else 1.0)
@@ -195,12 +209,18 @@ ASSUMPTIONS = [
     "layers): the fused MoE path (training.fused_moe, the default) 3,304 tok/s at 4 rows and 3,841 at 8 "
     "per micro-batch; the stock path (and dense models) 1,026 at 1 row and 2,385 at 4; a step = fixed "
     "part per quantized linear module + per-token part scaled by active parameters per token",
-    "other GPUs: the per-token part scales half with dense bf16/fp16 TFLOP/s, half with memory bandwidth; "
+    f"training.bf16_residual (bf16 GPUs, fused path): x{BF16_RESIDUAL_SPEEDUP:.2f}, measured on an H100 80GB at 32 "
+    "layers (4,149 against 3,794 tok/s, same model and step), applied to the H200 figures as a ratio",
+    f"other GPUs: the per-token part scales {1 - BANDWIDTH_SHARE:.0%} with dense bf16/fp16 TFLOP/s and "
+    f"{BANDWIDTH_SHARE:.0%} with memory bandwidth (fitted on the H100 80GB measured against the H200; "
+    "A100 and other GPUs are scaled, not measured); "
     "the fixed part (kernel launches, Python) does not scale",
     f"data parallel: {DDP_EFFICIENCY:.0%} efficiency per extra GPU; model split over GPUs: one GPU busy at a time",
     f"time adds {STARTUP_HOURS} h of start-up (image, model download, 4-bit load); prices on demand, "
     "spot as the catalog's discount range",
-    "memory: NF4 + double-quant constants, fp32 embeddings/head, LoRA with grads and 8-bit AdamW, "
+    "memory: NF4 + double-quant constants, embeddings/head and checkpointed inputs counted in fp32 (bf16 with "
+    "training.bf16_residual, so counted high: 33.4 GiB measured at 32 layers and 8 rows on an H100), "
+    "LoRA with grads and 8-bit AdamW, "
     f"checkpointed activations ({OFFLOAD_LAYERS_ON_GPU} layers' worth on the GPU with training.offload_checkpoints, "
     f"the rest pinned in host memory where it fits in {PINNED_HOST_SHARE:.0%} of {HOST_USABLE:.0%} of the instance's), then the larger of the logits' buffers and one layer's backward (its "
     f"MoE block by training.fused_moe); x{SLACK} allocator slack + {CUDA_CONTEXT_GIB} GiB CUDA context",
@@ -365,7 +385,7 @@ def evaluate(shape: Shape, inst: Instance, cfg: JobConfig, dataset_tokens: float
     strategy, need = _fit(shape, inst, cfg, rows)
     fits = strategy is not None
     tokens = rows * t.max_seq_length
-    rate = (tokens_per_second(shape, inst, tokens, strategy, t.fused_moe) * cfg.compute.instance_count
+    rate = (tokens_per_second(shape, inst, tokens, strategy, t.fused_moe, t.bf16_residual) * cfg.compute.instance_count
             if fits else None)
     hours = usd = spot = None
     if fits and dataset_tokens:

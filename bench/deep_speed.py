@@ -1,0 +1,267 @@
+"""Tokens/s at full depth (all 32 layers of a Mixtral-8x7B shape), the job's recipe against the plain
+recipe, measured directly in one process on one quantized model, repeats interleaved; and the
+numerics of each lever against the stock path at identical weights.
+
+The model: `--unique` distinct random layers (bf16, quantized in memory by transformers' own
+bitsandbytes loading, as deep_memory.py does) copied up to `--layers`: the 93 GB bf16 model
+deep_memory.py builds first does not fit an H100, and a copied layer costs the same time and
+memory as a distinct one (the same shapes; random weights route about uniformly either way).
+Each recipe is the same model switched in place, so all of them run on identical weights:
+
+- plain: transformers + PEFT as the notebooks do it: the stock MoE forward, the fp32 residual
+  stream prepare_model_for_kbit_training leaves, checkpoints on the GPU, batches of 8 examples
+  padded to the longest (attention mask), paged AdamW 8-bit;
+- ours: the job's defaults before this run: fused MoE (entrypoint/moe.py), offloaded
+  checkpoints (entrypoint/offload.py), packed rows of 2048, AdamW 8-bit;
+- ours-bf16: ours with training.bf16_residual (entrypoint.model.set_residual_dtype);
+- ours-bf16-flex: and FlexAttention, whose document mask skips the blocks across packed examples.
+
+Both recipes draw example lengths from one distribution (log-normal, median ~545 tokens, capped
+at 2048: profile_step.packed_batch); tokens/s counts real tokens only. Every step is LoRA r16 on
+`target_modules: auto`, dropout 0.05, bf16 autocast, gradient clipping; the median of steps 2+.
+
+    python bench/deep_speed.py --layers 32 --repeats 3 --steps 6 --rows 8 --extra-rows 12 --out speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from deep_memory import checkpoints, compare, lora_model, random_model  # noqa: E402
+from profile_step import packed_batch  # noqa: E402
+
+from entrypoint import model as M  # noqa: E402
+from entrypoint import moe  # noqa: E402
+
+RECIPES = {  # fused MoE, offloaded checkpoints, bf16 residual, attention
+    "plain": (False, False, False, "sdpa"),
+    "ours": (True, True, False, "sdpa"),
+    "ours-bf16": (True, True, True, "sdpa"),
+    "ours-bf16-flex": (True, True, True, "flex_attention"),
+}
+
+
+def deep_model(shape: str, layers: int, unique: int, precision: M.Precision):
+    """`layers` decoder layers: `unique` random ones, quantized, then copied in turn."""
+    model = random_model(shape, unique, precision)
+    stack = model.model.layers
+    for i in range(unique, layers):
+        layer = copy.deepcopy(stack[i % unique])
+        layer.self_attn.layer_idx = i
+        stack.append(layer)
+    model.config.num_hidden_layers = layers
+    torch.cuda.empty_cache()
+    return model
+
+
+def switch(net, recipe: str) -> None:
+    """The same model and LoRA weights, run as `recipe` says."""
+    fused, offload, bf16, attention = RECIPES[recipe]
+    for m in net.modules():
+        if hasattr(m, "_stock_forward") and not fused:
+            del m.forward, m._stock_forward  # back to the class's (stock) forward
+    if fused:
+        moe.use_fused_moe(net)
+    checkpoints(net, offload)
+    M.set_residual_dtype(net, torch.bfloat16 if bf16 else torch.float32)
+    # packed rows: transformers builds the document mask from the position ids, dense for SDPA,
+    # a BlockMask for FlexAttention (which then skips the blocks across documents)
+    net.get_base_model().set_attn_implementation(attention)
+
+
+def padded_batches(n: int, seq: int, per_batch: int = 8, seed: int = 0) -> list[dict]:
+    """The plain recipe's batches: `per_batch` examples of packed_batch's lengths, right-padded."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        lengths = [min(max(16, int(rng.lognormvariate(6.3, 0.75))), seq) for _ in range(per_batch)]
+        longest = max(lengths)
+        ids = torch.randint(3, 32000, (per_batch, longest))
+        mask = torch.tensor([[1] * k + [0] * (longest - k) for k in lengths])
+        labels = ids.masked_fill(mask == 0, -100)
+        out.append({"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": labels.cuda()})
+    return out
+
+
+def real_tokens(batch: dict) -> int:
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def measure(net, recipe: str, batches: list[dict], steps: int) -> dict:
+    import bitsandbytes as bnb
+
+    switch(net, recipe)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = (bnb.optim.PagedAdamW8bit if recipe == "plain" else bnb.optim.AdamW8bit)(params, lr=2e-4)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times, tokens = [], []
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = net(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        tokens.append(real_tokens(batch))
+    del opt
+    torch.cuda.empty_cache()
+    steady = slice(1, None) if steps > 1 else slice(None)
+    rate = sum(tokens[steady]) / sum(times[steady])  # padded batches vary: tokens over time, not a median
+    return {"recipe": recipe, "tokens_per_sec": rate, "step_s": statistics.median(times[steady]),
+            "tokens_per_step": statistics.mean(tokens[steady]), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "all_step_s": times}
+
+
+def loss_and_grads(net, recipe: str, batch: dict) -> tuple[float, torch.Tensor]:
+    switch(net, recipe)
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16):
+        loss = net(**batch).loss
+    loss.backward()
+    g = torch.cat([p.grad.flatten().float() for p in net.parameters() if p.requires_grad and p.grad is not None])
+    net.zero_grad(set_to_none=True)
+    return loss.item(), g
+
+
+def numerics(net, rows: int, seq: int, recipes=("plain", "ours", "ours-bf16")) -> dict:
+    """Each recipe's loss and LoRA gradients against the stock path's (plain's model on packed
+    rows) at identical weights and data, LoRA dropout off (the fused pass draws its masks
+    differently); stock against itself gives the GPU's noise floor."""
+    drops = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    kept = [m.p for m in drops]
+    for m in drops:
+        m.p = 0.0
+    batch = packed_batch(rows, seq)
+    try:
+        stock_loss, stock = loss_and_grads(net, "plain", batch)
+        out, grads = {"rows": rows, "stock_loss": stock_loss}, {}
+        for recipe in ("plain", *[r for r in recipes if r != "plain"]):
+            try:
+                loss, g = loss_and_grads(net, recipe, batch)
+            except Exception as e:  # noqa: BLE001 - FlexAttention may not compile here: say so
+                out[recipe] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                net.zero_grad(set_to_none=True)
+                continue
+            grads[recipe] = g
+            out["stock-again" if recipe == "plain" else recipe] = compare(stock, g) | {
+                "loss": loss, "loss_rel_diff": abs(loss - stock_loss) / abs(stock_loss)}
+        if "ours" in grads and "ours-bf16" in grads:  # the bf16 residual alone, both with the fused MoE pass
+            out["ours-bf16_vs_ours"] = compare(grads["ours"], grads["ours-bf16"])
+    finally:
+        for m, p in zip(drops, kept, strict=True):
+            m.p = p
+    return out
+
+
+def ratios(runs: list[dict], recipe: str, rows: int) -> dict:
+    per = []
+    for rep in sorted({r["repeat"] for r in runs}):
+        ok = [r for r in runs if r["repeat"] == rep and "error" not in r]
+        mine = [r for r in ok if r["recipe"] == recipe and r["rows"] == rows]
+        base = [r for r in ok if r["recipe"] == "plain"]
+        if mine and base:
+            per.append(mine[0]["tokens_per_sec"] / base[0]["tokens_per_sec"])
+    return {"median": statistics.median(per) if per else None, "min": min(per, default=None),
+            "max": max(per, default=None), "per_repeat": per}
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="mixtral-8x7b")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--unique", type=int, default=4, help="distinct random layers, copied up to --layers")
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--extra-rows", type=int, nargs="*", default=[], help="ours-bf16 at these rows too, every repeat")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--recipes", nargs="+", default=["plain", "ours", "ours-bf16"], choices=list(RECIPES))
+    ap.add_argument("--numerics-layers", type=int, nargs="*", default=[2],
+                    help="also check numerics on models this deep (distinct layers), before the timed one")
+    ap.add_argument("--budget-s", type=float, default=520, help="start no measurement after this many seconds")
+    ap.add_argument("--profile", action="store_true", help="at the end, where one ours-bf16 step's GPU time goes")
+    ap.add_argument("--out", type=Path)
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    t0 = time.time()
+    precision = M.choose_precision(torch.device("cuda"))
+    out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "args": vars(args) | {"out": str(args.out)},
+           "runs": []}
+    out["numerics"] = []
+    for layers in args.numerics_layers:  # shallow: deeper, random weights amplify any bf16 rounding (README)
+        small = lora_model(deep_model(args.shape, layers, layers, precision), True)
+        out["numerics"].append(numerics(small, min(4, args.rows), args.seq) | {"layers": layers})
+        print("numerics:", json.dumps(out["numerics"][-1]), flush=True)
+        del small
+        torch.cuda.empty_cache()
+    net = lora_model(deep_model(args.shape, args.layers, args.unique, precision), True)
+    out["build_s"] = time.time() - t0
+    print(f"{args.layers} layers ({args.unique} unique) built in {out['build_s']:.0f} s", flush=True)
+    out["numerics"].append(numerics(net, min(4, args.rows), args.seq) | {"layers": args.layers})
+    print("numerics:", json.dumps(out["numerics"][-1]), flush=True)
+    plain = padded_batches(args.steps, args.seq)
+    packed = {rows: [packed_batch(rows, args.seq)] for rows in {args.rows, *args.extra_rows}}
+
+    def save():
+        out["ratio_vs_plain"] = {f"{r}-r{n}": ratios(out["runs"], r, n) for r, n in
+                                 [(r, args.rows) for r in args.recipes if r != "plain"]
+                                 + [("ours-bf16", n) for n in args.extra_rows]}
+        if args.out:
+            args.out.write_text(json.dumps(out, indent=2))
+
+    plan = [(rep, recipe, rows) for rep in range(args.repeats)
+            for recipe, rows in [(r, args.rows) for r in args.recipes] + [("ours-bf16", n) for n in args.extra_rows]]
+    for rep, recipe, rows in plan:
+        if time.time() - t0 > args.budget_s:
+            print(f"time budget spent: skipped #{rep} {recipe} rows={rows} and after", flush=True)
+            break
+        try:
+            r = measure(net, recipe, plain if recipe == "plain" else packed[rows], args.steps)
+        except Exception as e:  # noqa: BLE001 - a larger micro-batch may not fit, flex may not compile: go on
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            print(f"#{rep} {recipe} rows={rows}: failed ({why})", flush=True)
+            out["runs"].append({"recipe": recipe, "repeat": rep, "rows": rows, "error": why})
+            torch.cuda.empty_cache()
+            continue
+        r |= {"repeat": rep, "rows": None if recipe == "plain" else rows, "layers": args.layers}
+        out["runs"].append(r)
+        print(f"#{rep} {recipe:10s} rows={r['rows']}: {r['tokens_per_sec']:7.0f} tok/s  step {r['step_s']:.3f} s  "
+              f"{r['tokens_per_step']:.0f} tok/step  peak {r['peak_gib']:.2f} GiB", flush=True)
+        save()
+    save()
+    print("ratio vs plain:", json.dumps(out["ratio_vs_plain"]), flush=True)
+    if args.profile:
+        profile(net, packed[args.rows])
+
+
+def profile(net, batches: list[dict]) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as run
+
+    with run(activities=[ProfilerActivity.CUDA]) as prof:
+        measure(net, "ours-bf16", batches, 1)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
+
+
+if __name__ == "__main__":
+    main()
