@@ -108,7 +108,7 @@ MEASURED = [
 # step measured at 32 layers, 3,458, times the entrypoint's rate over deep_memory's at 8 rows
 # (3,841 / 4,020: data loading, logging, the scheduler) = 3,304.
 H200_TOKENS_PER_S = {"stock": {2048: 1026.0, 8192: 2385.0}, "fused": {8192: 3304.0, 16384: 3841.0}}
-# training.bf16_residual (the default on bf16 GPUs), measured on an H100 80GB at 32 layers and 8 rows,
+# training.bf16_residual (opt-in, bf16 GPUs), measured on an H100 80GB at 32 layers and 8 rows,
 # the same model and step with and without it, three interleaved repeats each (bench/deep_speed.py,
 # h100-2026-12-06-deep-speed-r1.json): medians 4,149 against 3,794 tok/s. Applied to the fused
 # H200 figures above as a ratio: scaled, not measured on an H200.
@@ -184,7 +184,7 @@ def calibration() -> list[dict]:
 # --------------------------------------------------------------------------- throughput
 
 def tokens_per_second(shape: Shape, inst: Instance, tokens_per_micro_batch: int, strategy: str,
-                      fused_moe: bool = True, bf16_residual: bool = True) -> float:
+                      fused_moe: bool = True, bf16_residual: bool = False) -> float:
     """Real tokens/s for the whole job on one instance (see the module docstring)."""
     (t1, r1), (t2, r2) = sorted(H200_TOKENS_PER_S[mlp_path(shape, fused_moe)].items())
     per_token = (t2 / r2 - t1 / r1) / (t2 - t1)  # s per token, Mixtral-8x7B on an H200
