@@ -6,15 +6,31 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TINY := examples/tiny-mixtral/config.json
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-tf5 lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch 2.13.0 first: the CPU build on this machine's disk (any other request downloads CUDA).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q -e '.[train,dev]' -c .ci/tf4.txt
 	touch $(STAMP)
+
+# The second stack (HF image 2.9.0-transformers5.3.0): the entrypoint tests of the transformers 5 path.
+VENV5 := .venv-tf5
+STAMP5 := $(VENV5)/.installed-stamp
+TF5_TESTS := tests/entrypoint/test_tf5.py tests/entrypoint/test_model.py tests/entrypoint/test_moe.py \
+	tests/e2e/test_merge.py
+
+$(STAMP5): pyproject.toml .ci/tf5.txt
+	$(PY) -m venv $(VENV5)
+	$(VENV5)/bin/pip install -q --upgrade pip
+	$(VENV5)/bin/pip install -q torch==2.13.0
+	$(VENV5)/bin/pip install -q -e '.[train,dev]' -c .ci/tf5.txt
+	touch $(STAMP5)
+
+test-tf5: $(TINY) $(STAMP5)
+	$(VENV5)/bin/pytest -q $(TF5_TESTS)
 
 install: $(STAMP)
 
@@ -30,6 +46,7 @@ lint: $(STAMP)
 
 test: $(TINY) lint
 	$(BIN)/pytest -q
+	$(MAKE) test-tf5
 
 clean:
 	rm -rf runs examples/tiny-mixtral .pytest_cache
