@@ -35,7 +35,7 @@ from typing import Any
 from entrypoint import container
 from entrypoint.hyperparams import Strategy, flatten
 from entrypoint.progress import METRIC_DEFINITIONS
-from launcher import __version__
+from launcher import __version__, images
 from launcher.aws import client, is_not_found, session, split_s3, translated
 from launcher.channels import input_channels
 from launcher.config import JobConfig, job_name_for
@@ -44,7 +44,8 @@ from launcher.errors import AWSError, ConfigError, LauncherError
 from launcher.instances import catalog
 from launcher.plan import micro_batch_rows
 
-# The newest HF PyTorch training image SageMaker SDK v2 knows (2.8.0 / transformers 4.56.2).
+# The newest HF PyTorch training image SageMaker SDK v2 knows (2.8.0 / transformers 4.56.2); newer
+# ones (launcher.images) are named by URI in its registry.
 PYTORCH_VERSION = "2.8.0"
 TRANSFORMERS_VERSION = "4.56.2"
 PY_VERSION = "py312"
@@ -59,7 +60,7 @@ REQUIREMENTS = "bitsandbytes>=0.46\n"
 # list equal to the tracked entrypoint/*.py. `merge` is the merge job's module (issue 12);
 # a module of this list that is absent is left out.
 SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "data", "hyperparams", "kernels",
-                  "merge", "model", "moe", "offload", "progress", "train")
+                  "merge", "model", "moe", "offload", "progress", "train", "experts_tf5")
 SECRET_ENV = container.HF_TOKEN_SECRET
 MAX_RUNTIME_ENV = container.MAX_RUNTIME_S
 # torchrun SIGKILLs its workers 30 s after it is told to stop; the wrapper signals the
@@ -204,8 +205,7 @@ def _estimator(cfg: JobConfig, *, sm_session, source_dir: str, hyperparameters: 
     from sagemaker.huggingface import HuggingFace
 
     c = cfg.compute
-    image = {"image_uri": c.image_uri} if c.image_uri else {
-        "transformers_version": TRANSFORMERS_VERSION, "pytorch_version": PYTORCH_VERSION, "py_version": PY_VERSION}
+    image = _image(cfg, sm_session)
     environment = {container.LAUNCHER_VERSION: __version__, "PYTHONUNBUFFERED": "1", **SHUTDOWN_TIMEOUT_ENV}
     if cfg.aws.hf_token_secret:
         environment[SECRET_ENV] = cfg.aws.hf_token_secret  # the ARN, not the token
@@ -243,6 +243,23 @@ def _estimator(cfg: JobConfig, *, sm_session, source_dir: str, hyperparameters: 
         **image,
         **kwargs,
     )
+
+
+def _image(cfg: JobConfig, sm_session) -> dict:
+    """The estimator's image arguments: the versions where SDK v2's table has the image, else
+    its URI, the 4.56.2 image's registry (the same DLC account in every region) with its tag."""
+    c = cfg.compute
+    image = images.resolve(c.image)
+    if c.image_uri:  # py_version: the estimator requires it even beside an image_uri
+        return {"image_uri": c.image_uri, "py_version": image.py}
+    if image.sdk_knows:
+        return {"transformers_version": image.transformers, "pytorch_version": image.torch, "py_version": image.py}
+    from sagemaker import image_uris
+
+    known = image_uris.retrieve("huggingface", sm_session.boto_region_name, version=TRANSFORMERS_VERSION,
+                                base_framework_version=f"pytorch{PYTORCH_VERSION}", py_version=PY_VERSION,
+                                instance_type=c.instance_type, image_scope="training")
+    return {"image_uri": f"{known.rsplit(':', 1)[0]}:{image.tag}", "py_version": image.py}
 
 
 def _sm_session(cfg: JobConfig, boto_sess):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from launcher.config import JobConfig, is_job_name
 from launcher.errors import ConfigError
+from launcher.images import model_problem, resolve
 from launcher.plan import budget_problem, fit_problem
+from launcher.shapes import resolve as model_shape
 
 
 def launch_problems(cfg: JobConfig, *, local: bool = False, resume: str | None = None) -> list[tuple[str, str]]:
@@ -15,6 +17,11 @@ def launch_problems(cfg: JobConfig, *, local: bool = False, resume: str | None =
         if cfg.aws.hf_token_env:
             problems.append(("aws.hf_token_env", "is for local runs; a SageMaker job reads the token from "
                              "aws.hf_token_secret (a Secrets Manager ARN), so it never shows in DescribeTrainingJob"))
+        shape = model_shape(cfg.model.id, network=False)  # None: not local nor built in, not checked here
+        image = model_problem(resolve(cfg.compute.image), shape.model_type, shape.experts > 1) \
+            if shape is not None and not cfg.compute.image_uri else None
+        if image:
+            problems.append(("compute.image", image))
         fit = fit_problem(cfg)  # on this machine the instance type is not used
         if fit:
             problems.append(fit)
