@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 # The second stack (HF image 2.9.0-transformers5.3.0): the entrypoint tests of the transformers 5 path.
 VENV5 := .venv-tf5
 STAMP5 := $(VENV5)/.installed-stamp
-TF5_TESTS := tests/entrypoint/test_tf5.py tests/entrypoint/test_model.py tests/entrypoint/test_moe.py \
-	tests/e2e/test_merge.py
+# what differs there: the experts' loading, LoRA format, fused pass and merge (the rest of the suite runs on 4.56.2)
+TF5_TESTS := tests/entrypoint/test_tf5.py tests/e2e/test_merge.py
 
 $(STAMP5): pyproject.toml .ci/tf5.txt
 	$(PY) -m venv $(VENV5)

@@ -165,3 +165,19 @@ def test_twenty_steps_on_transformers_5_end_within_5_percent_of_transformers_4(t
     # a stack that did not train at all would still be within 5%, so the falls must agree too
     fall4, fall5 = tf4[0] - min(tf4[-3:]), tf5[0] - min(tf5[-3:])
     assert fall4 > 0.1 and abs(fall5 - fall4) <= 0.25 * fall4, (tf4, tf5)
+
+
+def test_the_tiny_model_is_saved_in_the_hubs_per_expert_layout_on_transformers_5_too(tmp_path):
+    """As the real Mixtral checkpoint: w1/w2/w3 per expert under block_sparse_moe, which
+    transformers 5 converts at load and the job reads one expert matrix at a time."""
+    from safetensors import safe_open
+
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_model.py"), str(tmp_path)], check=True,
+                   capture_output=True)
+    keys = set()
+    for shard in tmp_path.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            keys |= set(f.keys())
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in keys
+    assert sum(".experts." in k for k in keys) == 2 * 4 * 3
+    assert not any("gate_up_proj" in k or ".mlp." in k for k in keys)
