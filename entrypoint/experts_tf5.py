@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,8 +34,30 @@ from torch import nn
 
 from entrypoint import moe
 
-# model_type -> the transformers 5 module that builds the experts and the class name there
-LAYOUTS = {"mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralExperts", "MixtralPreTrainedModel")}
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a model type's experts live in transformers 5 and in the hub's checkpoints."""
+    module: str          # the transformers 5 module that builds the experts
+    experts: str         # its experts class (3D gate_up_proj and down_proj)
+    pretrained: str      # its PreTrainedModel class
+    block: str           # its sparse-MoE block class
+    hub: dict            # w1/w3/w2 -> the per-expert checkpoint name under model.layers.N.
+    num_experts: str     # config attribute names
+    intermediate: str
+
+
+LAYOUTS = {
+    "mixtral": Layout("transformers.models.mixtral.modeling_mixtral", "MixtralExperts", "MixtralPreTrainedModel",
+                      "MixtralSparseMoeBlock", {n: f"block_sparse_moe.experts.{{e}}.{n}.weight" for n in ("w1", "w3", "w2")},
+                      "num_local_experts", "intermediate_size"),
+    "qwen3_moe": Layout("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeExperts", "Qwen3MoePreTrainedModel",
+                        "Qwen3MoeSparseMoeBlock", {"w1": "mlp.experts.{e}.gate_proj.weight",
+                                                   "w3": "mlp.experts.{e}.up_proj.weight",
+                                                   "w2": "mlp.experts.{e}.down_proj.weight"},
+                        "num_experts", "moe_intermediate_size"),
+}
+BLOCKS = {layout.block for layout in LAYOUTS.values()}
 # PEFT target_parameters for the experts (PEFT matches a suffix of the parameter's full name)
 TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
 # what each 3D parameter is made of, per expert, in the hub's checkpoint names
@@ -54,9 +77,10 @@ class NF4Experts(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.num_experts = config.num_local_experts
+        self.layout = LAYOUTS[config.model_type]
+        self.num_experts = getattr(config, self.layout.num_experts)
         self.hidden_dim = config.hidden_size
-        self.intermediate_dim = config.intermediate_size
+        self.intermediate_dim = getattr(config, self.layout.intermediate)
         self.nf4 = nn.ModuleList()
         # transformers' _init_weights finds this class under MixtralExperts' name while loading
         # and would initialise gate_up_proj, which is not there yet
@@ -72,9 +96,9 @@ def weightless_experts(config):
     """While loading, the experts module of `config`'s architecture is an empty NF4Experts."""
     import importlib
 
-    module_name, class_name, model_class = LAYOUTS[config.model_type]
-    module = importlib.import_module(module_name)
-    stock, pretrained = getattr(module, class_name), getattr(module, model_class)
+    layout = LAYOUTS[config.model_type]
+    module, class_name = importlib.import_module(layout.module), layout.experts
+    stock, pretrained = getattr(module, class_name), getattr(module, layout.pretrained)
     ignored = pretrained._keys_to_ignore_on_load_unexpected
     setattr(module, class_name, NF4Experts)
     # the expert tensors are read afterwards by quantize_experts: not "unexpected" in the load report
@@ -98,7 +122,7 @@ def quantize_experts(model, source: str, dtype: torch.dtype, token: str | None =
             continue
         device = layer.mlp.gate.weight.device
         for e in range(experts.num_experts):
-            mats = {name: _read(files, i, e, name) for name in moe.PROJECTIONS}
+            mats = {name: _read(files, i, e, name, experts.layout) for name in moe.PROJECTIONS}
             experts.nf4.append(nn.ModuleDict({name: _linear4bit(w, dtype, device) for name, w in mats.items()}))
             count += len(mats)
         e, i_dim, h = experts.num_experts, experts.intermediate_dim, experts.hidden_dim
@@ -151,12 +175,12 @@ def _weight_files(source: str, token: str | None, revision: str | None) -> dict[
     return {key: fetch(file) for key, file in weight_map.items()}
 
 
-def _read(files: dict[str, Path], layer: int, expert: int, name: str) -> torch.Tensor:
+def _read(files: dict[str, Path], layer: int, expert: int, name: str, layout: Layout) -> torch.Tensor:
     """One expert matrix (out, in) from the hub's per-expert layout, or its slice of the 3D
     layout transformers 5 may have saved."""
     from safetensors import safe_open
 
-    hub = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{name}.weight"
+    hub = f"model.layers.{layer}." + layout.hub[name].format(e=expert)
     if hub in files:
         with safe_open(files[hub], "pt") as f:
             return f.get_tensor(hub)
@@ -179,7 +203,7 @@ def use_fused_moe(model) -> int:
     entrypoint.moe, LoRA read from PEFT's ParamWrappers. Returns how many blocks."""
     switched, devices = 0, set()
     for module in model.modules():
-        if type(module).__name__ == "MixtralSparseMoeBlock" and _experts(module)[0] is not None:
+        if type(module).__name__ in BLOCKS and _experts(module)[0] is not None:
             if not hasattr(module, "_stock_forward"):
                 module._stock_forward = module.forward
                 module.forward = types.MethodType(_moe_forward, module)
@@ -241,7 +265,7 @@ def _moe_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if projs is None:
         return self._stock_forward(hidden_states)
     batch, seq, hidden = hidden_states.shape
-    if self.training and self.jitter_noise > 0:
+    if self.training and getattr(self, "jitter_noise", 0) > 0:  # Mixtral's; Qwen3-MoE has none
         hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
             1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
     x = hidden_states.reshape(-1, hidden)

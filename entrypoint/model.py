@@ -27,6 +27,7 @@ LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
@@ -166,7 +167,8 @@ def lora_config(model: nn.Module, lora):
     common = dict(r=lora.r, lora_alpha=lora.alpha, bias="none", task_type="CAUSAL_LM")
     if not any(isinstance(m, experts_tf5.NF4Experts) for m in model.modules()) or isinstance(targets, str):
         return LoraConfig(lora_dropout=lora.dropout, target_modules=targets, **common)
-    experts = {"w1": "experts.gate_up_proj", "w3": "experts.gate_up_proj", "w2": "experts.down_proj"}
+    experts = {"w1": "experts.gate_up_proj", "w3": "experts.gate_up_proj", "w2": "experts.down_proj",
+               "gate_proj": "experts.gate_up_proj", "up_proj": "experts.gate_up_proj", "down_proj": "experts.down_proj"}
     params = sorted({experts[t] for t in targets if t in experts})
     return LoraConfig(lora_dropout=0.0, target_modules=[t for t in targets if t not in experts],
                       target_parameters=params, **common)

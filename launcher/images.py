@@ -42,7 +42,7 @@ NEW_IN_TRANSFORMERS5 = frozenset({
 })
 # MoE model types whose 3D experts the job quantizes itself on transformers 5 (entrypoint.experts_tf5);
 # any other MoE there would keep its experts in bf16, which the job refuses at start.
-NF4_EXPERTS_ON_TRANSFORMERS5 = frozenset({"mixtral"})
+NF4_EXPERTS_ON_TRANSFORMERS5 = frozenset({"mixtral", "qwen3_moe"})
 
 
 def default() -> Image:

@@ -181,3 +181,41 @@ def test_the_tiny_model_is_saved_in_the_hubs_per_expert_layout_on_transformers_5
     assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in keys
     assert sum(".experts." in k for k in keys) == 2 * 4 * 3
     assert not any("gate_up_proj" in k or ".mlp." in k for k in keys)
+
+
+def test_qwen3_moe_trains_on_the_same_path(tmp_path):
+    """Beyond Mixtral: Qwen3-MoE (the Qwen3-30B-A3B shape at toy width) has the same 3D experts
+    in transformers 5; its experts load as NF4, and the fused pass equals PEFT's delta there too."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False)
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path)
+    assert M.check_quantized(M.load_4bit(str(tmp_path), FP32, {"": "cpu"}, "sdpa"))["expert_matrices"] == 2 * 8 * 3
+    net = lora_net(tmp_path)
+    block = net.base_model.model.model.layers[1].mlp
+    assert hasattr(block, "_stock_forward")
+    x = torch.randn(1, 24, 64)
+    out = block(x)
+    nf4, wrappers = experts_tf5._experts(block)
+    ref = Qwen3MoeExperts(net.config)
+    for name, names in experts_tf5.PARTS.items():
+        dense = torch.stack([moe._dequantize(tuple(moe.Proj(ex[n], None, None, 0, 0) for n in names), torch.float32)
+                             for ex in nf4.nf4])
+        setattr(ref, name, torch.nn.Parameter(dense, requires_grad=False))
+        torch.nn.utils.parametrize.register_parametrization(ref, name, _Add(wrappers[name].get_delta_weight("default")))
+    _, weights, selected = block.gate(x.view(-1, 64))
+    torch.testing.assert_close(out, ref(x.view(-1, 64), selected, weights).view_as(out), rtol=1e-5, atol=1e-5)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=2e-2)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(4))
+    losses = []
+    for _ in range(5):
+        loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

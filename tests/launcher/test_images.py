@@ -46,12 +46,15 @@ def test_validate_refuses_a_model_the_chosen_image_cannot_train(job_dict, tmp_pa
     with pytest.raises(ConfigError) as err:
         validate_for_launch(newer)
     assert "needs transformers 5" in dict(err.value.problems)["compute.image"]
-    moe = load_config(job_dict, [f"model.id={model_dir(tmp_path, 'qwen3_moe', experts=8)}", "compute.image=transformers5"])
+    moe = load_config(job_dict, [f"model.id={model_dir(tmp_path, 'olmoe', experts=8)}", "compute.image=transformers5"])
     with pytest.raises(ConfigError) as err:
         validate_for_launch(moe)
     assert "does not quantize" in dict(err.value.problems)["compute.image"]
     # the same MoE on the transformers 4 image, and Mixtral on either, are fine
-    assert validate_for_launch(load_config(job_dict, [f"model.id={tmp_path / 'qwen3_moe'}", "compute.image=transformers4"]))
+    assert validate_for_launch(load_config(job_dict, [f"model.id={tmp_path / 'olmoe'}", "compute.image=transformers4"]))
+    qwen3 = load_config(job_dict, ["model.id=Qwen/Qwen3-30B-A3B", "compute.image=transformers5",
+                                   "compute.instance_type=ml.p4de.24xlarge"])
+    assert validate_for_launch(qwen3)  # its experts are quantized by the job on transformers 5 too
     for stack in ("transformers4", "transformers5"):
         assert validate_for_launch(load_config(job_dict, [f"compute.image={stack}"]))
 
