@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -191,7 +192,9 @@ def attach_lora(model, lora, training):
 
         use_offloaded_checkpoints(model)
     config = lora_config(model, lora)
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT warns on any module type it does not know, NF4Experts included
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        model = get_peft_model(model, config)
     model.config.use_cache = False
     if config.target_parameters:
         for module in model.modules():
