@@ -1,5 +1,7 @@
 # make demo: fresh clone -> a finished local training run (tiny model, CPU).
-# make test: fresh clone -> lint and the whole test suite.
+# make test: fresh clone -> lint and the whole test suite: the main venv (SageMaker SDK v2,
+# transformers 4.56.2), then the launcher again under SDK 3.x (.venv-sdk3) and the
+# transformers 5 path (.venv-tf5).
 PY ?= python3
 # CI and this project's build machines install torch 2.13.0, the CPU wheel they hold on
 # disk (asking pip for anything else there downloads GBs of CUDA wheels). It is not what a
@@ -21,16 +23,23 @@ SDK3_TESTS := tests/launcher tests/e2e/test_submit_moto.py tests/e2e/test_sdk_ma
 	--deselect tests/launcher/test_plan.py::test_tokens_are_counted_with_a_local_tokenizer_and_estimated_otherwise
 # (deselected: it counts with the tiny model's tokenizer, which needs transformers from [train])
 
-.PHONY: install demo test test-sdk3 lint clean
+# The second stack (HF image 2.9.0-transformers5.3.0): the entrypoint tests of the transformers 5 path.
+VENV5 := .venv-tf5
+STAMP5 := $(VENV5)/.installed-stamp
+# what differs there: the experts' loading, LoRA format, fused pass and merge (the rest of the suite runs on 4.56.2)
+TF5_TESTS := tests/entrypoint/test_tf5.py tests/e2e/test_merge.py
 
-$(STAMP): pyproject.toml
+.PHONY: install demo test test-main test-sdk3 test-tf5 lint clean
+
+$(STAMP): pyproject.toml .ci/tf4.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, as $(TORCH) says (see the top of this file), so that [train] keeps it.
 	$(BIN)/pip install -q $(TORCH)
 	# SDK v2 here, its range first (pip would pick 3.x); .venv-sdk3 holds the other major.
 	$(BIN)/pip install -q 'sagemaker>=2.257,<3'
-	$(BIN)/pip install -q -e '.[train,dev]'
+	# the 4.56.2 image's stack (.ci/tf4.txt): a fresh resolve of [train] would pick transformers 5
+	$(BIN)/pip install -q -e '.[train,dev]' -c .ci/tf4.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -45,7 +54,10 @@ demo: $(TINY)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(TINY) lint
+# .venv-sdk3 first: the main venv's test_sdk_majors compares its request with that venv's.
+test: lint test-main test-tf5 test-sdk3
+
+test-main: $(TINY) $(SDK3_STAMP)
 	$(BIN)/pytest -q
 
 # 3.27.0 first, then us: pip must keep it (no downgrade) and `pip check` must stay clean.
@@ -60,6 +72,16 @@ $(SDK3_STAMP): pyproject.toml
 
 test-sdk3: $(SDK3_STAMP) $(TINY)
 	$(SDK3)/bin/python -m pytest -q $(SDK3_TESTS)
+
+$(STAMP5): pyproject.toml .ci/tf5.txt
+	$(PY) -m venv $(VENV5)
+	$(VENV5)/bin/pip install -q --upgrade pip
+	$(VENV5)/bin/pip install -q $(TORCH)
+	$(VENV5)/bin/pip install -q -e '.[train,dev]' -c .ci/tf5.txt
+	touch $(STAMP5)
+
+test-tf5: $(TINY) $(STAMP5)
+	$(VENV5)/bin/pytest -q $(TF5_TESTS)
 
 clean:
 	rm -rf runs examples/tiny-mixtral .pytest_cache

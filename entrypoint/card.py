@@ -1,4 +1,5 @@
-"""The model card written beside the adapter: what was trained on what, and how it went."""
+"""The model card written beside the adapter: what was trained on what, and how it went, and
+which transformers the adapter loads on (also asked by entrypoint.merge). Torch-free."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def write_card(model_dir: Path, hp, report, history: dict, *, steps: int, runtim
         f"- runtime: {runtime_s:.0f} s",
         "",
         "## Use",
+        f"This adapter {_stack_line(model_dir)}.",
         "```python",
         "from peft import AutoPeftModelForCausalLM",
         "model = AutoPeftModelForCausalLM.from_pretrained('PATH_TO_THIS_DIRECTORY')",
@@ -52,3 +54,37 @@ def write_card(model_dir: Path, hp, report, history: dict, *, steps: int, runtim
     path.write_text("\n".join(lines))
     (model_dir / "training_history.json").write_text(json.dumps(history))
     return path
+
+
+def _stack_line(model_dir: Path) -> str:
+    """Which transformers the adapter loads on (saved beside this card as adapter_config.json)."""
+    config = model_dir / "adapter_config.json"
+    return adapter_stack(json.loads(config.read_text()) if config.is_file() else {})[1]
+
+
+def adapter_stack(adapter_config: dict) -> tuple[int | None, str]:
+    """(transformers major the adapter needs, or None for either; the card's line). An
+    adapter on MoE experts is bound to the layout it was trained on: per-expert w1/w2/w3
+    modules (transformers 4) or 3D gate_up_proj/down_proj parameters (transformers 5)."""
+    modules = adapter_config.get("target_modules") or []
+    modules = [modules] if isinstance(modules, str) else list(modules)
+    if any(p.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj") for p in adapter_config.get("target_parameters") or []):
+        return 5, ("needs transformers 5.x and peft >= 0.18 (its expert LoRA is on the 3D gate_up_proj/down_proj "
+                   "parameters, through peft's target_parameters)")
+    if any(m in ("w1", "w2", "w3") for m in modules):
+        return 4, ("needs transformers 4.x (its expert LoRA is on the per-expert w1/w2/w3 modules, which "
+                   "transformers 5 does not have)")
+    return None, "loads on transformers 4.56+ and 5.x alike"
+
+
+def stack_mismatch(adapter_config: dict) -> str | None:
+    """One line when the adapter cannot load on this transformers; None when it can."""
+    import transformers
+
+    needs, why = adapter_stack(adapter_config)
+    major = int(transformers.__version__.split(".")[0])
+    if needs is None or needs == major:
+        return None
+    image = "2.9.0-transformers5.3.0" if needs == 5 else "2.8.0-transformers4.56.2"
+    return (f"this adapter {why}, and this is transformers {transformers.__version__}: merge it on the "
+            f"huggingface-pytorch-training:{image} image (compute.image) or with transformers {needs}.x")

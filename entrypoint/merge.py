@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from entrypoint import container
+from entrypoint.card import adapter_stack, stack_mismatch
 from entrypoint.hyperparams import unflatten
 from entrypoint.progress import emit
 from entrypoint.train import (  # one way to fail, one token rule
@@ -91,6 +92,9 @@ def merge(spec: MergeSpec) -> Path:
 
     adapter, out = Path(spec.adapter), Path(spec.out)
     lora = read_adapter_config(adapter)
+    mismatch = stack_mismatch(lora)
+    if mismatch:
+        raise BadInput(mismatch)
     if spec.base.startswith(("/", ".", "~")) and not (Path(spec.base).expanduser() / "config.json").is_file():
         raise BadInput(f"base model {spec.base} is not a model directory (no config.json)")
     dtype, dtype_name, device_map, why = choose_dtype(spec.dtype)
@@ -183,6 +187,7 @@ def write_card(directory: Path, spec: MergeSpec, lora: dict, dtype_name: str) ->
         f"- adapter job: {spec.adapter_job or 'unknown'}",
         f"- training data: {spec.data or 'unknown'}",
         f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, targets: {targets}",
+        f"- the adapter {adapter_stack(lora)[1]}; merged, the model loads on transformers {_version()}+",
         f"- weights: {dtype_name} safetensors",
         "",
         "## Use",
@@ -196,6 +201,12 @@ def write_card(directory: Path, spec: MergeSpec, lora: dict, dtype_name: str) ->
     path = directory / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 # --------------------------------------------------------------------------- the two ways in

@@ -2,19 +2,23 @@
 
 - precision: bf16 where the GPU has it, fp16 on V100/T4, fp32 on CPU (local runs);
 - `check_quantized` proves every large linear layer, MoE experts included, is really
-  4-bit: transformers 5.x stores Mixtral experts as fused 3D parameters that
-  bitsandbytes leaves in bf16 (about 90 GB for Mixtral-8x7B), which must never pass
-  silently;
+  4-bit: transformers 5.x stores MoE experts as fused 3D parameters that bitsandbytes
+  leaves in bf16 (about 90 GB for Mixtral-8x7B); the job quantizes Mixtral's itself
+  (entrypoint.experts_tf5), and any other 3D weight left in 16/32-bit fails the check;
 - LoRA targets per architecture when `target_modules: auto`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from entrypoint import experts_tf5
 
 # Per model_type: attention plus MLP / expert projections. Mixtral's router is also named
 # `gate`, so its experts are named by w1/w2/w3 and the router is left alone.
@@ -24,6 +28,7 @@ LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
@@ -65,12 +70,17 @@ def load_4bit(source: str, precision: Precision, device_map, attn: str, token: s
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(source, token=token, revision=revision, trust_remote_code=trust_remote_code)
-    return AutoModelForCausalLM.from_pretrained(
-        source, quantization_config=quantization(config, precision, skip_modules), dtype=precision.dtype,
-        device_map=device_map,
-        attn_implementation=attn, token=token, revision=revision, trust_remote_code=trust_remote_code,
-        low_cpu_mem_usage=True,
-    )
+    fused = experts_tf5.applies(config)
+    with experts_tf5.weightless_experts(config) if fused else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(
+            source, quantization_config=quantization(config, precision, skip_modules), dtype=precision.dtype,
+            device_map=device_map,
+            attn_implementation=attn, token=token, revision=revision, trust_remote_code=trust_remote_code,
+            low_cpu_mem_usage=True,
+        )
+    if fused:
+        experts_tf5.quantize_experts(model, source, precision.dtype, token=token, revision=revision)
+    return model
 
 
 def quantization(config, precision: Precision, skip_modules: list[str] | None = None):
@@ -103,22 +113,25 @@ def router_names(config) -> list[str]:
 def check_quantized(model: nn.Module) -> dict[str, int]:
     """Every linear layer but the output head and the MoE routers must be bitsandbytes
     4-bit, and no 3D+ weight (fused experts) may stay in 16/32-bit. Raises QuantizationError
-    naming the layers and the bytes they hold."""
+    naming the layers and the bytes they hold. Returns the 4-bit layer count, and for an MoE
+    model `experts="nf4"` and how many expert matrices (w1, w3, w2 of every expert) are 4-bit."""
     import bitsandbytes as bnb
 
     output = model.get_output_embeddings()
     num_experts = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)
-    quantized, offenders, offender_bytes = 0, [], 0
+    quantized, expert_matrices, offenders, offender_bytes = 0, 0, [], 0
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
             quantized += 1
+            expert_matrices += ".experts." in f".{name}."
         elif isinstance(module, nn.Linear) and module is not output:
             is_router = num_experts is not None and module.out_features == num_experts
             if not is_router:
                 offenders.append(name)
                 offender_bytes += module.weight.numel() * module.weight.element_size()
         for pname, param in module.named_parameters(recurse=False):
-            if param.ndim >= 3 and not isinstance(param, bnb.nn.Params4bit):
+            if param.ndim >= 3 and not isinstance(param, bnb.nn.Params4bit) \
+                    and not experts_tf5.is_placeholder(module, pname):
                 offenders.append(f"{name}.{pname}" if name else pname)
                 offender_bytes += param.numel() * param.element_size()
     if offenders:
@@ -128,17 +141,38 @@ def check_quantized(model: nn.Module) -> dict[str, int]:
         raise QuantizationError(
             f"{len(offenders)} large weights are not 4-bit ({_size(offender_bytes)} unquantized): {shown}. "
             f"transformers {transformers.__version__}: 5.x stores MoE experts as fused 3D parameters that "
-            "bitsandbytes does not quantize; use transformers 4.x (the HF training image ships 4.56.2)"
+            f"bitsandbytes does not quantize, and the job quantizes them itself only for "
+            f"{', '.join(experts_tf5.LAYOUTS)}; use transformers 4.x (the HF training image 2.8.0-transformers4.56.2)"
         )
     if quantized == 0:
         raise QuantizationError("no layer was quantized to 4-bit; is bitsandbytes working on this device?")
-    return {"linear4bit": quantized}
+    if num_experts is None:
+        return {"linear4bit": quantized}
+    return {"linear4bit": quantized, "experts": "nf4", "expert_matrices": expert_matrices}
 
 
 def lora_targets(model: nn.Module, requested) -> list[str] | str:
     if requested == "auto":
         return LORA_TARGETS.get(model.config.model_type, "all-linear")
     return requested
+
+
+def lora_config(model: nn.Module, lora):
+    """PEFT's LoraConfig for `model`. With the experts as 3D parameters (transformers 5),
+    w1/w3 and w2 are targeted as PEFT 0.18 does it on a stock model (`target_parameters`
+    gate_up_proj and down_proj), so the adapter loads there; PEFT refuses LoRA dropout on a
+    parameter, so the experts train without it and the dropout is set on the modules after."""
+    from peft import LoraConfig
+
+    targets = lora_targets(model, lora.target_modules)
+    common = dict(r=lora.r, lora_alpha=lora.alpha, bias="none", task_type="CAUSAL_LM")
+    if not any(isinstance(m, experts_tf5.NF4Experts) for m in model.modules()) or isinstance(targets, str):
+        return LoraConfig(lora_dropout=lora.dropout, target_modules=targets, **common)
+    experts = {"w1": "experts.gate_up_proj", "w3": "experts.gate_up_proj", "w2": "experts.down_proj",
+               "gate_proj": "experts.gate_up_proj", "up_proj": "experts.gate_up_proj", "down_proj": "experts.down_proj"}
+    params = sorted({experts[t] for t in targets if t in experts})
+    return LoraConfig(lora_dropout=0.0, target_modules=[t for t in targets if t not in experts],
+                      target_parameters=params, **common)
 
 
 def attach_lora(model, lora, training):
@@ -148,7 +182,7 @@ def attach_lora(model, lora, training):
     layer with less memory than the stock path, bench/README.md); training.offload_checkpoints
     keeps checkpointed layer inputs in host memory (entrypoint.offload); training.bf16_residual
     keeps the residual stream in bf16 where the model was loaded in bf16 (set_residual_dtype)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     loaded = model.get_input_embeddings().weight.dtype
     model = prepare_model_for_kbit_training(
@@ -161,12 +195,18 @@ def attach_lora(model, lora, training):
         from entrypoint.offload import use_offloaded_checkpoints
 
         use_offloaded_checkpoints(model)
-    config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", task_type="CAUSAL_LM",
-        target_modules=lora_targets(model, lora.target_modules),
-    )
-    model = get_peft_model(model, config)
+    config = lora_config(model, lora)
+    with warnings.catch_warnings():  # PEFT warns on any module type it does not know, NF4Experts included
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        model = get_peft_model(model, config)
     model.config.use_cache = False
+    if config.target_parameters:
+        for module in model.modules():
+            if "default" in getattr(module, "lora_dropout", {}) and not hasattr(module, "parameter_name"):
+                module.lora_dropout["default"] = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()
+    # NF4Experts run only the fused pass: PEFT's own forward on them would add its LoRA
+    # delta to the one-element stand-in parameters
+    experts_tf5.use_fused_moe(model)
     if training.fused_moe:
         from entrypoint.moe import use_fused_moe
 
@@ -198,6 +238,8 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) with 4-bit weights counted as the parameters they stand for."""
     trainable = total = 0
     for p in model.parameters():
+        if getattr(p, "nf4_experts", False):
+            continue  # a stand-in: its experts are counted as the Linear4bit layers they are
         n = p.numel()
         if p.__class__.__name__ == "Params4bit":
             n *= 2  # two 4-bit values per stored byte

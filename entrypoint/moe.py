@@ -113,6 +113,12 @@ def _moe_forward(self, hidden_states: torch.Tensor):
     weights = F.softmax(router_logits, dim=1, dtype=torch.float)
     weights, selected = torch.topk(weights, self.top_k, dim=-1)
     weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+    return run_experts(x, weights, selected, plan).view(batch, seq, hidden), router_logits
+
+
+def run_experts(x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, plan: list[list[Proj]]):
+    """The experts' weighted sum for tokens x (tokens, hidden) routed to `selected` with
+    `weights` (tokens, top_k): the one kernel path both transformers layouts run."""
     device = x.device.type
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     params = [t for projs in plan for p in projs for t in (p.lora_a, p.lora_b)]
@@ -123,8 +129,7 @@ def _moe_forward(self, hidden_states: torch.Tensor):
     # No dropout (evaluation), no draw: evaluating must not move the training run's RNG.
     dropping = any(p.dropout > 0 for projs in plan for p in projs)
     seed = int(torch.randint(0, 2**30, (1,)).item()) if dropping else 0
-    out = _Experts.apply(x, weights, selected, (plan, compute, backward, seed), *params)
-    return out.view(batch, seq, hidden), router_logits
+    return _Experts.apply(x, weights, selected, (plan, compute, backward, seed), *params)
 
 
 def _dequantize(projs: tuple[Proj, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -472,9 +472,10 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
     peft_model = models.attach_lora(base, hp.lora, hp.training.model_copy(update={"offload_checkpoints": offload}))
     trainable, total = models.parameter_counts(peft_model)
     moe_path = describe_moe(peft_model)
-    ctx.say("model", linear4bit=quant["linear4bit"], trainable=trainable, total=total,
+    lora = peft_model.peft_config["default"]
+    ctx.say("model", **quant, trainable=trainable, total=total,  # quant: experts=nf4 expert_matrices=N on MoE
             trainable_pct=f"{100 * trainable / total:.3f}",
-            targets=",".join(peft_model.peft_config["default"].target_modules),
+            targets=",".join([*lora.target_modules, *(lora.target_parameters or [])]),
             checkpoints=describe_checkpoints(peft_model),
             **({"moe": moe_path.replace(" ", "_")} if moe_path else {}))
     net = peft_model

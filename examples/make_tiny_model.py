@@ -66,7 +66,8 @@ def build_model(out: Path, vocab_size: int, bos: int, eos: int) -> None:
         bos_token_id=bos, eos_token_id=eos, torch_dtype="float32",
     )
     # Two shards, as real checkpoints come: loading them is what draws transformers' tqdm bar,
-    # which the job must keep out of its log.
+    # which the job must keep out of its log. Either transformers writes the hub's per-expert
+    # layout (block_sparse_moe.experts.N.w1/w2/w3): 5.x converts its 3D experts back on save.
     MixtralForCausalLM(config).save_pretrained(out, safe_serialization=True, max_shard_size="1MB")
 
 

@@ -105,6 +105,7 @@ def render_plan(plan: Plan) -> None:
     console = rich_console()
     tokens = f"{plan.dataset_tokens:,.0f}" if plan.dataset_tokens else "?"
     console.print(f"[bold]{plan.model}[/bold]  shape: {plan.shape_source}")
+    console.print(f"image: {plan.image}")
     console.print(f"dataset: {tokens} tokens ({plan.tokens_source}) x {plan.epochs} epoch(s); "
                   f"{plan.tokens_per_micro_batch} tokens per micro-batch on {plan.configured}")
     if plan.max_cost_usd is not None:

@@ -40,6 +40,7 @@ from pydantic import (
 from entrypoint.hyperparams import HUB_ID_PATTERN, Hyperparameters, StrategyChoice, Strict
 from launcher.datafiles import DATA_SUFFIXES, column_problems
 from launcher.errors import ConfigError
+from launcher.images import resolve as resolve_image
 from launcher.instances import catalog
 
 # The unique suffix a launch adds to job_name; SageMaker's TrainingJobName is at most 63.
@@ -105,11 +106,20 @@ class ComputeSpec(Strict):
     max_run_hours: float = Field(24, gt=0, le=672)  # SageMaker's limit is 28 days
     max_wait_hours: float | None = Field(None, gt=0, le=672)
     volume_size_gb: int = Field(200, ge=1, le=16384)
+    # the HF training image by name (2.9.0-transformers5.3.0) or stack (transformers5); auto: the
+    # newest whose path was measured on a GPU (launcher.images); image_uri overrides it
+    image: str = "auto"
     image_uri: str | None = None  # override the pinned HF training image
     # A budget: MaxRuntimeInSeconds becomes this over the on-demand price of the instances,
     # and a plan whose estimate is above it is refused.
     max_cost_usd: float | None = Field(None, gt=0)
     strategy: StrategyChoice = "auto"  # auto: the plan decides (launcher.plan.choose_strategy)
+
+    @field_validator("image")
+    @classmethod
+    def _known_image(cls, v: str) -> str:
+        resolve_image(v)  # ValueError naming the choices
+        return v
 
     @field_validator("instance_type")
     @classmethod

@@ -7,10 +7,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# The HF PyTorch training image both SDK majors know (v2's table stops at transformers 4.56.2).
-PYTORCH_VERSION = "2.8.0"
-TRANSFORMERS_VERSION = "4.56.2"
-PY_VERSION = "py312"
+from launcher.images import IMAGES, Image
+
+# The HF PyTorch training image both SDK majors know (v2's table stops at transformers 4.56.2):
+# a newer image (launcher.images) is named by URI, its tag in this image's registry (the same DLC
+# account in every region), so that both majors send the same TrainingImage.
+KNOWN = IMAGES[0]
+PYTORCH_VERSION = KNOWN.torch
+TRANSFORMERS_VERSION = KNOWN.transformers
+PY_VERSION = KNOWN.py
 
 
 @dataclass(frozen=True)
@@ -19,7 +24,8 @@ class JobSpec:
     region: str
     role: str
     bucket: str  # output.s3_uri's bucket: an SDK session never derives one through STS
-    image_uri: str | None  # None: the HF training image of the versions above
+    image_uri: str | None  # compute.image_uri, an own image; None: `image` below
+    image: Image  # compute.image: the HF training image (launcher.images)
     instance_type: str
     instance_count: int
     volume_size_gb: int
@@ -58,3 +64,14 @@ def _no_troubleshooting_link(record) -> bool:
     """The SDK logs a link of its own beside every refused CreateTrainingJob; the refusal
     itself reaches the user once, as our AWSError with its hint."""
     return not str(record.msg).startswith("Please check the troubleshooting guide")
+
+
+def training_image(spec: JobSpec, known_uri) -> str | None:
+    """TrainingImage where the SDK cannot name it from its own table: an own image, or an HF image
+    newer than KNOWN (its tag in KNOWN's registry; `known_uri()` is the SDK's URI for KNOWN).
+    None: the SDK names KNOWN itself."""
+    if spec.image_uri:
+        return spec.image_uri
+    if spec.image == KNOWN:
+        return None
+    return f"{known_uri().rsplit(':', 1)[0]}:{spec.image.tag}"

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from entrypoint.data import chat_messages
 from entrypoint.hyperparams import PINNED_HOST_SHARE, Strategy, offload_fits_host
+from launcher import images
 from launcher.config import JobConfig
 from launcher.datafiles import READERS, RowError, have_pyarrow
 from launcher.errors import ConfigError
@@ -317,6 +318,7 @@ class Plan:
     prices_read: str = ""
     max_cost_usd: float | None = None       # compute.max_cost_usd
     max_runtime_hours: float | None = None  # what the cap leaves as MaxRuntime
+    image: str = ""                         # the training image and what it ships (launcher.images)
 
     @property
     def chosen(self) -> Row:
@@ -429,7 +431,8 @@ def make_plan(cfg: JobConfig, dataset_tokens: float | None = None, network: bool
                 tokens_per_micro_batch=configured.rows_per_micro_batch * cfg.training.max_seq_length,
                 configured=cfg.compute.instance_type, instance_count=cfg.compute.instance_count, rows=rows,
                 prices_read=catalog().prices_read, max_cost_usd=cfg.compute.max_cost_usd,
-                max_runtime_hours=budget_runtime_s(cfg) / 3600 if cfg.compute.max_cost_usd else None)
+                max_runtime_hours=budget_runtime_s(cfg) / 3600 if cfg.compute.max_cost_usd else None,
+                image=cfg.compute.image_uri or images.describe(images.resolve(cfg.compute.image)))
 
 
 def budget_runtime_s(cfg: JobConfig) -> int | None:

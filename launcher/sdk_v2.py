@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import os
 
-from launcher.job_spec import PY_VERSION, PYTORCH_VERSION, TRANSFORMERS_VERSION, JobSpec, quiet_sdk_logging
+from launcher.job_spec import (
+    PY_VERSION,
+    PYTORCH_VERSION,
+    TRANSFORMERS_VERSION,
+    JobSpec,
+    quiet_sdk_logging,
+    training_image,
+)
 
 os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
 
@@ -34,6 +41,14 @@ def _session(spec: JobSpec, boto_sess):
     )
 
 
+def _known_uri(spec: JobSpec) -> str:
+    from sagemaker import image_uris
+
+    return image_uris.retrieve("huggingface", spec.region, version=TRANSFORMERS_VERSION, py_version=PY_VERSION,
+                               base_framework_version=f"pytorch{PYTORCH_VERSION}", instance_type=spec.instance_type,
+                               image_scope="training")
+
+
 def create_training_job(spec: JobSpec, boto_sess) -> None:
     """CreateTrainingJob through `HuggingFace(...).fit()`, on `boto_sess`'s clients."""
     quiet_sdk_logging()
@@ -41,7 +56,8 @@ def create_training_job(spec: JobSpec, boto_sess) -> None:
 
     # py_version even with an own image: the Estimator requires it (without, compute.image_uri
     # failed with a TypeError before anything was sent)
-    image = {"image_uri": spec.image_uri} if spec.image_uri else {
+    uri = training_image(spec, lambda: _known_uri(spec))
+    image = {"image_uri": uri} if uri else {
         "transformers_version": TRANSFORMERS_VERSION, "pytorch_version": PYTORCH_VERSION}
     kwargs = {}
     if spec.max_wait_s is not None:

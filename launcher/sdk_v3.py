@@ -26,7 +26,14 @@ import json
 import logging
 import os
 
-from launcher.job_spec import PY_VERSION, PYTORCH_VERSION, TRANSFORMERS_VERSION, JobSpec, quiet_sdk_logging
+from launcher.job_spec import (
+    PY_VERSION,
+    PYTORCH_VERSION,
+    TRANSFORMERS_VERSION,
+    JobSpec,
+    quiet_sdk_logging,
+    training_image,
+)
 
 TELEMETRY_OFF = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
 
@@ -46,13 +53,18 @@ def toolkit_hyperparameters(spec: JobSpec) -> dict[str, str]:
     return {k: json.dumps(v) for k, v in (spec.hyperparameters | toolkit).items()}
 
 
-def image_uri(spec: JobSpec) -> str:
+def _known_uri(spec: JobSpec) -> str:
     from sagemaker.core import image_uris
 
-    return spec.image_uri or image_uris.retrieve(
+    return image_uris.retrieve(
         framework="huggingface", region=spec.region, version=TRANSFORMERS_VERSION, py_version=PY_VERSION,
         base_framework_version=f"pytorch{PYTORCH_VERSION}", instance_type=spec.instance_type,
         image_scope="training")
+
+
+def image_uri(spec: JobSpec) -> str:
+    """v3's table has newer images too; the tag in KNOWN's registry keeps the request v2's."""
+    return training_image(spec, lambda: _known_uri(spec)) or _known_uri(spec)
 
 
 @contextlib.contextmanager

@@ -90,12 +90,15 @@ BUILT_IN: dict[str, Shape] = {
                         kv_heads=4),
     "qwen2.5-72b": Shape("Qwen2.5-72B", "qwen2", vocab=152064, hidden=8192, intermediate=29568, layers=80, heads=64,
                          kv_heads=8),
+    # 128 experts of moe_intermediate_size 768, 8 per token (the job runs it on the transformers 5 image)
+    "qwen3-30b-a3b": Shape("Qwen3-30B-A3B", "qwen3_moe", vocab=151936, hidden=2048, intermediate=768, layers=48,
+                           heads=32, kv_heads=4, experts=128, experts_per_token=8, head_dim=128),
 }
 # hub-id spellings -> table key (searched in the lower-cased id)
 ALIASES = [
     (r"mixtral-8x22b", "mixtral-8x22b"), (r"mixtral-8x7b", "mixtral-8x7b"), (r"mistral-7b", "mistral-7b"),
     (r"llama-3(\.\d)?-70b", "llama-3-70b"), (r"llama-3(\.\d)?-8b", "llama-3-8b"),
-    (r"qwen2\.5-72b", "qwen2.5-72b"), (r"qwen2\.5-7b", "qwen2.5-7b"),
+    (r"qwen2\.5-72b", "qwen2.5-72b"), (r"qwen2\.5-7b", "qwen2.5-7b"), (r"qwen3-30b-a3b", "qwen3-30b-a3b"),
 ]
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from entrypoint import container
 from entrypoint.hyperparams import Strategy, flatten
 from entrypoint.progress import METRIC_DEFINITIONS
-from launcher import sdk_v2, sdk_v3
+from launcher import images, sdk_v2, sdk_v3
 from launcher.api_limits import job_environment, launcher_tags, max_wait_s, runtime_s
 from launcher.aws import client, is_not_found, session, split_s3, translated
 from launcher.channels import input_channels
@@ -49,7 +49,7 @@ REQUIREMENTS = "bitsandbytes>=0.46\n"
 # list equal to the tracked entrypoint/*.py. `merge` is the merge job's module (issue 12);
 # a module of this list that is absent is left out.
 SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "data", "hyperparams", "kernels",
-                  "merge", "model", "moe", "offload", "progress", "stopping", "train")
+                  "merge", "model", "moe", "offload", "progress", "stopping", "train", "experts_tf5")
 REDACTED = "***redacted***"
 SENSITIVE = ("TOKEN", "SECRET_VALUE", "PASSWORD", "API_KEY", "ACCESS_KEY")
 
@@ -177,7 +177,7 @@ def job_spec(cfg: JobConfig, *, name: str, strategy: str, hyperparameters: dict,
     max_wait = max_wait_s(cfg, max_run) if c.spot else None
     return JobSpec(
         name=name, region=cfg.aws.region, role=cfg.aws.role, bucket=split_s3(cfg.output.s3_uri)[0],
-        image_uri=c.image_uri, instance_type=c.instance_type, instance_count=c.instance_count,
+        image_uri=c.image_uri, image=images.resolve(c.image), instance_type=c.instance_type, instance_count=c.instance_count,
         volume_size_gb=c.volume_size_gb, max_run_s=max_run, max_wait_s=max_wait, source_dir=source_dir,
         entry_script=ENTRY_SCRIPT, hyperparameters=hyperparameters,
         distributed=strategy == "ddp",  # ddp: one process per GPU through torchrun; the others one process

@@ -7,6 +7,7 @@ from __future__ import annotations
 from launcher.api_limits import preview_request, request_problems
 from launcher.config import JobConfig, is_job_name
 from launcher.errors import ConfigError
+from launcher.images import model_problem, resolve
 from launcher.instances import catalog
 from launcher.plan import (
     budget_problem,
@@ -16,6 +17,7 @@ from launcher.plan import (
     micro_batch_rows,
     runtime_floor_problem,
 )
+from launcher.shapes import resolve as model_shape
 
 
 def launch_problems(cfg: JobConfig, *, local: bool = False, resume: str | None = None) -> list[tuple[str, str]]:
@@ -53,6 +55,10 @@ def sagemaker_problems(cfg: JobConfig, resume: str | None) -> list[tuple[str, st
                          "aws.hf_token_secret (a Secrets Manager ARN), so it never shows in DescribeTrainingJob"))
     if missing := missing_sections(cfg):
         return missing + problems
+    shape = model_shape(cfg.model.id, network=False)  # None: not local nor built in, not checked here
+    if shape is not None and not cfg.compute.image_uri and (
+            image := model_problem(resolve(cfg.compute.image), shape.model_type, shape.experts > 1)):
+        problems.append(("compute.image", image))
     fit, floor = fit_problem(cfg), runtime_floor_problem(cfg)
     problems += [p for p in (fit, floor) if p]
     if not (fit or floor) and (budget := budget_problem(cfg)):

@@ -88,6 +88,7 @@ def test_progress_lines_follow_the_spec_and_the_loss_falls(finished):
     # no GPU here, so its SwiGLU took the torch path; checkpointed layer inputs were kept in host
     # memory (training.offload_checkpoints defaults to true)
     assert re.search(r"^\[model\] linear4bit=\d+ .* checkpoints=host moe=fused-torch$", log, re.M), log[:2000]
+    assert re.search(r"^\[model\] linear4bit=32 experts=nf4 expert_matrices=24 ", log, re.M)  # 2 layers x 4 x w1/w3/w2
     p = progress_of(finished)
     losses = [loss for _, loss in p.train_loss]
     assert losses[-1] < losses[0] - 0.05, losses

@@ -33,6 +33,7 @@ torch.save({"logits": logits, "class": type(model).__name__,
 """
 
 IDS = [[1, 17, 200, 45, 999, 3, 64, 1500, 7, 2]]
+TF_MAJOR = int(pytest.importorskip("transformers").__version__.split(".")[0])
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,13 @@ def adapter(tiny_model, tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+    # the experts as the job's adapter targets them on this stack: w1/w2/w3 modules on
+    # transformers 4, the 3D parameters on transformers 5 (PEFT's target_parameters)
+    experts = {"target_modules": ["w1", "w2", "w3"]} if TF_MAJOR < 5 else {
+        "target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
+                        **{**experts, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                         *experts["target_modules"]]})
     model = get_peft_model(base, config)
     out = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(out)
@@ -87,6 +93,7 @@ def test_merged_model_equals_base_plus_adapter_and_needs_no_peft(tiny_model, ada
     assert any(n.endswith(".safetensors") for n in names) and "adapter_config.json" not in names
     card = (out / "README.md").read_text()
     assert f"base_model: {tiny_model}" in card
+    assert f"the adapter needs transformers {TF_MAJOR}.x" in card
     assert "tiny-medical-20261129-101500" in card and "examples/data/medical.jsonl" in card
     assert not list(tmp_path.glob(".*partial*")), "the staging directory was left behind"
 
@@ -122,6 +129,31 @@ def test_a_failed_merge_leaves_nothing_and_an_existing_model_is_not_overwritten(
     with pytest.raises(BadInput, match="not empty"):
         merge(MergeSpec(adapter=str(adapter), base=str(tiny_model), out=str(busy)))
     assert (busy / "model.safetensors").read_text() == "someone's model"
+
+
+def test_an_adapter_of_the_other_transformers_stack_is_refused_in_one_line(adapter, tiny_model, tmp_path):
+    """Expert LoRA is bound to its layout: per-expert w1/w2/w3 modules (transformers 4) or
+    3D parameters (transformers 5); the merge says which image to use, before loading anything."""
+    import shutil
+
+    from entrypoint.card import adapter_stack
+    from entrypoint.merge import BadInput
+
+    other = tmp_path / "other-stack"
+    shutil.copytree(adapter, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    assert adapter_stack(config)[0] == TF_MAJOR
+    if TF_MAJOR < 5:
+        config.update(target_modules=["q_proj", "v_proj"], target_parameters=["experts.gate_up_proj"])
+    else:
+        config.update(target_modules=["q_proj", "w1", "w2", "w3"], target_parameters=None)
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput) as err:
+        merge(MergeSpec(adapter=str(other), base=str(tiny_model), out=str(tmp_path / "m")))
+    message = str(err.value)
+    assert "\n" not in message and f"needs transformers {5 if TF_MAJOR < 5 else 4}.x" in message
+    assert ("2.9.0-transformers5.3.0" if TF_MAJOR < 5 else "2.8.0-transformers4.56.2") in message
+    assert not (tmp_path / "m").exists()
 
 
 # --------------------------------------------------------------------------- the launcher's side

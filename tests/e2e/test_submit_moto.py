@@ -194,6 +194,20 @@ def test_dry_run_prints_the_request_and_sends_nothing(monkeypatch, capsys, job_d
     assert not any("token" in k.lower() for k in req["HyperParameters"])
 
 
+def test_the_transformers5_image_is_named_by_uri_in_the_registry_of_the_sdks_images(monkeypatch, capsys, job_dict,
+                                                                                    tmp_path):
+    """SDK v2's table stops at transformers 4.56.2: the 5.3.0 image goes by URI, same account."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    cfg = tmp_path / "job.json"
+    cfg.write_text(json.dumps(job_dict | {"compute": job_dict["compute"] | {"image": "transformers5"}}))
+    assert main(["launch", str(cfg), "--dry-run", "--output", "json"]) == 0
+    image = json.loads(capsys.readouterr().out)["request"]["AlgorithmSpecification"]["TrainingImage"]
+    assert image == ("763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-training:"
+                     "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04")
+
+
 def test_hf_token_env_is_refused_for_sagemaker_jobs(aws, job_dict):
     job_dict["aws"]["hf_token_env"] = "HF_TOKEN"
     assert main_json(job_dict) == 2

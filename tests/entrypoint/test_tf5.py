@@ -1,0 +1,221 @@
+"""The job on transformers 5 (HF image 2.9.0-transformers5.3.0): Mixtral's experts in NF4,
+quantized by the job from the hub's per-expert layout, LoRA on them in PEFT 0.18's format,
+trained by the fused MoE pass. Runs in the second venv (`make test-tf5`, .venv-tf5); the
+main venv (transformers 4.56.2) has nothing to run here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+if int(transformers.__version__.split(".")[0]) < 5:
+    pytest.skip("the transformers 5 path: run by `make test-tf5` in .venv-tf5", allow_module_level=True)
+
+from entrypoint import experts_tf5, moe  # noqa: E402
+from entrypoint import model as M  # noqa: E402
+from entrypoint.hyperparams import LoraSpec, TrainingSpec  # noqa: E402
+from tests.conftest import ROOT  # noqa: E402
+
+FP32 = M.Precision(torch.float32, "fp32", "test")
+TF4_PYTHON = ROOT / ".venv" / "bin" / "python"
+# The same 20 steps on either stack: same data, seed, rank; prints the losses as JSON.
+TWENTY_STEPS = """
+import json, sys, torch
+from entrypoint import model as M
+from entrypoint.hyperparams import LoraSpec, TrainingSpec
+torch.manual_seed(0)
+base = M.load_4bit(sys.argv[1], M.Precision(torch.float32, "fp32", "t"), {"": "cpu"}, "sdpa")
+net = M.attach_lora(base, LoraSpec(r=8, alpha=16, dropout=0.0, target_modules="auto"), TrainingSpec())
+opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=2e-2)
+g = torch.Generator().manual_seed(2)
+data = [torch.randint(0, 64, (4, 64), generator=g) for _ in range(4)]  # a small vocabulary: learnable
+losses = []
+net.train()
+for step in range(20):
+    ids = data[step % 4]
+    loss = net(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(loss.item())
+print(json.dumps(losses))
+"""
+
+
+def lora_net(tiny_model, r: int = 4):
+    torch.manual_seed(0)
+    base = M.load_4bit(str(tiny_model), FP32, {"": "cpu"}, "sdpa")
+    net = M.attach_lora(base, LoraSpec(r=r, alpha=2 * r, dropout=0.0, target_modules="auto"), TrainingSpec())
+    g = torch.Generator().manual_seed(1)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; non-zero B exercises every LoRA gradient
+            p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p)
+    return net
+
+
+def test_experts_load_as_nf4_one_expert_matrix_at_a_time(tiny_model, monkeypatch):
+    seen = []
+    real = experts_tf5._linear4bit
+
+    def spy(weight, dtype, device):
+        seen.append(tuple(weight.shape))
+        return real(weight, dtype, device)
+
+    monkeypatch.setattr(experts_tf5, "_linear4bit", spy)
+    base = M.load_4bit(str(tiny_model), FP32, {"": "cpu"}, "sdpa")
+    config = base.config
+    e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+    # every unquantized tensor the job held was one expert matrix, never a layer's experts
+    assert seen == [(i, h), (i, h), (h, i)] * (e * config.num_hidden_layers)
+    assert M.check_quantized(base) == {"linear4bit": 8 + 3 * e * 2, "experts": "nf4", "expert_matrices": 3 * e * 2}
+    experts = base.model.layers[0].mlp.experts
+    assert experts.gate_up_proj.shape == (e, 2 * i, h)
+    assert experts.gate_up_proj.untyped_storage().nbytes() == 4  # a stand-in, not bf16 experts
+    # transformers' own MixtralExperts is back in place for whatever loads next
+    from transformers.models.mixtral import modeling_mixtral
+
+    assert modeling_mixtral.MixtralExperts is not experts_tf5.NF4Experts
+
+
+def test_a_stand_in_left_as_a_full_3d_weight_still_fails_the_check(tiny_model):
+    base = M.load_4bit(str(tiny_model), FP32, {"": "cpu"}, "sdpa")
+    experts = base.model.layers[1].mlp.experts
+    experts.nf4 = torch.nn.ModuleList()  # as if quantize_experts had not run on this layer
+    experts.down_proj = torch.nn.Parameter(torch.zeros(4, 64, 128, dtype=torch.bfloat16))
+    with pytest.raises(M.QuantizationError, match="mlp.experts"):
+        M.check_quantized(base)
+
+
+def test_fused_pass_equals_peft_delta_on_the_dequantized_experts(tiny_model):
+    """The block's output and LoRA gradients against transformers' own MixtralExperts on the
+    dequantized NF4 weights plus PEFT's delta (get_delta_weight, what a merge adds)."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    net = lora_net(tiny_model)
+    block = net.base_model.model.model.layers[0].mlp
+    assert hasattr(block, "_stock_forward")
+    x = torch.randn(1, 40, 64)
+    out = block(x)
+    wrappers = experts_tf5._experts(block)[1]
+    params = [w.lora_A["default"].weight for w in wrappers.values()] + [w.lora_B["default"].weight for w in wrappers.values()]
+    fast = torch.autograd.grad(out.square().sum(), params)
+
+    nf4 = experts_tf5._experts(block)[0]
+    dense = {name: torch.stack([moe._dequantize(tuple(moe.Proj(ex[n], None, None, 0, 0) for n in names), torch.float32)
+                                for ex in nf4.nf4]) for name, names in experts_tf5.PARTS.items()}
+    ref = MixtralExperts(net.config)
+    for name in wrappers:
+        setattr(ref, name, torch.nn.Parameter(dense[name], requires_grad=False))
+    _, weights, selected = block.gate(x.view(-1, 64))
+    for name, w in wrappers.items():
+        delta = w.get_delta_weight("default")
+        torch.nn.utils.parametrize.register_parametrization(ref, name, _Add(delta))
+    expected = ref(x.view(-1, 64), selected, weights).view_as(out)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    slow = torch.autograd.grad(expected.square().sum(), params)
+    for a, b in zip(fast, slow, strict=True):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+class _Add(torch.nn.Module):
+    def __init__(self, delta):
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, w):
+        return w + self.delta
+
+
+def test_adapter_loads_with_peft_018_on_a_stock_transformers_5_model(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    net = lora_net(tiny_model)
+    net.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
+    stock = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(stock, tmp_path)
+    ours = {k: v for k, v in net.state_dict().items() if "lora_" in k}
+    theirs = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * (4 + 2) * 2
+    for k in ours:
+        torch.testing.assert_close(theirs[k], ours[k])
+
+
+@pytest.mark.skipif(not TF4_PYTHON.is_file(), reason="needs the main venv (transformers 4.56.2) beside this one")
+def test_twenty_steps_on_transformers_5_end_within_5_percent_of_transformers_4(tiny_model):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = {}
+    for stack, python in (("tf5", sys.executable), ("tf4", str(TF4_PYTHON))):
+        done = subprocess.run([python, "-c", TWENTY_STEPS, str(tiny_model)], capture_output=True, text=True,
+                              env=env, cwd=ROOT, check=True)
+        runs[stack] = json.loads(done.stdout.strip().splitlines()[-1])
+    tf4, tf5 = runs["tf4"], runs["tf5"]
+    assert tf4[0] == pytest.approx(tf5[0], rel=1e-4)  # the same model and data: LoRA starts at zero
+    assert abs(tf5[-1] - tf4[-1]) <= 0.05 * tf4[-1], (tf4, tf5)
+    # the tiny random model's frozen head allows only a small fall (7.65 -> 7.47 on either stack);
+    # a stack that did not train at all would still be within 5%, so the falls must agree too
+    fall4, fall5 = tf4[0] - min(tf4[-3:]), tf5[0] - min(tf5[-3:])
+    assert fall4 > 0.1 and abs(fall5 - fall4) <= 0.25 * fall4, (tf4, tf5)
+
+
+def test_the_tiny_model_is_saved_in_the_hubs_per_expert_layout_on_transformers_5_too(tmp_path):
+    """As the real Mixtral checkpoint: w1/w2/w3 per expert under block_sparse_moe, which
+    transformers 5 converts at load and the job reads one expert matrix at a time."""
+    from safetensors import safe_open
+
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_model.py"), str(tmp_path)], check=True,
+                   capture_output=True)
+    keys = set()
+    for shard in tmp_path.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            keys |= set(f.keys())
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in keys
+    assert sum(".experts." in k for k in keys) == 2 * 4 * 3
+    assert not any("gate_up_proj" in k or ".mlp." in k for k in keys)
+
+
+def test_qwen3_moe_trains_on_the_same_path(tmp_path):
+    """Beyond Mixtral: Qwen3-MoE (the Qwen3-30B-A3B shape at toy width) has the same 3D experts
+    in transformers 5; its experts load as NF4, and the fused pass equals PEFT's delta there too."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, tie_word_embeddings=False)
+    Qwen3MoeForCausalLM(config).save_pretrained(tmp_path)
+    assert M.check_quantized(M.load_4bit(str(tmp_path), FP32, {"": "cpu"}, "sdpa"))["expert_matrices"] == 2 * 8 * 3
+    net = lora_net(tmp_path)
+    block = net.base_model.model.model.layers[1].mlp
+    assert hasattr(block, "_stock_forward")
+    x = torch.randn(1, 24, 64)
+    out = block(x)
+    nf4, wrappers = experts_tf5._experts(block)
+    ref = Qwen3MoeExperts(net.config)
+    for name, names in experts_tf5.PARTS.items():
+        dense = torch.stack([moe._dequantize(tuple(moe.Proj(ex[n], None, None, 0, 0) for n in names), torch.float32)
+                             for ex in nf4.nf4])
+        setattr(ref, name, torch.nn.Parameter(dense, requires_grad=False))
+        torch.nn.utils.parametrize.register_parametrization(ref, name, _Add(wrappers[name].get_delta_weight("default")))
+    _, weights, selected = block.gate(x.view(-1, 64))
+    torch.testing.assert_close(out, ref(x.view(-1, 64), selected, weights).view_as(out), rtol=1e-5, atol=1e-5)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=2e-2)
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(4))
+    losses = []
+    for _ in range(5):
+        loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

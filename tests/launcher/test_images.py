@@ -1,0 +1,65 @@
+"""compute.image: the HF training image by name or stack; validate and plan know what each
+ships and refuse a model the chosen image cannot train; the request names the image."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher import images
+from launcher.config import load_config
+from launcher.errors import ConfigError
+from launcher.plan import make_plan
+from launcher.validate import validate_for_launch
+
+
+def model_dir(tmp_path, model_type: str, experts: int = 1):
+    d = tmp_path / model_type
+    d.mkdir()
+    config = {"model_type": model_type, "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    if experts > 1:
+        config |= {"num_experts": experts, "num_experts_per_tok": 2, "moe_intermediate_size": 128}
+    (d / "config.json").write_text(json.dumps(config))
+    return str(d)
+
+
+def test_an_image_is_chosen_by_name_by_stack_or_by_tag(job_dict):
+    for choice in ("2.9.0-transformers5.3.0", "transformers5",
+                   "huggingface-pytorch-training:2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04"):
+        assert images.resolve(load_config(job_dict, [f"compute.image={choice}"]).compute.image).transformers == "5.3.0"
+    with pytest.raises(ConfigError) as err:
+        load_config(job_dict, ["compute.image=transformers6"])
+    message = dict(err.value.problems)["compute.image"]
+    assert "2.8.0-transformers4.56.2 (transformers4)" in message and "2.9.0-transformers5.3.0 (transformers5)" in message
+
+
+def test_the_default_is_the_newest_image_measured_on_a_gpu():
+    chosen = images.resolve("auto")
+    assert chosen.measured_on_gpu
+    assert all(not i.measured_on_gpu for i in images.IMAGES[images.IMAGES.index(chosen) + 1:])
+
+
+def test_validate_refuses_a_model_the_chosen_image_cannot_train(job_dict, tmp_path):
+    newer = load_config(job_dict, [f"model.id={model_dir(tmp_path, 'qwen3_next')}", "compute.image=transformers4"])
+    with pytest.raises(ConfigError) as err:
+        validate_for_launch(newer)
+    assert "needs transformers 5" in dict(err.value.problems)["compute.image"]
+    moe = load_config(job_dict, [f"model.id={model_dir(tmp_path, 'olmoe', experts=8)}", "compute.image=transformers5"])
+    with pytest.raises(ConfigError) as err:
+        validate_for_launch(moe)
+    assert "does not quantize" in dict(err.value.problems)["compute.image"]
+    # the same MoE on the transformers 4 image, and Mixtral on either, are fine
+    assert validate_for_launch(load_config(job_dict, [f"model.id={tmp_path / 'olmoe'}", "compute.image=transformers4"]))
+    qwen3 = load_config(job_dict, ["model.id=Qwen/Qwen3-30B-A3B", "compute.image=transformers5",
+                                   "compute.instance_type=ml.p4de.24xlarge"])
+    assert validate_for_launch(qwen3)  # its experts are quantized by the job on transformers 5 too
+    for stack in ("transformers4", "transformers5"):
+        assert validate_for_launch(load_config(job_dict, [f"compute.image={stack}"]))
+
+
+def test_the_plan_names_the_image_and_what_it_ships(job_dict):
+    plan = make_plan(load_config(job_dict, ["compute.image=transformers5"]), dataset_tokens=1e6, network=False)
+    assert "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04" in plan.image
+    assert "transformers 5.3.0, peft 0.18.1, torch 2.9.0" in plan.as_dict()["image"]
