@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 TINY := examples/tiny-mixtral/config.json
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-without-avx512-bf16 lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: $(STAMP)
 
 test: $(TINY) lint
 	$(BIN)/pytest -q
+
+# The in-process tests as on a CPU without AVX512-BF16 (bitsandbytes' other 4-bit path), on any CPU.
+test-without-avx512-bf16: $(TINY)
+	PYTHONPATH=tests/without_avx512_bf16 $(BIN)/pytest -q tests/entrypoint
 
 clean:
 	rm -rf runs examples/tiny-mixtral .pytest_cache
