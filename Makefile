@@ -29,7 +29,7 @@ STAMP5 := $(VENV5)/.installed-stamp
 # what differs there: the experts' loading, LoRA format, fused pass and merge (the rest of the suite runs on 4.56.2)
 TF5_TESTS := tests/entrypoint/test_tf5.py tests/e2e/test_merge.py
 
-.PHONY: install demo test test-main test-sdk3 test-tf5 lint clean
+.PHONY: install demo test test-main test-sdk3 test-tf5 test-without-avx512-bf16 lint clean
 
 $(STAMP): pyproject.toml .ci/tf4.txt
 	$(PY) -m venv $(VENV)
@@ -55,10 +55,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # .venv-sdk3 first: the main venv's test_sdk_majors compares its request with that venv's.
-test: lint test-main test-tf5 test-sdk3
+test: lint test-main test-without-avx512-bf16 test-tf5 test-sdk3
 
 test-main: $(TINY) $(SDK3_STAMP)
 	$(BIN)/pytest -q
+
+# The in-process entrypoint tests as on a CPU without AVX512-BF16 (bitsandbytes' other 4-bit CPU
+# path), whatever this CPU has; the main run covers this CPU's own path (tests/without_avx512_bf16).
+test-without-avx512-bf16: $(TINY)
+	PYTHONPATH=tests/without_avx512_bf16 $(BIN)/pytest -q tests/entrypoint
 
 # 3.27.0 first, then us: pip must keep it (no downgrade) and `pip check` must stay clean.
 $(SDK3_STAMP): pyproject.toml
