@@ -334,12 +334,19 @@ def record_failure(reason: str, code: int) -> int:
     line = " ".join(reason.split())
     with contextlib.suppress(OSError):  # a full disk may refuse the log line too
         fail(line)
-    with contextlib.suppress(OSError):
-        path = container.output_dir() / "failure"
-        if path.is_file() and path.stat().st_mtime >= _PROCESS_STARTED:
-            return code
+    path = container.output_dir() / "failure"
+    if path.is_file() and path.stat().st_mtime >= _PROCESS_STARTED:
+        return code
+    # written aside and renamed: on a full disk a direct write would leave an empty file, which
+    # the toolkit keeps (it writes its own only when none is there) and the other ranks skip
+    partial = path.with_name("failure.partial")
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(line[: container.FAILURE_MAX_CHARS - 1] + "\n")
+        partial.write_text(line[: container.FAILURE_MAX_CHARS - 1] + "\n")
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink()
     return code
 
 

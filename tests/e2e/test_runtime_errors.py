@@ -472,3 +472,24 @@ def test_launch_job_local_shows_the_log_by_default(stand_in_trainer, job_dict, c
     assert "[done] steps=1" in capsys.readouterr().out  # a Python user is not left silent for minutes
     launch_job(job_dict, local=True, echo=False)
     assert "[done]" not in capsys.readouterr().out
+
+
+@needs_mount
+def test_the_failure_file_on_a_full_disk_is_whole_or_absent_never_empty(tmp_path):
+    """SageMaker's FailureReason is /opt/ml/output/failure; the toolkit writes its own only when
+    none is there, so an empty file left by a write that ran out of space would hide the cause."""
+    out = tmp_path / "output"
+    out.mkdir()
+    probe = ("import os, sys; from entrypoint import train; "
+             "open(os.path.join(sys.argv[1], 'filler'), 'wb').write(b'x' * FILL) if FILL else None; "
+             "train.record_failure('no space left on /opt/ml/model: free some there', 1)")
+    for fill, expect in ((64 * 1024, "absent"), (0, "whole")):
+        script = f'mount -t tmpfs -o size=64k tmpfs {out} && "$@"; ls -l {out}; cat {out}/failure 2>/dev/null'
+        result = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-c",
+                                 probe.replace("FILL", str(fill)), str(out)], capture_output=True, text=True,
+                                env=os.environ | {"SM_OUTPUT_DIR": str(out), "PYTHONPATH": str(ROOT)}, timeout=120)
+        listing = result.stdout
+        if expect == "absent":
+            assert " failure\n" not in listing and "failure.partial" not in listing, listing + result.stderr
+        else:
+            assert listing.rstrip().endswith("no space left on /opt/ml/model: free some there"), listing
