@@ -166,13 +166,24 @@ def lora_config(model: nn.Module, lora):
 
     targets = lora_targets(model, lora.target_modules)
     common = dict(r=lora.r, lora_alpha=lora.alpha, bias="none", task_type="CAUSAL_LM")
-    if not any(isinstance(m, experts_tf5.NF4Experts) for m in model.modules()) or isinstance(targets, str):
+    if not any(isinstance(m, experts_tf5.NF4Experts) for m in model.modules()):
         return LoraConfig(lora_dropout=lora.dropout, target_modules=targets, **common)
+    if isinstance(targets, str):
+        # "all-linear" by name: PEFT would wrap the NF4 experts' inner modules, which the fused
+        # pass never calls (their LoRA would train nothing); they become parameters below
+        targets = _linear_names(model)
     experts = {"w1": "experts.gate_up_proj", "w3": "experts.gate_up_proj", "w2": "experts.down_proj",
                "gate_proj": "experts.gate_up_proj", "up_proj": "experts.gate_up_proj", "down_proj": "experts.down_proj"}
     params = sorted({experts[t] for t in targets if t in experts})
     return LoraConfig(lora_dropout=0.0, target_modules=[t for t in targets if t not in experts],
                       target_parameters=params, **common)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """What PEFT's "all-linear" selects, as module names: every linear layer but the output head."""
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and m is not head})
 
 
 def attach_lora(model, lora, training):

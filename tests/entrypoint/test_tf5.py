@@ -219,3 +219,21 @@ def test_qwen3_moe_trains_on_the_same_path(tmp_path):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_all_linear_trains_the_experts_through_the_fused_pass(tiny_model):
+    """target_modules: all-linear on transformers 5 means the experts too, as on transformers 4:
+    as PEFT target_parameters, every LoRA tensor of the adapter gets a gradient."""
+    torch.manual_seed(0)
+    base = M.load_4bit(str(tiny_model), FP32, {"": "cpu"}, "sdpa")
+    net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=0.0, target_modules="all-linear"), TrainingSpec())
+    assert not [n for n, _ in net.named_parameters() if ".experts.nf4." in n and "lora_" in n]
+    expert_lora = [n for n, _ in net.named_parameters() if "experts" in n and "lora_" in n]
+    assert expert_lora, "all-linear left the experts without LoRA"
+    for name, p in net.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn_like(p) * 0.05
+    ids = torch.randint(0, 2048, (2, 16), generator=torch.Generator().manual_seed(1))
+    net(input_ids=ids, labels=ids).loss.backward()
+    trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    assert [n for n, p in trainable if p.grad is None or not p.grad.abs().sum() > 0] == []
