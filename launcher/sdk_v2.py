@@ -41,11 +41,14 @@ def _session(spec: JobSpec, boto_sess):
     )
 
 
-def _known_uri(spec: JobSpec) -> str:
+def known_image_uri(region: str, instance_type: str) -> str:
+    """The SDK's URI of the HF image both majors know (job_spec.KNOWN) in `region`; ValueError
+    where it is not published."""
+    quiet_sdk_logging()  # importing the SDK logs its config lookup to stdout otherwise
     from sagemaker import image_uris
 
-    return image_uris.retrieve("huggingface", spec.region, version=TRANSFORMERS_VERSION, py_version=PY_VERSION,
-                               base_framework_version=f"pytorch{PYTORCH_VERSION}", instance_type=spec.instance_type,
+    return image_uris.retrieve("huggingface", region, version=TRANSFORMERS_VERSION, py_version=PY_VERSION,
+                               base_framework_version=f"pytorch{PYTORCH_VERSION}", instance_type=instance_type,
                                image_scope="training")
 
 
@@ -56,7 +59,7 @@ def create_training_job(spec: JobSpec, boto_sess) -> None:
 
     # py_version even with an own image: the Estimator requires it (without, compute.image_uri
     # failed with a TypeError before anything was sent)
-    uri = training_image(spec, lambda: _known_uri(spec))
+    uri = training_image(spec, lambda: known_image_uri(spec.region, spec.instance_type))
     image = {"image_uri": uri} if uri else {
         "transformers_version": TRANSFORMERS_VERSION, "pytorch_version": PYTORCH_VERSION}
     kwargs = {}

@@ -53,18 +53,24 @@ def toolkit_hyperparameters(spec: JobSpec) -> dict[str, str]:
     return {k: json.dumps(v) for k, v in (spec.hyperparameters | toolkit).items()}
 
 
-def _known_uri(spec: JobSpec) -> str:
+def known_image_uri(region: str, instance_type: str) -> str:
+    """The SDK's URI of the HF image both majors know (job_spec.KNOWN) in `region`; ValueError
+    where it is not published."""
+    quiet_sdk_logging()  # importing the SDK logs its config lookup to stdout otherwise
     from sagemaker.core import image_uris
 
     return image_uris.retrieve(
-        framework="huggingface", region=spec.region, version=TRANSFORMERS_VERSION, py_version=PY_VERSION,
-        base_framework_version=f"pytorch{PYTORCH_VERSION}", instance_type=spec.instance_type,
+        framework="huggingface", region=region, version=TRANSFORMERS_VERSION, py_version=PY_VERSION,
+        base_framework_version=f"pytorch{PYTORCH_VERSION}", instance_type=instance_type,
         image_scope="training")
 
 
 def image_uri(spec: JobSpec) -> str:
     """v3's table has newer images too; the tag in KNOWN's registry keeps the request v2's."""
-    return training_image(spec, lambda: _known_uri(spec)) or _known_uri(spec)
+    def known() -> str:
+        return known_image_uri(spec.region, spec.instance_type)
+
+    return training_image(spec, known) or known()
 
 
 @contextlib.contextmanager

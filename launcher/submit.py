@@ -244,7 +244,14 @@ def submit(cfg: JobConfig, strategy: Strategy, *, dry_run: bool = False, resume:
     The config was checked by validate_for_launch (the one set of rules `validate` runs).
     """
     name = job_name_for(cfg.job_name)
-    # before any upload: a job to resume that does not exist stops here
+    # before any upload: a region without the HF image, or a job to resume that does not exist, stops here
+    if not cfg.compute.image_uri:
+        try:
+            sdk_adapter().known_image_uri(cfg.aws.region, cfg.compute.instance_type)
+        except ValueError as exc:
+            raise ConfigError([("aws.region", f"the Hugging Face training image is not published in "
+                                f"{cfg.aws.region} ({exc}): choose another region, or name an image of your "
+                                "own there in compute.image_uri")]) from None
     checkpoint_s3_uri = (previous_checkpoint_uri(cfg, resume, dry_run) if resume
                          else f"{cfg.output.s3_uri}/checkpoints/{name}")
     uploads = Uploads(cfg, dry_run)

@@ -194,6 +194,21 @@ def test_dry_run_prints_the_request_and_sends_nothing(monkeypatch, capsys, job_d
     assert not any("token" in k.lower() for k in req["HyperParameters"])
 
 
+def test_a_region_without_the_hf_image_is_a_config_error_before_anything_is_sent(monkeypatch, capsys, job_dict,
+                                                                                 tmp_path):
+    """A region SageMaker has but the HF training image does not: exit 2 naming aws.region, under
+    either SDK major (it was an 'unexpected ValueError', exit 1, after the upload)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # no server: any request would fail
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    cfg = tmp_path / "job.json"
+    cfg.write_text(json.dumps(job_dict))
+    assert main(["launch", str(cfg), "--dry-run", "--set", "aws.region=mx-central-1", "--output", "json"]) == 2
+    err = json.loads(capsys.readouterr().out)
+    assert [p["path"] for p in err["problems"]] == ["aws.region"]
+    assert "mx-central-1" in err["problems"][0]["message"] and "compute.image_uri" in err["problems"][0]["message"]
+
+
 def test_the_transformers5_image_is_named_by_uri_in_the_registry_of_the_sdks_images(monkeypatch, capsys, job_dict,
                                                                                     tmp_path):
     """SDK v2's table stops at transformers 4.56.2: the 5.3.0 image goes by URI, same account."""
