@@ -19,6 +19,7 @@ from botocore.validate import validate_parameters
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
+from launcher import images
 from launcher.api_limits import preview_request
 from launcher.config import load_config
 from launcher.errors import ConfigError
@@ -57,17 +58,20 @@ VARIANTS = [
     ["compute.instance_type=ml.g6e.xlarge", "compute.spot=true", "compute.max_run_hours=3", "aws.hf_token_secret=null"],
     ["compute.instance_type=ml.g5.12xlarge", "compute.strategy=model_parallel", "data.train=s3://my-bucket/d/t.jsonl",
      "data.validation=s3://my-bucket/d/v.jsonl", "compute.max_cost_usd=400", "aws.tags={team: ml, cost-center: '42'}"],
-    # not compute.image_uri: submit passes it without py_version, which SDK v2.257 refuses (for i21)
     ["compute.instance_count=2", "data.system_prompt=Vous êtes médecin ٣.", "aws.tags={Équipe: 'ml ٣'}", "model.id=s3://my-bucket/models/mixtral"],
+    ["compute.image=transformers5"],
+    ["compute.image_uri=123456789012.dkr.ecr.us-east-1.amazonaws.com/mine:1"],
 ]
 
 
-@pytest.mark.parametrize("overrides", VARIANTS, ids=["default", "spot-single", "s3-data-budget", "2x-s3-model"])
+@pytest.mark.parametrize("overrides", VARIANTS, ids=["default", "spot-single", "s3-data-budget", "2x-s3-model",
+                                                     "transformers5-image", "own-image"])
 def test_the_preview_validate_checks_is_the_request_the_dry_run_sends(aws, job_dict, overrides):
     cfg = load_config(job_dict, overrides)
     sent = launch_job(cfg, dry_run=True).request
-    if cfg.compute.image_uri is None:  # the SDK's pinned image, by region: not from the config
-        assert len(sent["AlgorithmSpecification"].pop("TrainingImage")) < 255
+    if cfg.compute.image_uri is None:  # an HF image: its registry is the SDK's, by region; its tag the config's
+        image = sent["AlgorithmSpecification"].pop("TrainingImage")
+        assert len(image) < 255 and image.endswith(":" + images.resolve(cfg.compute.image).tag)
     assert _normal(_preview(cfg)) == _normal(sent)
 
 
