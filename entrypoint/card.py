@@ -4,7 +4,13 @@ which transformers the adapter loads on (also asked by entrypoint.merge). Torch-
 from __future__ import annotations
 
 import json
+import re
+import struct
 from pathlib import Path
+
+# A LoRA tensor on one numbered expert's module (mlp.experts.3.gate_proj, block_sparse_moe.experts.3.w1):
+# the per-expert layout of transformers 4, whatever the modules are called.
+PER_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def write_card(model_dir: Path, hp, report, history: dict, *, steps: int, runtime_s: float,
@@ -58,30 +64,45 @@ def write_card(model_dir: Path, hp, report, history: dict, *, steps: int, runtim
 
 def _stack_line(model_dir: Path) -> str:
     """Which transformers the adapter loads on (saved beside this card as adapter_config.json)."""
-    config = model_dir / "adapter_config.json"
-    return adapter_stack(json.loads(config.read_text()) if config.is_file() else {})[1]
+    return adapter_stack(*read_adapter(model_dir))[1]
 
 
-def adapter_stack(adapter_config: dict) -> tuple[int | None, str]:
+def read_adapter(adapter_dir: Path) -> tuple[dict, list[str]]:
+    """(adapter_config.json, the names of the adapter's tensors), each empty where absent: the
+    names come from the safetensors header alone (8 bytes of length, then JSON)."""
+    config, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    names = []
+    if weights.is_file():
+        try:
+            with weights.open("rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                names = [k for k in json.loads(f.read(min(size, 100_000_000))) if k != "__metadata__"]
+        except (struct.error, ValueError, OSError):
+            names = []  # a damaged file: loading it says so, in safetensors' own words
+    return (json.loads(config.read_text()) if config.is_file() else {}), names
+
+
+def adapter_stack(adapter_config: dict, weight_names: list[str] | tuple = ()) -> tuple[int | None, str]:
     """(transformers major the adapter needs, or None for either; the card's line). An
-    adapter on MoE experts is bound to the layout it was trained on: per-expert w1/w2/w3
-    modules (transformers 4) or 3D gate_up_proj/down_proj parameters (transformers 5)."""
+    adapter on MoE experts is bound to the layout it was trained on: per-expert modules
+    (transformers 4: Mixtral's w1/w2/w3, Qwen3-MoE's gate/up/down_proj under experts.N) or 3D
+    gate_up_proj/down_proj parameters (transformers 5)."""
     modules = adapter_config.get("target_modules") or []
     modules = [modules] if isinstance(modules, str) else list(modules)
     if any(p.rsplit(".", 1)[-1] in ("gate_up_proj", "down_proj") for p in adapter_config.get("target_parameters") or []):
         return 5, ("needs transformers 5.x and peft >= 0.18 (its expert LoRA is on the 3D gate_up_proj/down_proj "
                    "parameters, through peft's target_parameters)")
-    if any(m in ("w1", "w2", "w3") for m in modules):
-        return 4, ("needs transformers 4.x (its expert LoRA is on the per-expert w1/w2/w3 modules, which "
+    if any(m in ("w1", "w2", "w3") for m in modules) or any(PER_EXPERT.search(n) for n in weight_names):
+        return 4, ("needs transformers 4.x (its expert LoRA is on per-expert modules, which "
                    "transformers 5 does not have)")
     return None, "loads on transformers 4.56+ and 5.x alike"
 
 
-def stack_mismatch(adapter_config: dict) -> str | None:
+def stack_mismatch(adapter_config: dict, weight_names: list[str] | tuple = ()) -> str | None:
     """One line when the adapter cannot load on this transformers; None when it can."""
     import transformers
 
-    needs, why = adapter_stack(adapter_config)
+    needs, why = adapter_stack(adapter_config, weight_names)
     major = int(transformers.__version__.split(".")[0])
     if needs is None or needs == major:
         return None

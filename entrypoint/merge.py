@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from entrypoint import container
-from entrypoint.card import adapter_stack, stack_mismatch
+from entrypoint.card import adapter_stack, read_adapter, stack_mismatch
 from entrypoint.hyperparams import unflatten
 from entrypoint.progress import emit
 from entrypoint.train import (  # one way to fail, one token rule
@@ -92,7 +92,7 @@ def merge(spec: MergeSpec) -> Path:
 
     adapter, out = Path(spec.adapter), Path(spec.out)
     lora = read_adapter_config(adapter)
-    mismatch = stack_mismatch(lora)
+    mismatch = stack_mismatch(lora, read_adapter(adapter)[1])
     if mismatch:
         raise BadInput(mismatch)
     if spec.base.startswith(("/", ".", "~")) and not (Path(spec.base).expanduser() / "config.json").is_file():
@@ -187,7 +187,7 @@ def write_card(directory: Path, spec: MergeSpec, lora: dict, dtype_name: str) ->
         f"- adapter job: {spec.adapter_job or 'unknown'}",
         f"- training data: {spec.data or 'unknown'}",
         f"- LoRA: r={lora.get('r')}, alpha={lora.get('lora_alpha')}, targets: {targets}",
-        f"- the adapter {adapter_stack(lora)[1]}; merged, the model loads on transformers {_version()}+",
+        f"- the adapter {adapter_stack(lora, read_adapter(Path(spec.adapter))[1])[1]}; merged, the model loads on transformers {_version()}+",
         f"- weights: {dtype_name} safetensors",
         "",
         "## Use",
