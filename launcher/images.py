@@ -23,14 +23,13 @@ class Image:
     tag: str             # the ECR tag
     released: str
     measured_on_gpu: bool  # the job's path on this image measured on a GPU (bench/README.md)
-    sdk_knows: bool      # in SageMaker SDK v2's image table (else the launcher names the URI itself)
 
 
 IMAGES = (
     Image("2.8.0-transformers4.56.2", "transformers4", "4.56.2", "0.17.1", "2.8.0", "py312",
-          "2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04", "2025", True, True),
+          "2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04", "2025", True),
     Image("2.9.0-transformers5.3.0", "transformers5", "5.3.0", "0.18.1", "2.9.0", "py312",
-          "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04", "2026-04-16", False, False),
+          "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04", "2026-04-16", False),
 )
 
 # Causal-LM model types that transformers 5.3.0 has and 4.56.2 has not (their AutoModelForCausalLM
