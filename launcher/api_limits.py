@@ -36,13 +36,13 @@ from launcher import __version__
 from launcher.channels import input_channels
 from launcher.config import JobConfig, job_name_for
 from launcher.container_entry import container_entry_point
+from launcher.job_spec import toolkit_hyperparameters
 
 # torchrun SIGKILLs its workers 30 s after it is told to stop; the wrapper signals the
 # workers, not torchrun, and this gives any later shutdown of torchrun's the same 120 s
 # SageMaker allows (the variable exists in torch >= 2.9; older torch ignores it).
 SHUTDOWN_TIMEOUT_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "110"}
 UPLOAD_HASH = "0" * 16  # submit.Uploads names an upload by 16 hex digits of its sha256
-SDK_LOG_LEVEL = 20  # sagemaker_container_log_level, which SDK v2 adds (logging.INFO)
 TAG_PREFIX = "sm-qlora:"
 # A few of the Java classes the model uses, by Unicode category prefix.
 UNICODE_CLASSES = {"L": "\ue000", "Z": "\ue001", "N": "\ue002"}
@@ -143,16 +143,14 @@ def _inputs(hp, out: str, origin: dict[str, str]) -> list[dict]:
 
 def _hyperparameters(cfg: JobConfig, hp, name: str, strategy: str, origin: dict[str, str]) -> dict[str, str]:
     """The job's hyperparameters and those SDK v2 adds, each JSON-encoded as the SDK sends them."""
-    hyper = {k: json.dumps(v) for k, v in flatten(hp).items()}
-    origin |= {f"HyperParameters[{k!r}]": k for k in hyper}
-    sdk = {"sagemaker_submit_directory": f"{cfg.output.s3_uri}/uploads/{UPLOAD_HASH}/sourcedir.tar.gz",
-           "sagemaker_program": container.ENTRY_SCRIPT, "sagemaker_container_log_level": SDK_LOG_LEVEL,
-           "sagemaker_job_name": name, "sagemaker_region": cfg.aws.region}
-    if strategy == "ddp":  # the SDK's keys for distribution={"torch_distributed": ...}
-        sdk |= {"sagemaker_torch_distributed_enabled": True, "sagemaker_instance_type": cfg.compute.instance_type}
+    hyper = toolkit_hyperparameters(
+        flatten(hp), source_dir=f"{cfg.output.s3_uri}/uploads/{UPLOAD_HASH}/sourcedir.tar.gz",
+        entry_script=container.ENTRY_SCRIPT, name=name, region=cfg.aws.region,
+        instance_type=cfg.compute.instance_type, distributed=strategy == "ddp")
+    origin |= {f"HyperParameters[{k!r}]": k for k in flatten(hp)}
     origin |= {"HyperParameters['sagemaker_submit_directory']": "output.s3_uri",
                "HyperParameters['sagemaker_job_name']": "job_name"}
-    return hyper | {k: json.dumps(v) for k, v in sdk.items()}
+    return hyper
 
 
 # --------------------------------------------------------------------------- the model

@@ -4,6 +4,8 @@ CreateTrainingJob request. Nothing here imports an SDK."""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,3 +77,20 @@ def training_image(spec: JobSpec, known_uri) -> str | None:
     if spec.image == KNOWN:
         return None
     return f"{known_uri().rsplit(':', 1)[0]}:{spec.image.tag}"
+
+
+def toolkit_hyperparameters(hyperparameters: dict[str, Any], *, source_dir: str, entry_script: str, name: str,
+                            region: str, instance_type: str, distributed: bool) -> dict[str, str]:
+    """What v2's Framework estimator sends: the job's own values and the toolkit's keys, each
+    JSON-encoded (the toolkit decodes them into SM_HPS and hyperparameters.json). sdk_v3 sends
+    this, and validate's preview (api_limits) checks it."""
+    toolkit = {
+        "sagemaker_submit_directory": source_dir,
+        "sagemaker_program": entry_script,
+        "sagemaker_container_log_level": logging.INFO,
+        "sagemaker_job_name": name,
+        "sagemaker_region": region,
+    }
+    if distributed:  # the SDK's keys for distribution={"torch_distributed": ...}
+        toolkit |= {"sagemaker_torch_distributed_enabled": True, "sagemaker_instance_type": instance_type}
+    return {k: json.dumps(v) for k, v in (hyperparameters | toolkit).items()}

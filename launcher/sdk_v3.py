@@ -22,8 +22,6 @@ that v2's Framework adds, because the container runs the same toolkit either way
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import os
 
 from launcher.job_spec import (
@@ -32,25 +30,11 @@ from launcher.job_spec import (
     TRANSFORMERS_VERSION,
     JobSpec,
     quiet_sdk_logging,
+    toolkit_hyperparameters,
     training_image,
 )
 
 TELEMETRY_OFF = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
-
-
-def toolkit_hyperparameters(spec: JobSpec) -> dict[str, str]:
-    """What v2's Framework estimator sends: the job's own values and the toolkit's keys, each
-    JSON-encoded (the toolkit decodes them into SM_HPS and hyperparameters.json)."""
-    toolkit = {
-        "sagemaker_submit_directory": spec.source_dir,
-        "sagemaker_program": spec.entry_script,
-        "sagemaker_container_log_level": logging.INFO,
-        "sagemaker_job_name": spec.name,
-        "sagemaker_region": spec.region,
-    }
-    if spec.distributed:
-        toolkit |= {"sagemaker_torch_distributed_enabled": True, "sagemaker_instance_type": spec.instance_type}
-    return {k: json.dumps(v) for k, v in (spec.hyperparameters | toolkit).items()}
 
 
 def known_image_uri(region: str, instance_type: str) -> str:
@@ -128,7 +112,9 @@ def _trainer(spec: JobSpec, boto_sess):
         output_data_config=OutputDataConfig(s3_output_path=spec.output_path, compression_type="NONE"),
         checkpoint_config=CheckpointConfig(s3_uri=spec.checkpoint_s3_uri, local_path=spec.checkpoint_local_path),
         environment=spec.environment,
-        hyperparameters=toolkit_hyperparameters(spec),
+        hyperparameters=toolkit_hyperparameters(  # as v2 sends them: the container sees the same
+            spec.hyperparameters, source_dir=spec.source_dir, entry_script=spec.entry_script, name=spec.name,
+            region=spec.region, instance_type=spec.instance_type, distributed=spec.distributed),
         tags=[Tag(key=t["Key"], value=t["Value"]) for t in spec.tags],
     )
     return trainer.with_metric_definitions(
