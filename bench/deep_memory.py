@@ -139,6 +139,19 @@ def same_gradients(net, rows: int, seq: int) -> dict:
             "offload_vs_gpu": compare(host, gpu), "gpu_vs_gpu": compare(again, gpu)}
 
 
+def timed_step(net, params, opt, batch: dict) -> float:
+    """One optimizer step as the job takes it (bf16 autocast, clipping), in seconds, synced."""
+    t = time.perf_counter()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = net(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def measure(net, rows: int, seq: int, steps: int, offload: bool) -> dict:
     import bitsandbytes as bnb
     from profile_step import packed_batch
@@ -149,17 +162,7 @@ def measure(net, rows: int, seq: int, steps: int, offload: bool) -> dict:
     batch = packed_batch(rows, seq)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = net(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    times = [timed_step(net, params, opt, batch) for _ in range(steps)]
     steady = sorted(times[1:] or times)
     peak = torch.cuda.max_memory_allocated() / 2**30
     del opt

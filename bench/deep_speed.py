@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from deep_memory import checkpoints, compare, lora_model, random_model  # noqa: E402
+from deep_memory import checkpoints, compare, lora_model, random_model, timed_step  # noqa: E402
 from profile_step import packed_batch  # noqa: E402
 
 from entrypoint import model as M  # noqa: E402
@@ -111,15 +111,7 @@ def measure(net, recipe: str, batches: list[dict], steps: int) -> dict:
     times, tokens = [], []
     for i in range(steps):
         batch = batches[i % len(batches)]
-        t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = net(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        times.append(timed_step(net, params, opt, batch))
         tokens.append(real_tokens(batch))
     del opt
     torch.cuda.empty_cache()
