@@ -1,8 +1,9 @@
 """The Hugging Face training images the job runs on: what each ships, and which models it can train.
 
 `compute.image` picks one by name (`2.9.0-transformers5.3.0`) or by stack (`transformers5`);
-`auto` is the newest image whose path has been measured on a GPU (bench/README.md). The
-launcher alone reads this table: the job finds its stack from the transformers it imports.
+`auto` is the newest image whose path has been measured on a GPU (bench/README.md) and that can
+train the model, where the launcher knows the model's type. The launcher alone reads this
+table: the job finds its stack from the transformers it imports.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ IMAGES = (
     Image("2.8.0-transformers4.56.2", "transformers4", "4.56.2", "0.17.1", "2.8.0", "py312",
           "2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04", "2025", True),
     Image("2.9.0-transformers5.3.0", "transformers5", "5.3.0", "0.18.1", "2.9.0", "py312",
-          "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04", "2026-04-16", False),
+          "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04", "2026-04-16", True),
 )
 
 # Causal-LM model types that transformers 5.3.0 has and 4.56.2 has not (their AutoModelForCausalLM
@@ -44,16 +45,19 @@ NEW_IN_TRANSFORMERS5 = frozenset({
 NF4_EXPERTS_ON_TRANSFORMERS5 = frozenset({"mixtral", "qwen3_moe"})
 
 
-def default() -> Image:
-    """The newest image whose path has been measured on a GPU."""
-    return [i for i in IMAGES if i.measured_on_gpu][-1]
+def default(model_type: str | None = None, moe: bool = False) -> Image:
+    """The newest image whose path has been measured on a GPU and that can train a model of
+    `model_type` (any model when None); the newest measured one if none can (validate then says why)."""
+    measured = [i for i in IMAGES if i.measured_on_gpu]
+    able = [i for i in measured if model_type is None or model_problem(i, model_type, moe) is None]
+    return (able or measured)[-1]
 
 
-def resolve(choice: str) -> Image:
-    """`auto`, a stack or an image name (the full tag and `huggingface-pytorch-training:` accepted).
-    ValueError naming the choices otherwise."""
+def resolve(choice: str, model_type: str | None = None, moe: bool = False) -> Image:
+    """`auto` (see `default`), a stack or an image name (the full tag and
+    `huggingface-pytorch-training:` accepted). ValueError naming the choices otherwise."""
     if choice == "auto":
-        return default()
+        return default(model_type, moe)
     wanted = choice.rsplit(":", 1)[-1]
     for image in IMAGES:
         if wanted in (image.name, image.stack, image.tag):
@@ -79,3 +83,14 @@ def describe(image: Image) -> str:
     why = "measured on a GPU" if image.measured_on_gpu else "not yet measured on a GPU"
     return (f"{REPOSITORY}:{image.tag} (transformers {image.transformers}, peft {image.peft}, "
             f"torch {image.torch}; {why})")
+
+
+def for_job(cfg) -> Image:
+    """The image of a JobConfig: `compute.image`, with `auto` knowing the model where its
+    config.json is local or its shape built in (launcher.shapes; nothing is fetched)."""
+    if cfg.compute.image != "auto":
+        return resolve(cfg.compute.image)
+    from launcher.shapes import resolve as model_shape
+
+    shape = model_shape(cfg.model.id, network=False)
+    return default(shape.model_type, shape.experts > 1) if shape else default()

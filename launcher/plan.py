@@ -432,7 +432,7 @@ def make_plan(cfg: JobConfig, dataset_tokens: float | None = None, network: bool
                 configured=cfg.compute.instance_type, instance_count=cfg.compute.instance_count, rows=rows,
                 prices_read=catalog().prices_read, max_cost_usd=cfg.compute.max_cost_usd,
                 max_runtime_hours=budget_runtime_s(cfg) / 3600 if cfg.compute.max_cost_usd else None,
-                image=cfg.compute.image_uri or images.describe(images.resolve(cfg.compute.image)))
+                image=cfg.compute.image_uri or images.describe(images.for_job(cfg)))
 
 
 def budget_runtime_s(cfg: JobConfig) -> int | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from launcher.api_limits import preview_request, request_problems
 from launcher.config import JobConfig, is_job_name
 from launcher.errors import ConfigError
-from launcher.images import model_problem, resolve
+from launcher.images import for_job, model_problem
 from launcher.instances import catalog
 from launcher.plan import (
     budget_problem,
@@ -57,7 +57,7 @@ def sagemaker_problems(cfg: JobConfig, resume: str | None) -> list[tuple[str, st
         return missing + problems
     shape = model_shape(cfg.model.id, network=False)  # None: not local nor built in, not checked here
     if shape is not None and not cfg.compute.image_uri and (
-            image := model_problem(resolve(cfg.compute.image), shape.model_type, shape.experts > 1)):
+            image := model_problem(for_job(cfg), shape.model_type, shape.experts > 1)):
         problems.append(("compute.image", image))
     fit, floor = fit_problem(cfg), runtime_floor_problem(cfg)
     problems += [p for p in (fit, floor) if p]

@@ -47,7 +47,8 @@ def test_launch_creates_the_job_sagemaker_will_run(aws, job_dict):
     assert re.fullmatch(r"medical-mixtral-\d{8}-\d{6}", job.name)
     assert d["TrainingJobStatus"] in ("InProgress", "Completed")
     image = d["AlgorithmSpecification"]["TrainingImage"]
-    assert "huggingface-pytorch-training:2.8.0-transformers4.56.2-gpu-py312" in image
+    # compute.image auto: the newest image measured on a GPU that trains Mixtral (launcher/images.py)
+    assert image.endswith("huggingface-pytorch-training:2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04")
     assert d["ResourceConfig"] == {"InstanceType": "ml.p4d.24xlarge", "InstanceCount": 1, "VolumeSizeInGB": 200}
     assert d["StoppingCondition"]["MaxRuntimeInSeconds"] == 24 * 3600
     assert d["OutputDataConfig"]["S3OutputPath"] == "s3://my-bucket/qlora/jobs"

@@ -41,6 +41,21 @@ def test_the_default_is_the_newest_image_measured_on_a_gpu():
     assert all(not i.measured_on_gpu for i in images.IMAGES[images.IMAGES.index(chosen) + 1:])
 
 
+def test_auto_takes_the_newest_measured_image_that_can_train_the_model(job_dict, tmp_path):
+    def auto(model_id):
+        return images.for_job(load_config(job_dict, [f"model.id={model_id}"])).stack
+
+    assert auto("mistralai/Mixtral-8x7B-Instruct-v0.1") == "transformers5"  # built-in shape, experts quantized there
+    assert auto(model_dir(tmp_path, "qwen3_next")) == "transformers5"  # 4.56.2 lacks the type
+    # an MoE whose experts only transformers 4 quantizes goes there, and validate passes it
+    olmoe = load_config(job_dict, [f"model.id={model_dir(tmp_path, 'olmoe', experts=8)}"])
+    assert images.for_job(olmoe).stack == "transformers4" and validate_for_launch(olmoe)
+    assert auto("some-org/not-built-in") == images.default().stack  # unknown offline: the newest measured
+    # a named image is taken as named, even where auto would choose another
+    pinned = load_config(job_dict, [f"model.id={tmp_path / 'olmoe'}", "compute.image=transformers5"])
+    assert images.for_job(pinned).stack == "transformers5"
+
+
 def test_validate_refuses_a_model_the_chosen_image_cannot_train(job_dict, tmp_path):
     newer = load_config(job_dict, [f"model.id={model_dir(tmp_path, 'qwen3_next')}", "compute.image=transformers4"])
     with pytest.raises(ConfigError) as err:
