@@ -14,7 +14,11 @@ Each recipe is the same model switched in place, so all of them run on identical
 - ours: the job's defaults before this run: fused MoE (entrypoint/moe.py), offloaded
   checkpoints (entrypoint/offload.py), packed rows of 2048, AdamW 8-bit;
 - ours-bf16: ours with training.bf16_residual (entrypoint.model.set_residual_dtype);
-- ours-bf16-flex: and FlexAttention, whose document mask skips the blocks across packed examples.
+- ours-bf16-flex: and FlexAttention, whose document mask skips the blocks across packed examples;
+- ours-bf16-scatter: ours-bf16 with the MoE pass's combine as it was before 2026-12-06 (index_add_
+  into zeros, atomics) instead of the gather back to token order, to measure that change alone;
+- ours-bf16-compiled: ours-bf16 with entrypoint.model.compile_small_ops (RMSNorm and rotary
+  through torch.compile).
 
 Both recipes draw example lengths from one distribution (log-normal, median ~545 tokens, capped
 at 2048: profile_step.packed_batch); tokens/s counts real tokens only. Every step is LoRA r16 on
@@ -46,12 +50,35 @@ from profile_step import packed_batch  # noqa: E402
 from entrypoint import model as M  # noqa: E402
 from entrypoint import moe  # noqa: E402
 
-RECIPES = {  # fused MoE, offloaded checkpoints, bf16 residual, attention
-    "plain": (False, False, False, "sdpa"),
-    "ours": (True, True, False, "sdpa"),
-    "ours-bf16": (True, True, True, "sdpa"),
-    "ours-bf16-flex": (True, True, True, "flex_attention"),
+RECIPES = {  # fused MoE, offloaded checkpoints, bf16 residual, attention, compiled small ops, scatter combine
+    "plain": (False, False, False, "sdpa", False, False),
+    "ours": (True, True, False, "sdpa", False, False),
+    "ours-bf16": (True, True, True, "sdpa", False, False),
+    "ours-bf16-flex": (True, True, True, "flex_attention", False, False),
+    "ours-bf16-scatter": (True, True, True, "sdpa", False, True),
+    "ours-bf16-compiled": (True, True, True, "sdpa", True, False),
 }
+GATHER_SUM = moe._per_token_sum
+EAGER_ROTARY: dict = {}
+
+
+def scatter_sum(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """The MoE pass's combine before 2026-12-06: index_add_ into zeros (atomics on the GPU)."""
+    out = torch.zeros(rows.shape[0] // k, rows.shape[-1], dtype=rows.dtype, device=rows.device)
+    return out.index_add_(0, order // k, rows)
+
+
+def set_small_ops(net, compiled: bool) -> None:
+    """Eager norms and rotary, then (if `compiled`) entrypoint.model.compile_small_ops."""
+    for m in net.modules():
+        if type(m).__name__.endswith("RMSNorm") and "forward" in vars(m):
+            del m.forward
+    for modeling, rotary in EAGER_ROTARY.items():
+        modeling.apply_rotary_pos_emb = rotary
+    if compiled:
+        modeling = sys.modules[type(net.get_base_model()).__module__]
+        EAGER_ROTARY.setdefault(modeling, modeling.apply_rotary_pos_emb)
+        M.compile_small_ops(net)
 
 
 def deep_model(shape: str, layers: int, unique: int, precision: M.Precision):
@@ -69,7 +96,7 @@ def deep_model(shape: str, layers: int, unique: int, precision: M.Precision):
 
 def switch(net, recipe: str) -> None:
     """The same model and LoRA weights, run as `recipe` says."""
-    fused, offload, bf16, attention = RECIPES[recipe]
+    fused, offload, bf16, attention, compiled, scatter = RECIPES[recipe]
     for m in net.modules():
         if hasattr(m, "_stock_forward") and not fused:
             del m.forward, m._stock_forward  # back to the class's (stock) forward
@@ -80,6 +107,8 @@ def switch(net, recipe: str) -> None:
     # packed rows: transformers builds the document mask from the position ids, dense for SDPA,
     # a BlockMask for FlexAttention (which then skips the blocks across documents)
     net.get_base_model().set_attn_implementation(attention)
+    moe._per_token_sum = scatter_sum if scatter else GATHER_SUM
+    set_small_ops(net, compiled)
 
 
 def padded_batches(n: int, seq: int, per_batch: int = 8, seed: int = 0) -> list[dict]:
@@ -202,14 +231,14 @@ def main() -> None:
     out["numerics"] = []
     for layers in args.numerics_layers:  # shallow: deeper, random weights amplify any bf16 rounding (README)
         small = lora_model(deep_model(args.shape, layers, layers, precision), True)
-        out["numerics"].append(numerics(small, min(4, args.rows), args.seq) | {"layers": layers})
+        out["numerics"].append(numerics(small, min(4, args.rows), args.seq, args.recipes) | {"layers": layers})
         print("numerics:", json.dumps(out["numerics"][-1]), flush=True)
         del small
         torch.cuda.empty_cache()
     net = lora_model(deep_model(args.shape, args.layers, args.unique, precision), True)
     out["build_s"] = time.time() - t0
     print(f"{args.layers} layers ({args.unique} unique) built in {out['build_s']:.0f} s", flush=True)
-    out["numerics"].append(numerics(net, min(4, args.rows), args.seq) | {"layers": args.layers})
+    out["numerics"].append(numerics(net, min(4, args.rows), args.seq, args.recipes) | {"layers": args.layers})
     print("numerics:", json.dumps(out["numerics"][-1]), flush=True)
     plain = padded_batches(args.steps, args.seq)
     packed = {rows: [packed_batch(rows, args.seq)] for rows in {args.rows, *args.extra_rows}}

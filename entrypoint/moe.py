@@ -6,7 +6,8 @@ projection dequantizes its NF4 weight inside bitsandbytes, PEFT clones the base 
 runs dropout and two skinny LoRA matmuls, and autograd keeps every ffn-wide intermediate in
 fp32. Here one autograd Function does the whole expert computation of a layer:
 
-- tokens are sorted by expert once (one gather, one scatter per layer instead of per expert);
+- tokens are sorted by expert once (one gather per layer instead of one per expert) and gathered
+  back to token order once, summing their top-k rows (no atomic scatter);
 - w1 and w3 are dequantized once per pass into one (2 x ffn, hidden) bf16/fp16 tensor, so one
   matmul gives both; they are dequantized again in backward rather than kept;
 - LoRA runs beside the base matmul (folding it into W would round its small delta away);
@@ -192,6 +193,16 @@ def _order(selected: torch.Tensor, experts: int):
     return order, order // selected.shape[1], counts
 
 
+def _per_token_sum(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """Each token's k rows (rows are in expert order: row p belongs to token order[p] // k)
+    summed in token order. A gather back to token order and a sum over k: index_add_ into
+    zeros did the same with atomics, 1.2 ms a call at Mixtral's width on an H100 (the profile in
+    bench/README.md); the sum is in fp32 before its one rounding, so k = 2 gives the same values."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return rows.index_select(0, inverse).view(-1, k, rows.shape[-1]).sum(1)
+
+
 def _rng_state(device: torch.device):
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
@@ -223,7 +234,7 @@ class _Experts(torch.autograd.Function):
                     ys[sl] = _project(h, w2, hk, x.dtype)
                 start += n
             flat_w = weights.reshape(-1).index_select(0, order)
-            out = torch.zeros_like(x).index_add_(0, token, ys * flat_w[:, None].to(x.dtype))
+            out = _per_token_sum(ys * flat_w[:, None].to(x.dtype), order, selected.shape[1])
         ctx.counts = counts
         ctx.save_for_backward(x, weights, order, token, ys, uv)
         return out
@@ -252,7 +263,7 @@ class _Experts(torch.autograd.Function):
                     dxs[sl] = _expert_backward(xs[sl], gy_all[sl], uv[0, sl], uv[1, sl], projs, grads, 6 * e,
                                                ctx.seed + start)
                 start += n
-            dx = torch.zeros_like(x).index_add_(0, token, dxs)
+            dx = _per_token_sum(dxs, order, weights.shape[1])
             grad_w = torch.empty_like(grad_flat_w).index_copy_(0, order, grad_flat_w)
         return (dx, grad_w.view_as(weights).to(weights.dtype), None, None, *grads)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from entrypoint import kernels, moe
 from entrypoint import model as M
@@ -188,3 +190,25 @@ def test_a_router_trained_alone_gets_its_gradient(tiny_model):
         grads.append(lora_grads(net))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.integers(0, 40), experts=st.integers(1, 16), k=st.sampled_from([1, 2, 4, 8]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_the_gather_back_to_token_order_sums_what_index_add_summed(tokens, experts, k, dtype, seed):
+    """Any routing (top-k of 1 to 8, an expert chosen by no token or by all): each token gets the
+    sum of its own k rows; for top-2 (Mixtral) the values are bitwise those of the atomic scatter
+    it replaced, in bf16 too."""
+    k = min(k, experts)
+    g = torch.Generator().manual_seed(seed)
+    selected = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)] or [torch.zeros(0, k)])
+    order, token, _ = moe._order(selected.long().reshape(tokens, k), experts)
+    rows = torch.randn(tokens * k, 6, generator=g).to(dtype)
+    got = moe._per_token_sum(rows, order, k)
+    scattered = torch.zeros(tokens, 6, dtype=dtype).index_add_(0, token, rows)
+    if k <= 2:
+        assert torch.equal(got, scattered)
+    else:  # one rounding after an fp32 sum instead of one per addition
+        torch.testing.assert_close(got, scattered, rtol=0.02 if dtype == torch.bfloat16 else 1e-6, atol=0.05)
+    exact = torch.zeros(tokens, 6, dtype=torch.float64).index_add_(0, token, rows.double())
+    torch.testing.assert_close(got.double(), exact, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
