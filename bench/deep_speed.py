@@ -18,7 +18,7 @@ Each recipe is the same model switched in place, so all of them run on identical
 - ours-bf16-scatter: ours-bf16 with the MoE pass's combine as it was before 2026-12-06 (index_add_
   into zeros, atomics) instead of the gather back to token order, to measure that change alone;
 - ours-bf16-compiled: ours-bf16 with entrypoint.model.compile_small_ops (RMSNorm and rotary
-  through torch.compile).
+  through torch.compile); ours-compiled: ours (fp32 residual stream) with it.
 
 Both recipes draw example lengths from one distribution (log-normal, median ~545 tokens, capped
 at 2048: profile_step.packed_batch); tokens/s counts real tokens only. Every step is LoRA r16 on
@@ -57,6 +57,7 @@ RECIPES = {  # fused MoE, offloaded checkpoints, bf16 residual, attention, compi
     "ours-bf16-flex": (True, True, True, "flex_attention", False, False),
     "ours-bf16-scatter": (True, True, True, "sdpa", False, True),
     "ours-bf16-compiled": (True, True, True, "sdpa", True, False),
+    "ours-compiled": (True, True, False, "sdpa", True, False),
 }
 GATHER_SUM = moe._per_token_sum
 EAGER_ROTARY: dict = {}

@@ -484,7 +484,8 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
             trainable_pct=f"{100 * trainable / total:.3f}",
             targets=",".join([*lora.target_modules, *(lora.target_parameters or [])]),
             checkpoints=describe_checkpoints(peft_model),
-            **({"moe": moe_path.replace(" ", "_")} if moe_path else {}))
+            **({"moe": moe_path.replace(" ", "_")} if moe_path else {}),
+            **({"small_ops": "compiled"} if getattr(peft_model, "compiled_small_ops", 0) else {}))
     net = peft_model
     if ctx.world > 1:
         # find_unused_parameters: an expert that no token was routed to gets no gradient.

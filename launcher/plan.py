@@ -114,6 +114,10 @@ H200_TOKENS_PER_S = {"stock": {2048: 1026.0, 8192: 2385.0}, "fused": {8192: 3304
 # h100-2026-12-06-deep-speed-r1.json): medians 4,149 against 3,794 tok/s. Applied to the fused
 # H200 figures above as a ratio: scaled, not measured on an H200.
 BF16_RESIDUAL_SPEEDUP = 4149.0 / 3794.0
+# training.compile_small_ops (opt-in, CUDA), the same way: h100-2026-12-06-deep-speed-r3.json, two
+# interleaved repeats, medians 4,021.5 (ours-compiled) against 3,749.5 (ours). With bf16_residual the
+# two are multiplied (x1.173; measured together in that run: x1.189).
+COMPILE_SMALL_OPS_SPEEDUP = 4021.5 / 3749.5
 H200 = {"tflops": 989.0, "bandwidth_gbs": 4800.0}
 # The per-token part's share that scales with memory bandwidth (the rest with dense TFLOP/s): fitted on
 # the one pair of GPUs measured with the same step at 32 layers, 8 rows: H100 80GB (3.35 TB/s) 3,794
@@ -185,7 +189,7 @@ def calibration() -> list[dict]:
 # --------------------------------------------------------------------------- throughput
 
 def tokens_per_second(shape: Shape, inst: Instance, tokens_per_micro_batch: int, strategy: str,
-                      fused_moe: bool = True, bf16_residual: bool = False) -> float:
+                      fused_moe: bool = True, bf16_residual: bool = False, compile_small_ops: bool = False) -> float:
     """Real tokens/s for the whole job on one instance (see the module docstring)."""
     (t1, r1), (t2, r2) = sorted(H200_TOKENS_PER_S[mlp_path(shape, fused_moe)].items())
     per_token = (t2 / r2 - t1 / r1) / (t2 - t1)  # s per token, Mixtral-8x7B on an H200
@@ -199,6 +203,8 @@ def tokens_per_second(shape: Shape, inst: Instance, tokens_per_micro_batch: int,
     rate = tokens_per_micro_batch / (fixed + per_token * tokens_per_micro_batch)
     if bf16_residual and gpu.bf16 and mlp_path(shape, fused_moe) == "fused":
         rate *= BF16_RESIDUAL_SPEEDUP
+    if compile_small_ops and mlp_path(shape, fused_moe) == "fused":
+        rate *= COMPILE_SMALL_OPS_SPEEDUP
     if strategy == "ddp":
         workers = inst.gpu_count
         rate *= workers * (DDP_EFFICIENCY if workers > 1 else 1.0)
@@ -211,7 +217,8 @@ ASSUMPTIONS = [
     "per micro-batch; the stock path (and dense models) 1,026 at 1 row and 2,385 at 4; a step = fixed "
     "part per quantized linear module + per-token part scaled by active parameters per token",
     f"training.bf16_residual (bf16 GPUs, fused path): x{BF16_RESIDUAL_SPEEDUP:.2f}, measured on an H100 80GB at 32 "
-    "layers (4,149 against 3,794 tok/s, same model and step), applied to the H200 figures as a ratio",
+    "layers (4,149 against 3,794 tok/s, same model and step), applied to the H200 figures as a ratio; "
+    f"training.compile_small_ops (fused path): x{COMPILE_SMALL_OPS_SPEEDUP:.2f} the same way (4,022 against 3,750)",
     f"other GPUs: the per-token part scales {1 - BANDWIDTH_SHARE:.0%} with dense bf16/fp16 TFLOP/s and "
     f"{BANDWIDTH_SHARE:.0%} with memory bandwidth (fitted on the H100 80GB measured against the H200; "
     "A100 and other GPUs are scaled, not measured); "
@@ -387,7 +394,8 @@ def evaluate(shape: Shape, inst: Instance, cfg: JobConfig, dataset_tokens: float
     strategy, need = _fit(shape, inst, cfg, rows)
     fits = strategy is not None
     tokens = rows * t.max_seq_length
-    rate = (tokens_per_second(shape, inst, tokens, strategy, t.fused_moe, t.bf16_residual) * cfg.compute.instance_count
+    rate = (tokens_per_second(shape, inst, tokens, strategy, t.fused_moe, t.bf16_residual, t.compile_small_ops)
+            * cfg.compute.instance_count
             if fits else None)
     hours = usd = spot = None
     if fits and dataset_tokens:

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from entrypoint import model as M
+from entrypoint.hyperparams import LoraSpec, TrainingSpec
 from tests.entrypoint.test_residual import lora_net
 
 
@@ -36,3 +37,13 @@ def test_compiled_norms_and_rotary_give_eager_loss_and_gradients(tiny_model, mon
     assert calls  # the switched norm ran
     assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss)
     assert torch.nn.functional.cosine_similarity(ref, got, dim=0).item() >= 0.9999
+
+
+def test_the_switch_compiles_nothing_on_a_cpu_run(tiny_model):
+    """training.compile_small_ops is for CUDA: a CPU run (the tiny local runs, CI) keeps eager
+    norms, needs no C++ compiler, and its [model] line says nothing of it."""
+    base = M.load_4bit(str(tiny_model), M.Precision(torch.float32, "fp32", "test"), {"": "cpu"}, "sdpa")
+    net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=0.0, target_modules="auto"),
+                        TrainingSpec(compile_small_ops=True, offload_checkpoints=False))
+    assert not getattr(net, "compiled_small_ops", 0)
+    assert all("forward" not in vars(m) for m in net.modules() if type(m).__name__.endswith("RMSNorm"))
