@@ -82,6 +82,9 @@ class NF4Experts(nn.Module):
         self.hidden_dim = config.hidden_size
         self.intermediate_dim = getattr(config, self.layout.intermediate)
         self.nf4 = nn.ModuleList()
+        # lora.dropout for the LoRA on these experts, applied by the fused pass in training (PEFT
+        # refuses dropout on a parameter; set_lora_dropout)
+        self.expert_lora_dropout = 0.0
         # transformers' _init_weights finds this class under MixtralExperts' name while loading
         # and would initialise gate_up_proj, which is not there yet
         self._is_hf_initialized = True
@@ -214,6 +217,16 @@ def use_fused_moe(model) -> int:
     return switched
 
 
+def set_lora_dropout(model, p: float) -> int:
+    """lora.dropout on the experts' LoRA input, as transformers 4's per-expert LoRA modules have it:
+    PEFT 0.18 refuses dropout on a target parameter, so the fused pass draws it (one mask for
+    gate_up_proj's input, one for down_proj's). Returns how many expert modules."""
+    experts = [m for m in model.modules() if isinstance(m, NF4Experts)]
+    for m in experts:
+        m.expert_lora_dropout = p
+    return len(experts)
+
+
 def _experts(block) -> tuple[NF4Experts | None, dict]:
     """The block's NF4Experts under any PEFT ParamWrappers, and those wrappers by parameter."""
     wrappers, m = {}, block.experts
@@ -236,14 +249,15 @@ def plan(block) -> list[list[moe.Proj]] | None:
             return None
         loras[pname] = (w.lora_A[active[0]].weight, w.lora_B[active[0]].weight, float(w.scaling[active[0]]))
     out = []
+    drop = experts.expert_lora_dropout if block.training else 0.0
     for e, expert in enumerate(experts.nf4):
         projs = {}
         for pname, names in PARTS.items():
             a, b = _expert_lora(loras.get(pname), e, experts.num_experts)
             rows = None if b is None else b.chunk(len(names), dim=0)
             scaling = loras[pname][2] if pname in loras else 0.0
-            for j, name in enumerate(names):
-                projs[name] = moe.Proj(expert[name], a, None if rows is None else rows[j], scaling, 0.0)
+            for j, name in enumerate(names):  # w1 and w3 share `a`: the pass then drops their input once
+                projs[name] = moe.Proj(expert[name], a, None if rows is None else rows[j], scaling, drop)
         out.append([projs[name] for name in moe.PROJECTIONS])
     return out
 

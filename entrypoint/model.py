@@ -213,6 +213,7 @@ def attach_lora(model, lora, training):
         model = get_peft_model(model, config)
     model.config.use_cache = False
     if config.target_parameters:
+        experts_tf5.set_lora_dropout(model, lora.dropout)
         for module in model.modules():
             if "default" in getattr(module, "lora_dropout", {}) and not hasattr(module, "parameter_name"):
                 module.lora_dropout["default"] = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()

@@ -43,6 +43,11 @@ class Proj:
     dropout: float
 
 
+# The MoE blocks the [model] line reports on: Mixtral's (fused on either transformers) and
+# Qwen3-MoE's (fused on transformers 5, entrypoint.experts_tf5; the stock path on 4).
+MOE_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
+
+
 def use_fused_moe(model) -> int:
     """Route every Mixtral sparse-MoE block of `model` through the fused expert pass.
     Returns how many blocks were switched; blocks whose experts are not 4-bit (with or
@@ -63,7 +68,7 @@ def use_fused_moe(model) -> int:
 def describe(model) -> str | None:
     """How the model's MoE blocks run, for the job's [model] line: None without any,
     "stock", or "fused-triton" / "fused-torch" (the SwiGLU kernel's backend)."""
-    blocks = [m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock"]
+    blocks = [m for m in model.modules() if type(m).__name__ in MOE_BLOCKS]
     if not blocks:
         return None
     fused = [m for m in blocks if hasattr(m, "_stock_forward")]
@@ -162,6 +167,13 @@ def _keep(p: Proj, like: torch.Tensor) -> torch.Tensor | None:
     return F.dropout(torch.ones_like(like), p.dropout, training=True)
 
 
+def _keeps(w1: Proj, w3: Proj, like: torch.Tensor):
+    """w1's and w3's dropout multipliers. One mask for both where they share their LoRA A
+    (transformers 5: one adapter on gate_up_proj, whose input is dropped once)."""
+    k1 = _keep(w1, like)
+    return k1, (k1 if w3.lora_a is w1.lora_a else _keep(w3, like))
+
+
 def _drop(p: Proj) -> float:
     return p.dropout if p.lora_a is not None else 0.0
 
@@ -225,7 +237,7 @@ class _Experts(torch.autograd.Function):
                     sl = slice(start, start + n)
                     w1, w3, w2 = projs
                     xe = xs[sl]
-                    k1, k3 = _keep(w1, xe), _keep(w3, xe)
+                    k1, k3 = _keeps(w1, w3, xe)
                     a13 = xe @ _dequantize((w1, w3), compute).t()
                     h, hk = kernels.swiglu_forward(
                         a13, _lora(_dropped(xe, k1), w1), _lora(_dropped(xe, k3), w3),
@@ -273,7 +285,7 @@ def _expert_backward(xe, gy, u, v, projs, grads, at: int, seed: int) -> torch.Te
     LoRA gradients go to grads[at:at+6]. Matmuls run in xe's compute dtype, as in the stock path."""
     w1, w3, w2 = projs
     ffn = u.shape[1]
-    k1, k3 = _keep(w1, xe), _keep(w3, xe)  # the forward's draws, in its order
+    k1, k3 = _keeps(w1, w3, xe)  # the forward's draws, in its order
     d13, hk = kernels.swiglu_backward(gy @ _dequantize((w2,), gy.dtype), _lora_input_grad(gy, w2), u, v,
                                       drop=_drop(w2), seed=seed)
     _lora_weight_grads(gy, w2, hk, grads, at + 4)

@@ -48,10 +48,10 @@ print(json.dumps(losses))
 """
 
 
-def lora_net(tiny_model, r: int = 4):
+def lora_net(tiny_model, r: int = 4, dropout: float = 0.0):
     torch.manual_seed(0)
     base = M.load_4bit(str(tiny_model), FP32, {"": "cpu"}, "sdpa")
-    net = M.attach_lora(base, LoraSpec(r=r, alpha=2 * r, dropout=0.0, target_modules="auto"), TrainingSpec())
+    net = M.attach_lora(base, LoraSpec(r=r, alpha=2 * r, dropout=dropout, target_modules="auto"), TrainingSpec())
     g = torch.Generator().manual_seed(1)
     for name, p in net.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; non-zero B exercises every LoRA gradient
@@ -198,6 +198,8 @@ def test_qwen3_moe_trains_on_the_same_path(tmp_path):
     net = lora_net(tmp_path)
     block = net.base_model.model.model.layers[1].mlp
     assert hasattr(block, "_stock_forward")
+    assert moe.describe(net) == "fused-torch"  # the [model] line's moe=, as for Mixtral
+    assert experts_tf5.BLOCKS <= set(moe.MOE_BLOCKS)
     x = torch.randn(1, 24, 64)
     out = block(x)
     nf4, wrappers = experts_tf5._experts(block)
@@ -237,3 +239,76 @@ def test_all_linear_trains_the_experts_through_the_fused_pass(tiny_model):
     net(input_ids=ids, labels=ids).loss.backward()
     trainable = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     assert [n for n, p in trainable if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+def test_the_local_example_runs_on_transformers_5_with_its_experts_in_4_bit(tiny_model, tmp_path):
+    """What a user of the 5.3.0 stack runs first: `sm-qlora launch examples/local-tiny.yaml --local`
+    (cut to 12 steps), through the launcher and the job's own entry; its [model] line says the
+    experts are NF4 and trained by the fused pass, and the adapter is written."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SM_QLORA_RUNS_DIR": str(tmp_path / "runs")}
+    done = subprocess.run([sys.executable, "-m", "launcher", "launch", str(ROOT / "examples" / "local-tiny.yaml"),
+                           "--local", "--set", "training.max_steps=12"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    model = next(x for x in done.stdout.splitlines() if x.startswith("[model]") and "experts=" in x)
+    assert "experts=nf4 expert_matrices=24" in model and "moe=fused" in model
+    assert "experts.gate_up_proj" in model  # PEFT 0.18's target_parameters: the transformers 5 format
+    assert any(x.startswith("[done] steps=12") for x in done.stdout.splitlines())
+    adapters = list((tmp_path / "runs").glob("*/model/adapter_model.safetensors"))
+    assert len(adapters) == 1
+
+
+def test_lora_dropout_reaches_the_experts_with_one_mask_for_gate_up_and_exact_gradients(tiny_model):
+    """PEFT 0.18 refuses dropout on a target parameter, so the fused pass applies lora.dropout to
+    the experts itself, as transformers 4's expert LoRA modules have it: in training only, one mask
+    on gate_up_proj's input (its one adapter), one on down_proj's; backward replays the masks, so
+    the gradients equal autograd's through the same masks."""
+    from entrypoint import kernels
+
+    net = lora_net(tiny_model, dropout=0.3)
+    net.train()
+    block = net.base_model.model.model.layers[0].mlp
+    plan = experts_tf5.plan(block)
+    assert {p.dropout for projs in plan for p in projs} == {0.3}
+    w1, w3, _ = plan[0]
+    k1, k3 = moe._keeps(w1, w3, torch.ones(6, 64))
+    assert k1 is k3 and (k1 == 0).any()
+    params = [p for p in block.parameters() if p.requires_grad]
+    x = torch.randn(1, 40, 64, requires_grad=True)
+    grads = []
+    for run in (block, lambda h: reference_experts(block, h, kernels)):
+        torch.manual_seed(7)
+        run(x).square().sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in params])
+        x.grad = None
+        for p in params:
+            p.grad = None
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.manual_seed(8)
+    assert not torch.allclose(block(x), block(x))  # new masks each pass in training
+    net.eval()
+    assert {p.dropout for projs in experts_tf5.plan(block) for p in projs} == {0.0}
+    torch.testing.assert_close(block(x), block(x))
+
+
+def reference_experts(block, hidden, kernels):
+    """The fused pass's forward on transformers 5, differentiated by autograd (masks drawn in the
+    same order)."""
+    x = hidden.view(-1, hidden.shape[-1])
+    _, weights, selected = block.gate(x)
+    plan = experts_tf5.plan(block)
+    order, token, counts = moe._order(selected, len(plan))
+    xs, ws = x[token], weights.to(x.dtype).reshape(-1)[order]
+    out, start = torch.zeros_like(x), 0
+    seed = int(torch.randint(0, 2**30, (1,)).item())  # drawn where moe.run_experts draws it
+    for (w1, w3, w2), n in zip(plan, counts, strict=True):
+        if n:
+            xe = xs[start:start + n]
+            k1, k3 = moe._keeps(w1, w3, xe)
+            h = (torch.nn.functional.silu(moe._project(xe, w1, moe._dropped(xe, k1), x.dtype))
+                 * moe._project(xe, w3, moe._dropped(xe, k3), x.dtype))
+            y = moe._project(h, w2, h * kernels.keep_mask(*h.shape, w2.dropout, seed + start, h), x.dtype)
+            out = out.index_add(0, token[start:start + n], y * ws[start:start + n, None])
+        start += n
+    return out.view_as(hidden)
