@@ -45,19 +45,20 @@ NEW_IN_TRANSFORMERS5 = frozenset({
 NF4_EXPERTS_ON_TRANSFORMERS5 = frozenset({"mixtral", "qwen3_moe"})
 
 
-def default(model_type: str | None = None, moe: bool = False) -> Image:
+def default(model_type: str | None = None, moe: bool = False, fused_moe: bool = True) -> Image:
     """The newest image whose path has been measured on a GPU and that can train a model of
-    `model_type` (any model when None); the newest measured one if none can (validate then says why)."""
+    `model_type` as configured (any model when None); the newest measured one if none can
+    (validate then says why)."""
     measured = [i for i in IMAGES if i.measured_on_gpu]
-    able = [i for i in measured if model_type is None or model_problem(i, model_type, moe) is None]
+    able = [i for i in measured if model_type is None or model_problem(i, model_type, moe, fused_moe) is None]
     return (able or measured)[-1]
 
 
-def resolve(choice: str, model_type: str | None = None, moe: bool = False) -> Image:
-    """`auto` (see `default`), a stack or an image name (the full tag and
+def resolve(choice: str) -> Image:
+    """`auto` (`default`, knowing no model), a stack or an image name (the full tag and
     `huggingface-pytorch-training:` accepted). ValueError naming the choices otherwise."""
     if choice == "auto":
-        return default(model_type, moe)
+        return default()
     wanted = choice.rsplit(":", 1)[-1]
     for image in IMAGES:
         if wanted in (image.name, image.stack, image.tag):
@@ -66,8 +67,9 @@ def resolve(choice: str, model_type: str | None = None, moe: bool = False) -> Im
     raise ValueError(f"{choice!r} is not an image the job runs on; choose auto, {names}")
 
 
-def model_problem(image: Image, model_type: str, moe: bool) -> str | None:
-    """Why `image` cannot train a model of `model_type` (None when it can)."""
+def model_problem(image: Image, model_type: str, moe: bool, fused_moe: bool = True) -> str | None:
+    """Why `image` cannot train a model of `model_type` (None when it can), with
+    training.fused_moe as `fused_moe`."""
     major = int(image.transformers.split(".")[0])
     if major < 5 and model_type in NEW_IN_TRANSFORMERS5:
         return (f"model type {model_type!r} needs transformers 5; image {image.name} ships transformers "
@@ -76,6 +78,10 @@ def model_problem(image: Image, model_type: str, moe: bool) -> str | None:
         return (f"on image {image.name} (transformers {image.transformers}) the experts of a {model_type!r} model "
                 f"are 3D weights the job does not quantize to 4-bit (only {', '.join(sorted(NF4_EXPERTS_ON_TRANSFORMERS5))}"
                 "'s); set compute.image: transformers4")
+    if major >= 5 and moe and not fused_moe:
+        return (f"training.fused_moe: false asks for the stock MoE path, which image {image.name} (transformers "
+                f"{image.transformers}) does not have for 4-bit experts (the job quantizes them itself and only "
+                "its fused pass runs them); set compute.image: transformers4, or drop training.fused_moe")
     return None
 
 
@@ -93,4 +99,4 @@ def for_job(cfg) -> Image:
     from launcher.shapes import resolve as model_shape
 
     shape = model_shape(cfg.model.id, network=False)
-    return default(shape.model_type, shape.experts > 1) if shape else default()
+    return default(shape.model_type, shape.experts > 1, cfg.training.fused_moe) if shape else default()

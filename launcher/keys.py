@@ -39,7 +39,7 @@ NOTES = {
     "training.per_device_batch_size": "packed rows per micro-batch; auto: the most the plan's memory model fits on the GPU",
     "training.gradient_accumulation_steps": "micro-batches per optimizer step",
     "training.offload_checkpoints": "keep checkpointed layer inputs in host memory (less GPU memory, same speed)",
-    "training.fused_moe": "Mixtral: one fused pass over a layer's experts; false: transformers + PEFT (transformers 4 only: on 5 the 4-bit experts always take the fused pass)",
+    "training.fused_moe": "Mixtral: one fused pass over a layer's experts; false: transformers + PEFT (transformers 4 only: auto then picks that image)",
     "training.compile_small_ops": "CUDA: RMSNorm and rotary through torch.compile (+6-8% tokens/s on an H100; opt-in, docs/speed.md)",
     "training.bf16_residual": "bf16 GPUs: keep the residual stream in bf16 (+9% tokens/s on an H100; opt-in, docs/speed.md)",
     "training.optimizer": "auto: 8-bit AdamW on GPUs, torch AdamW on CPU",

@@ -57,7 +57,7 @@ def sagemaker_problems(cfg: JobConfig, resume: str | None) -> list[tuple[str, st
         return missing + problems
     shape = model_shape(cfg.model.id, network=False)  # None: not local nor built in, not checked here
     if shape is not None and not cfg.compute.image_uri and (
-            image := model_problem(for_job(cfg), shape.model_type, shape.experts > 1)):
+            image := model_problem(for_job(cfg), shape.model_type, shape.experts > 1, cfg.training.fused_moe)):
         problems.append(("compute.image", image))
     fit, floor = fit_problem(cfg), runtime_floor_problem(cfg)
     problems += [p for p in (fit, floor) if p]

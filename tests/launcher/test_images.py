@@ -51,6 +51,13 @@ def test_auto_takes_the_newest_measured_image_that_can_train_the_model(job_dict,
     olmoe = load_config(job_dict, [f"model.id={model_dir(tmp_path, 'olmoe', experts=8)}"])
     assert images.for_job(olmoe).stack == "transformers4" and validate_for_launch(olmoe)
     assert auto("some-org/not-built-in") == images.default().stack  # unknown offline: the newest measured
+    # the stock MoE path (training.fused_moe: false) exists only on transformers 4: auto goes there,
+    # and a transformers 5 image named with it is refused in one line
+    stock = load_config(job_dict, ["training.fused_moe=false"])
+    assert images.for_job(stock).stack == "transformers4" and validate_for_launch(stock)
+    with pytest.raises(ConfigError) as err:
+        validate_for_launch(load_config(job_dict, ["training.fused_moe=false", "compute.image=transformers5"]))
+    assert "training.fused_moe: false" in dict(err.value.problems)["compute.image"]
     # a named image is taken as named, even where auto would choose another
     pinned = load_config(job_dict, [f"model.id={tmp_path / 'olmoe'}", "compute.image=transformers5"])
     assert images.for_job(pinned).stack == "transformers5"
