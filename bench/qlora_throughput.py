@@ -280,6 +280,9 @@ def main() -> None:
 
 def report(results: dict, recipes: list[str], out: Path | None) -> None:
     runs = results["runs"]
+    if len({r["layers"] for r in runs}) < 2:  # a line needs two depths: the points above are the result
+        print("one depth measured: no fit, no 32-layer extrapolation", flush=True)
+        return
     recipes = [x for x in recipes if any(r["recipe"] == x for r in runs)]
     summary = {name: summarize(runs, name) for name in recipes}
     base_name = "plain" if "plain" in summary else recipes[0]
