@@ -2,7 +2,7 @@
 
 `compute.image` picks one by name (`2.9.0-transformers5.3.0`) or by stack (`transformers5`);
 `auto` is the newest image whose path has been measured on a GPU (bench/README.md) and that can
-train the model, where the launcher knows the model's type. The launcher alone reads this
+train the model on the instance's GPU, where the launcher knows the model's type (`for_job`). The launcher alone reads this
 table: the job finds its stack from the transformers it imports.
 """
 
@@ -24,13 +24,14 @@ class Image:
     tag: str             # the ECR tag
     released: str
     measured_on_gpu: bool  # the job's path on this image measured on a GPU (bench/README.md)
+    min_compute_capability: float  # its torch's CUDA build: CUDA 13 builds start at Turing (7.5), no Volta
 
 
 IMAGES = (
     Image("2.8.0-transformers4.56.2", "transformers4", "4.56.2", "0.17.1", "2.8.0", "py312",
-          "2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04", "2025", True),
+          "2.8.0-transformers4.56.2-gpu-py312-cu129-ubuntu22.04", "2025", True, 7.0),
     Image("2.9.0-transformers5.3.0", "transformers5", "5.3.0", "0.18.1", "2.9.0", "py312",
-          "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04", "2026-04-16", True),
+          "2.9.0-transformers5.3.0-gpu-py312-cu130-ubuntu22.04", "2026-04-16", True, 7.5),
 )
 
 # Causal-LM model types that transformers 5.3.0 has and 4.56.2 has not (their AutoModelForCausalLM
@@ -45,13 +46,10 @@ NEW_IN_TRANSFORMERS5 = frozenset({
 NF4_EXPERTS_ON_TRANSFORMERS5 = frozenset({"mixtral", "qwen3_moe"})
 
 
-def default(model_type: str | None = None, moe: bool = False, fused_moe: bool = True) -> Image:
-    """The newest image whose path has been measured on a GPU and that can train a model of
-    `model_type` as configured (any model when None); the newest measured one if none can
-    (validate then says why)."""
-    measured = [i for i in IMAGES if i.measured_on_gpu]
-    able = [i for i in measured if model_type is None or model_problem(i, model_type, moe, fused_moe) is None]
-    return (able or measured)[-1]
+def default() -> Image:
+    """The newest image whose path has been measured on a GPU (`auto` before the model and
+    instance are known; `for_job` is `auto` for a job)."""
+    return [i for i in IMAGES if i.measured_on_gpu][-1]
 
 
 def resolve(choice: str) -> Image:
@@ -85,6 +83,25 @@ def model_problem(image: Image, model_type: str, moe: bool, fused_moe: bool = Tr
     return None
 
 
+def gpu_problem(image: Image, gpu) -> str | None:
+    """Why `image`'s torch cannot run on `gpu` (launcher.instances.GPU; None when it can)."""
+    if gpu.compute_capability < image.min_compute_capability:
+        return (f"image {image.name}'s torch is built for CUDA 13, which has no kernels for the {gpu.model} "
+                f"(compute capability {gpu.compute_capability}); set compute.image: transformers4")
+    return None
+
+
+def problems(image: Image, cfg, shape) -> list[str]:
+    """Why `image` cannot run the job `cfg` on its instance, for the model `shape`
+    (launcher.shapes.Shape; None when the launcher cannot see the model)."""
+    from launcher.instances import catalog
+
+    out = [gpu_problem(image, catalog().get(cfg.compute.instance_type).gpu)]
+    if shape is not None:
+        out.append(model_problem(image, shape.model_type, shape.experts > 1, cfg.training.fused_moe))
+    return [p for p in out if p]
+
+
 def describe(image: Image) -> str:
     why = "measured on a GPU" if image.measured_on_gpu else "not yet measured on a GPU"
     return (f"{REPOSITORY}:{image.tag} (transformers {image.transformers}, peft {image.peft}, "
@@ -92,11 +109,17 @@ def describe(image: Image) -> str:
 
 
 def for_job(cfg) -> Image:
-    """The image of a JobConfig: `compute.image`, with `auto` knowing the model where its
-    config.json is local or its shape built in (launcher.shapes; nothing is fetched)."""
+    """The image of a JobConfig. `compute.image` as named; `auto`: for a model the launcher can see
+    (a local config.json or a built-in shape; nothing is fetched), the newest measured image that
+    can train it as configured on the instance's GPU; for one it cannot see, the 4.56.2 image (it
+    trains every model type transformers 4.56 has, MoE experts included, on every GPU listed)."""
     if cfg.compute.image != "auto":
         return resolve(cfg.compute.image)
     from launcher.shapes import resolve as model_shape
 
     shape = model_shape(cfg.model.id, network=False)
-    return default(shape.model_type, shape.experts > 1, cfg.training.fused_moe) if shape else default()
+    if shape is None:
+        return IMAGES[0]
+    measured = [i for i in IMAGES if i.measured_on_gpu]
+    able = [i for i in measured if not problems(i, cfg, shape)]
+    return (able or measured)[-1]

@@ -14,6 +14,7 @@ inside the adapters: `import sagemaker` costs seconds, and `--help` / `validate`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
 import hashlib
@@ -170,14 +171,15 @@ def redact(obj: Any) -> Any:
 
 
 def job_spec(cfg: JobConfig, *, name: str, strategy: str, hyperparameters: dict, source_dir: str,
-             inputs: dict[str, str], checkpoint_s3_uri: str, tags: list[dict], max_runtime_s: int | None) -> JobSpec:
+             inputs: dict[str, str], checkpoint_s3_uri: str, tags: list[dict], max_runtime_s: int | None,
+             image: images.Image | None = None) -> JobSpec:
     c = cfg.compute
     max_run = runtime_s(cfg, max_runtime_s)
     environment = job_environment(cfg, max_run)
     max_wait = max_wait_s(cfg, max_run) if c.spot else None
     return JobSpec(
         name=name, region=cfg.aws.region, role=cfg.aws.role, bucket=split_s3(cfg.output.s3_uri)[0],
-        image_uri=c.image_uri, image=images.for_job(cfg), instance_type=c.instance_type, instance_count=c.instance_count,
+        image_uri=c.image_uri, image=image or images.for_job(cfg), instance_type=c.instance_type, instance_count=c.instance_count,
         volume_size_gb=c.volume_size_gb, max_run_s=max_run, max_wait_s=max_wait, source_dir=source_dir,
         entry_script=ENTRY_SCRIPT, hyperparameters=hyperparameters,
         distributed=strategy == "ddp",  # ddp: one process per GPU through torchrun; the others one process
@@ -210,16 +212,27 @@ class _DryRun:
         raise RuntimeError(f"dry run: refusing to send {model.name}")
 
 
-def previous_checkpoint_uri(cfg: JobConfig, job: str, dry_run: bool) -> str:
+def previous_job(cfg: JobConfig, job: str, dry_run: bool) -> tuple[str, str | None]:
+    """The job to resume: its checkpoint S3 URI and its TrainingImage (None in a dry run)."""
     if dry_run:  # sends nothing: where this tool puts a job's checkpoints
-        return f"{cfg.output.s3_uri}/checkpoints/{job}"
+        return f"{cfg.output.s3_uri}/checkpoints/{job}", None
     sm = client("sagemaker", cfg.aws.region, cfg.aws.profile)
     with translated(f"describe {job}"):
         desc = sm.describe_training_job(TrainingJobName=job)
     uri = desc.get("CheckpointConfig", {}).get("S3Uri")
     if not uri:
         raise ConfigError([("--resume", f"job {job} has no checkpoint S3 URI to resume from")])
-    return uri
+    return uri, desc.get("AlgorithmSpecification", {}).get("TrainingImage")
+
+
+def job_image(cfg: JobConfig, resumed_image: str | None) -> images.Image:
+    """compute.image; `auto` resuming a job keeps that job's HF image: its checkpoints hold an
+    adapter in its transformers major's layout (expert LoRA as w1/w2/w3 modules on 4, as
+    gate_up_proj/down_proj parameters on 5), which the other major's job refuses to resume."""
+    if cfg.compute.image == "auto" and resumed_image:
+        with contextlib.suppress(ValueError):  # an image of the user's own before: auto as usual
+            return images.resolve(resumed_image.rsplit(":", 1)[-1])
+    return images.for_job(cfg)
 
 
 @dataclass(frozen=True)
@@ -252,8 +265,8 @@ def submit(cfg: JobConfig, strategy: Strategy, *, dry_run: bool = False, resume:
             raise ConfigError([("aws.region", f"the Hugging Face training image is not published in "
                                 f"{cfg.aws.region} ({exc}): choose another region, or name an image of your "
                                 "own there in compute.image_uri")]) from None
-    checkpoint_s3_uri = (previous_checkpoint_uri(cfg, resume, dry_run) if resume
-                         else f"{cfg.output.s3_uri}/checkpoints/{name}")
+    checkpoint_s3_uri, resumed_image = (previous_job(cfg, resume, dry_run) if resume
+                                        else (f"{cfg.output.s3_uri}/checkpoints/{name}", None))
     uploads = Uploads(cfg, dry_run)
     hp = cfg.hyperparameters(strategy, rows=micro_batch_rows(cfg, catalog().get(cfg.compute.instance_type)))
     files = source_files()
@@ -270,7 +283,8 @@ def submit(cfg: JobConfig, strategy: Strategy, *, dry_run: bool = False, resume:
     tags = launcher_tags(cfg, resume)
 
     spec = job_spec(cfg, name=name, strategy=strategy, hyperparameters=flatten(hp), source_dir=source_dir,
-                    inputs=inputs, checkpoint_s3_uri=checkpoint_s3_uri, tags=tags, max_runtime_s=max_runtime_s)
+                    inputs=inputs, checkpoint_s3_uri=checkpoint_s3_uri, tags=tags, max_runtime_s=max_runtime_s,
+                    image=job_image(cfg, resumed_image))
     boto_sess = session(cfg.aws.region, cfg.aws.profile)
     if dry_run:
         # A fresh botocore session of our own, so the hook never leaks into later calls.

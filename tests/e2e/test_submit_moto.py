@@ -261,6 +261,19 @@ def test_resume_starts_a_new_job_on_the_old_jobs_checkpoints(aws, job_dict):
     assert tags["sm-qlora:resumed-from"] == first.name
 
 
+def test_resume_with_auto_keeps_the_resumed_jobs_image(aws, job_dict):
+    """A job started on the transformers 4 image holds checkpoints in that major's adapter layout,
+    which a transformers 5 job refuses to resume: `auto` takes the resumed job's image, a named
+    image is still taken as named."""
+    first = launch_job(job_dict | {"compute": job_dict["compute"] | {"image": "transformers4"}})
+    assert ":2.8.0-transformers4.56.2-" in describe(first.name)["AlgorithmSpecification"]["TrainingImage"]
+    again = launch_job(job_dict, resume=first.name)
+    assert describe(again.name)["AlgorithmSpecification"]["TrainingImage"] == \
+        describe(first.name)["AlgorithmSpecification"]["TrainingImage"]
+    fresh = launch_job(job_dict)  # auto without --resume: Mixtral goes to transformers 5
+    assert ":2.9.0-transformers5.3.0-" in describe(fresh.name)["AlgorithmSpecification"]["TrainingImage"]
+
+
 def test_a_local_model_directory_becomes_the_model_channel_once(aws, job_dict, tiny_model):
     job_dict["model"] = {"id": str(tiny_model)}
     first = launch_job(job_dict)

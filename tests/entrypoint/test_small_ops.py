@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from torch import nn
 
 from entrypoint import model as M
 from entrypoint.hyperparams import LoraSpec, TrainingSpec
@@ -23,20 +24,60 @@ def loss_and_grads(net, ids):
 
 
 def test_compiled_norms_and_rotary_give_eager_loss_and_gradients(tiny_model, monkeypatch):
-    eager, compiled = lora_net(tiny_model, True), lora_net(tiny_model, True)
-    modeling = sys.modules[type(compiled.base_model.model.model.norm).__module__]
+    """The same net before and after the switch (the rotary is replaced for its whole modeling
+    module, so the eager reference is taken first), at two sequence lengths: the loss within 1e-4
+    and the LoRA gradients at cosine >= 0.9999."""
+    net = lora_net(tiny_model, True)
+    modeling = sys.modules[type(net.base_model.model.model.norm).__module__]
     monkeypatch.setattr(modeling, "apply_rotary_pos_emb", modeling.apply_rotary_pos_emb)  # put back afterwards
-    layers = compiled.base_model.model.model.layers
-    assert M.compile_small_ops(compiled) == 2 * len(layers) + 1  # two norms a layer and the final one
+    data = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 2048, (2, n), generator=data) for n in (48, 40)]
+    eager = [loss_and_grads(net, ids) for ids in batches]
+    layers = net.base_model.model.model.layers
+    assert M.compile_small_ops(net) == 2 * len(layers) + 1  # two norms a layer and the final one
     assert hasattr(modeling.apply_rotary_pos_emb, "_torchdynamo_orig_callable")
     calls = []
     layers[0].input_layernorm.register_forward_hook(lambda *_: calls.append(1))
-    ids = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(2))
-    ref_loss, ref = loss_and_grads(eager, ids)
-    loss, got = loss_and_grads(compiled, ids)
-    assert calls  # the switched norm ran
-    assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss)
-    assert torch.nn.functional.cosine_similarity(ref, got, dim=0).item() >= 0.9999
+    for (ref_loss, ref), ids in zip(eager, batches, strict=True):
+        loss, got = loss_and_grads(net, ids)
+        assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss)
+        assert torch.nn.functional.cosine_similarity(ref, got, dim=0).item() >= 0.9999
+    assert len(calls) >= 2  # the switched norm ran
+
+
+class Olmo2RMSNorm(nn.Module):
+    """Another architecture's norm: (weight * x).to(dtype), a different rounding."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.variance_epsilon = nn.Parameter(torch.ones(8)), 1e-6
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        return (self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))).to(dtype)
+
+
+def test_only_norms_of_the_same_arithmetic_are_switched_and_accelerate_hooks_stay():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    class Count(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Count.calls += 1
+            return args, kwargs
+
+    other, hooked = Olmo2RMSNorm(), MixtralRMSNorm(8)
+    add_hook_to_module(hooked, Count())
+    model = nn.ModuleList([other, hooked])
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    before = hooked(x)
+    assert M.compile_small_ops(model) == 1
+    assert "forward" not in vars(other)
+    torch.testing.assert_close(hooked(x), before)
+    assert Count.calls == 2  # the hook (which moves inputs between GPUs under a device_map) still runs
 
 
 def test_the_switch_compiles_nothing_on_a_cpu_run(tiny_model):

@@ -50,7 +50,9 @@ def test_auto_takes_the_newest_measured_image_that_can_train_the_model(job_dict,
     # an MoE whose experts only transformers 4 quantizes goes there, and validate passes it
     olmoe = load_config(job_dict, [f"model.id={model_dir(tmp_path, 'olmoe', experts=8)}"])
     assert images.for_job(olmoe).stack == "transformers4" and validate_for_launch(olmoe)
-    assert auto("some-org/not-built-in") == images.default().stack  # unknown offline: the newest measured
+    # a model the launcher cannot see offline may be an MoE only transformers 4 quantizes: 4.56.2,
+    # which trains every model type transformers 4.56 has
+    assert auto("some-org/not-built-in") == "transformers4"
     # the stock MoE path (training.fused_moe: false) exists only on transformers 4: auto goes there,
     # and a transformers 5 image named with it is refused in one line
     stock = load_config(job_dict, ["training.fused_moe=false"])
@@ -61,6 +63,21 @@ def test_auto_takes_the_newest_measured_image_that_can_train_the_model(job_dict,
     # a named image is taken as named, even where auto would choose another
     pinned = load_config(job_dict, [f"model.id={tmp_path / 'olmoe'}", "compute.image=transformers5"])
     assert images.for_job(pinned).stack == "transformers5"
+
+
+def test_volta_gets_the_cuda_12_image_and_the_cuda_13_one_is_refused_there(job_dict):
+    """The 5.3.0 image's torch is a CUDA 13 build, which has no kernels for V100 (ml.p3*): auto
+    picks the 4.56.2 image there, and naming transformers5 is refused in one line before anything
+    is sent."""
+    for instance in ("ml.p3dn.24xlarge", "ml.p3.8xlarge"):
+        volta = load_config(job_dict, [f"compute.instance_type={instance}"])
+        assert images.for_job(volta).stack == "transformers4" and validate_for_launch(volta)
+        with pytest.raises(ConfigError) as err:
+            validate_for_launch(load_config(job_dict, [f"compute.instance_type={instance}",
+                                                       "compute.image=transformers5"]))
+        assert "compute capability 7.0" in dict(err.value.problems)["compute.image"]
+    turing = load_config(job_dict, ["compute.instance_type=ml.g4dn.12xlarge", "compute.image=transformers5"])
+    assert validate_for_launch(turing)  # T4 (7.5) is in CUDA 13
 
 
 def test_validate_refuses_a_model_the_chosen_image_cannot_train(job_dict, tmp_path):
