@@ -70,6 +70,11 @@ HOST_USABLE = 0.9
 NO_CKPT_BYTES_PER_HIDDEN = 34  # per token per layer without checkpointing: an estimate, not measured
 SLACK = 1.08
 CUDA_CONTEXT_GIB = 0.6
+# The transformers 5 image's fused MoE path peaked 0.62 GiB above transformers 4's at 2 layers and
+# 16,384 tokens a micro-batch on an H100, with LoRA dropout on the experts (bench/README.md,
+# h100-2026-12-06-tf5/after-expert-dropout/; 0.15 GiB without that dropout, the same at 2 and 4
+# layers). Not known per layer: counted once, scaled with the micro-batch's tokens.
+TRANSFORMERS5_MOE_EXTRA_GIB_PER_TOKEN = 0.62 / 16384
 
 # Peak torch.cuda.max_memory_allocated of the entrypoint on an H200 at full width, LoRA r16 on
 # `target_modules: auto`, max_seq_length 2048 (bench/README.md). moe: the Mixtral expert path
@@ -231,7 +236,8 @@ ASSUMPTIONS = [
     "LoRA with grads and 8-bit AdamW, "
     f"checkpointed activations ({OFFLOAD_LAYERS_ON_GPU} layers' worth on the GPU with training.offload_checkpoints, "
     f"the rest pinned in host memory where it fits in {PINNED_HOST_SHARE:.0%} of {HOST_USABLE:.0%} of the instance's), then the larger of the logits' buffers and one layer's backward (its "
-    f"MoE block by training.fused_moe); x{SLACK} allocator slack + {CUDA_CONTEXT_GIB} GiB CUDA context",
+    f"MoE block by training.fused_moe); x{SLACK} allocator slack + {CUDA_CONTEXT_GIB} GiB CUDA context; "
+    "an MoE on the transformers 5 image +0.62 GiB per 16,384 tokens (measured at 2 layers on an H100)",
 ]
 
 
@@ -358,14 +364,24 @@ def _fit(shape: Shape, inst: Instance, cfg: JobConfig, rows: int) -> tuple[Strat
                                                               inst.host_memory_gib * GIB * HOST_USABLE)
         return {"checkpointing": t.gradient_checkpointing, "fused_moe": t.fused_moe, "offload": offload}
 
-    single = needed_gib(shape, tokens, cfg.lora.r, **kw(inst.gpu_count if c.strategy in ("auto", "ddp") else 1))
+    extra = transformers5_extra_gib(cfg, shape, tokens)
+    single = needed_gib(shape, tokens, cfg.lora.r, **kw(inst.gpu_count if c.strategy in ("auto", "ddp") else 1)) + extra
     multi = inst.gpu_count > 1 or c.instance_count > 1
     if c.strategy != "model_parallel" and single <= inst.gpu.memory_gib:
         return (c.strategy if c.strategy != "auto" else ("ddp" if multi else "single")), single
     if c.strategy in ("auto", "model_parallel") and inst.gpu_count > 1 and c.instance_count == 1:
-        split = needed_gib(shape, tokens, cfg.lora.r, split=inst.gpu_count, **kw(1))
+        split = needed_gib(shape, tokens, cfg.lora.r, split=inst.gpu_count, **kw(1)) + extra
         return ("model_parallel" if split <= inst.gpu.memory_gib else None), split
     return None, single
+
+
+def transformers5_extra_gib(cfg: JobConfig, shape: Shape, tokens: int) -> float:
+    """What the transformers 5 image's fused MoE path needs beyond the memory model (fitted on
+    transformers 4): TRANSFORMERS5_MOE_EXTRA_GIB_PER_TOKEN, for an MoE on that image."""
+    if cfg.compute.image_uri or shape.experts <= 1 or mlp_path(shape, cfg.training.fused_moe) != "fused":
+        return 0.0
+    image = images.for_job(cfg)
+    return tokens * TRANSFORMERS5_MOE_EXTRA_GIB_PER_TOKEN if image.transformers.startswith("5.") else 0.0
 
 
 def auto_batch_size(cfg: JobConfig, instance: Instance | None, shape: Shape | None = None) -> int:
