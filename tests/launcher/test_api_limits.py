@@ -71,7 +71,7 @@ def test_the_preview_validate_checks_is_the_request_the_dry_run_sends(aws, job_d
     sent = launch_job(cfg, dry_run=True).request
     if cfg.compute.image_uri is None:  # an HF image: its registry is the SDK's, by region; its tag the config's
         image = sent["AlgorithmSpecification"].pop("TrainingImage")
-        assert len(image) < 255 and image.endswith(":" + images.resolve(cfg.compute.image).tag)
+        assert len(image) < 255 and image.endswith(":" + images.for_job(cfg).tag)
     assert _normal(_preview(cfg)) == _normal(sent)
 
 
