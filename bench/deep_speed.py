@@ -89,6 +89,9 @@ def deep_model(shape: str, layers: int, unique: int, precision: M.Precision):
     for i in range(unique, layers):
         layer = copy.deepcopy(stack[i % unique])
         layer.self_attn.layer_idx = i
+        for m in layer.modules():  # the copy's own config would keep the attention implementation
+            if isinstance(getattr(m, "config", None), type(model.config)):  # set_attn_implementation changes
+                m.config = model.config
         stack.append(layer)
     model.config.num_hidden_layers = layers
     torch.cuda.empty_cache()
