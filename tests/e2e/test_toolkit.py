@@ -254,18 +254,11 @@ def test_a_tuning_jobs_reserved_hyperparameter_is_accepted(submitted):
 def test_the_image_start_ignores_sigterm_and_the_wrapper_passes_it_on(submitted, tmp_path):
     """Why the wrapper exists, shown without training: a fake `train` whose entry process
     reports the signal. The image's own PID 1 (bash) drops SIGTERM; the wrapper delivers it."""
-    script = submitted["request"]["HyperParameters"]["sagemaker_program"].strip('"')
     for command, delivered in ((layout.IMAGE_COMMAND, False), (layout.container_command(submitted["request"]), True)):
         root = tmp_path / ("wrapper" if delivered else "image")
-        (root / "opt" / "ml" / "input" / "config").mkdir(parents=True)
-        (root / "opt" / "ml" / "input" / "config" / "resourceconfig.json").write_text('{"current_host": "algo-1"}')
-        env = layout.container_env(submitted["request"], root, submitted["aws_env"], GPUS)
-        fake = root / "bin"
-        (fake / script).write_text("import signal, sys, time\n"
-                                   "signal.signal(signal.SIGTERM, lambda *a: (print('got SIGTERM', flush=True), sys.exit(143)))\n"
-                                   "print('entry started', flush=True)\ntime.sleep(60)\n")
-        (fake / "train").write_text(f'#!/bin/sh\ncd "{fake}" && exec python3 -- {script}\n')  # as the toolkit runs it
-        (fake / "train").chmod(0o755)
+        env = fake_train(submitted, root, "import signal, sys, time\n"
+                         "signal.signal(signal.SIGTERM, lambda *a: (print('got SIGTERM', flush=True), sys.exit(143)))\n"
+                         "print('entry started', flush=True)\ntime.sleep(60)\n")
         container = Container(command, opt=root / "opt", env=env, log=root / "log")
         container.wait_for("entry started", timeout=30)
         os.kill(container.pid1(), 15)
@@ -278,21 +271,29 @@ def test_the_image_start_ignores_sigterm_and_the_wrapper_passes_it_on(submitted,
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_a_sigterm_before_the_entry_process_exists_is_delivered_when_it_starts(submitted, tmp_path):
-    """Without training: a fake `train` that is still "installing requirements" (3 s) when
-    SIGTERM reaches PID 1, then starts an entry process that imports for 1 s before it
-    installs its handler. The wrapper holds the signal and delivers it to the handler."""
+def fake_train(submitted, root: Path, entry: str, before: str = "") -> dict[str, str]:
+    """A container tree under `root` whose `train` runs the shell lines `before`, then the entry
+    script (source `entry`) as the toolkit runs it; returns the container's environment."""
     script = submitted["request"]["HyperParameters"]["sagemaker_program"].strip('"')
-    root = tmp_path / "early"
     (root / "opt" / "ml" / "input" / "config").mkdir(parents=True)
     (root / "opt" / "ml" / "input" / "config" / "resourceconfig.json").write_text('{"current_host": "algo-1"}')
     env = layout.container_env(submitted["request"], root, submitted["aws_env"], GPUS)
     fake = root / "bin"
-    (fake / script).write_text("import signal, sys, time\nprint('entry started', flush=True)\ntime.sleep(1)\n"
-                               "signal.signal(signal.SIGTERM, lambda *a: (print('got SIGTERM', flush=True), sys.exit(143)))\n"
-                               "print('handler installed', flush=True)\ntime.sleep(60)\n")
-    (fake / "train").write_text(f'#!/bin/sh\necho installing requirements\nsleep 3\ncd "{fake}" && exec python3 -- {script}\n')
+    (fake / script).write_text(entry)
+    (fake / "train").write_text(f'#!/bin/sh\n{before}cd "{fake}" && exec python3 -- {script}\n')
     (fake / "train").chmod(0o755)
+    return env
+
+
+def test_a_sigterm_before_the_entry_process_exists_is_delivered_when_it_starts(submitted, tmp_path):
+    """Without training: a fake `train` that is still "installing requirements" (3 s) when
+    SIGTERM reaches PID 1, then starts an entry process that imports for 1 s before it
+    installs its handler. The wrapper holds the signal and delivers it to the handler."""
+    root = tmp_path / "early"
+    env = fake_train(submitted, root, "import signal, sys, time\nprint('entry started', flush=True)\ntime.sleep(1)\n"
+                     "signal.signal(signal.SIGTERM, lambda *a: (print('got SIGTERM', flush=True), sys.exit(143)))\n"
+                     "print('handler installed', flush=True)\ntime.sleep(60)\n",
+                     before="echo installing requirements\nsleep 3\n")
     container = Container(layout.container_command(submitted["request"]), opt=root / "opt", env=env, log=root / "log")
     container.wait_for("installing requirements", timeout=30)
     os.kill(container.pid1(), 15)
