@@ -113,11 +113,15 @@ def for_job(cfg) -> Image:
     (a local config.json or a built-in shape; nothing is fetched), the newest measured image that
     can train it as configured on the instance's GPU; for one it cannot see, the 4.56.2 image (it
     trains every model type transformers 4.56 has, MoE experts included, on every GPU listed)."""
-    if cfg.compute.image != "auto":
-        return resolve(cfg.compute.image)
     from launcher.shapes import resolve as model_shape
 
-    shape = model_shape(cfg.model.id, network=False)
+    return for_shape(cfg, model_shape(cfg.model.id, network=False) if cfg.compute.image == "auto" else None)
+
+
+def for_shape(cfg, shape) -> Image:
+    """`for_job` where the caller already holds the model's offline shape (None: not seen)."""
+    if cfg.compute.image != "auto":
+        return resolve(cfg.compute.image)
     if shape is None:
         return IMAGES[0]
     measured = [i for i in IMAGES if i.measured_on_gpu]

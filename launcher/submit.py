@@ -172,14 +172,14 @@ def redact(obj: Any) -> Any:
 
 def job_spec(cfg: JobConfig, *, name: str, strategy: str, hyperparameters: dict, source_dir: str,
              inputs: dict[str, str], checkpoint_s3_uri: str, tags: list[dict], max_runtime_s: int | None,
-             image: images.Image | None = None) -> JobSpec:
+             image: images.Image) -> JobSpec:
     c = cfg.compute
     max_run = runtime_s(cfg, max_runtime_s)
     environment = job_environment(cfg, max_run)
     max_wait = max_wait_s(cfg, max_run) if c.spot else None
     return JobSpec(
         name=name, region=cfg.aws.region, role=cfg.aws.role, bucket=split_s3(cfg.output.s3_uri)[0],
-        image_uri=c.image_uri, image=image or images.for_job(cfg), instance_type=c.instance_type, instance_count=c.instance_count,
+        image_uri=c.image_uri, image=image, instance_type=c.instance_type, instance_count=c.instance_count,
         volume_size_gb=c.volume_size_gb, max_run_s=max_run, max_wait_s=max_wait, source_dir=source_dir,
         entry_script=ENTRY_SCRIPT, hyperparameters=hyperparameters,
         distributed=strategy == "ddp",  # ddp: one process per GPU through torchrun; the others one process

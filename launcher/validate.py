@@ -7,7 +7,7 @@ from __future__ import annotations
 from launcher.api_limits import preview_request, request_problems
 from launcher.config import JobConfig, is_job_name
 from launcher.errors import ConfigError
-from launcher.images import for_job
+from launcher.images import for_shape
 from launcher.images import problems as image_problems
 from launcher.instances import catalog
 from launcher.plan import (
@@ -58,7 +58,7 @@ def sagemaker_problems(cfg: JobConfig, resume: str | None) -> list[tuple[str, st
         return missing + problems
     shape = model_shape(cfg.model.id, network=False)  # None: not local nor built in, not checked here
     if not cfg.compute.image_uri:
-        problems += [("compute.image", p) for p in image_problems(for_job(cfg), cfg, shape)]
+        problems += [("compute.image", p) for p in image_problems(for_shape(cfg, shape), cfg, shape)]
     fit, floor = fit_problem(cfg), runtime_floor_problem(cfg)
     problems += [p for p in (fit, floor) if p]
     if not (fit or floor) and (budget := budget_problem(cfg)):
