@@ -18,7 +18,9 @@ Each recipe is the same model switched in place, so all of them run on identical
 - ours-bf16-scatter: ours-bf16 with the MoE pass's combine as it was before 2026-12-06 (index_add_
   into zeros, atomics) instead of the gather back to token order, to measure that change alone;
 - ours-bf16-compiled: ours-bf16 with entrypoint.model.compile_small_ops (RMSNorm and rotary
-  through torch.compile); ours-compiled: ours (fp32 residual stream) with it.
+  through torch.compile); ours-compiled: ours (fp32 residual stream) with it;
+- ours-proj, ours-compiled-proj, ours-bf16-compiled-proj: those with training.fused_attention
+  (entrypoint.projections: q/k/v as one matmul, NF4 dequantized once per pass, LoRA beside it).
 
 Both recipes draw example lengths from one distribution (log-normal, median ~545 tokens, capped
 at 2048: profile_step.packed_batch); tokens/s counts real tokens only. Every step is LoRA r16 on
@@ -37,6 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -48,16 +51,30 @@ from deep_memory import checkpoints, compare, lora_model, random_model, timed_st
 from profile_step import packed_batch  # noqa: E402
 
 from entrypoint import model as M  # noqa: E402
-from entrypoint import moe  # noqa: E402
+from entrypoint import moe, projections  # noqa: E402
 
-RECIPES = {  # fused MoE, offloaded checkpoints, bf16 residual, attention, compiled small ops, scatter combine
-    "plain": (False, False, False, "sdpa", False, False),
-    "ours": (True, True, False, "sdpa", False, False),
-    "ours-bf16": (True, True, True, "sdpa", False, False),
-    "ours-bf16-flex": (True, True, True, "flex_attention", False, False),
-    "ours-bf16-scatter": (True, True, True, "sdpa", False, True),
-    "ours-bf16-compiled": (True, True, True, "sdpa", True, False),
-    "ours-compiled": (True, True, False, "sdpa", True, False),
+
+class Recipe(NamedTuple):
+    fused: bool  # the fused MoE pass (entrypoint.moe)
+    offload: bool  # checkpoints in host memory (entrypoint.offload)
+    bf16: bool  # training.bf16_residual
+    attention: str  # the attention implementation
+    compiled: bool  # training.compile_small_ops
+    scatter: bool  # the MoE combine before 2026-12-06 (index_add_)
+    projections: bool = False  # training.fused_attention (entrypoint.projections)
+
+
+RECIPES = {
+    "plain": Recipe(False, False, False, "sdpa", False, False),
+    "ours": Recipe(True, True, False, "sdpa", False, False),
+    "ours-bf16": Recipe(True, True, True, "sdpa", False, False),
+    "ours-bf16-flex": Recipe(True, True, True, "flex_attention", False, False),
+    "ours-bf16-scatter": Recipe(True, True, True, "sdpa", False, True),
+    "ours-bf16-compiled": Recipe(True, True, True, "sdpa", True, False),
+    "ours-compiled": Recipe(True, True, False, "sdpa", True, False),
+    "ours-proj": Recipe(True, True, False, "sdpa", False, False, True),
+    "ours-compiled-proj": Recipe(True, True, False, "sdpa", True, False, True),
+    "ours-bf16-compiled-proj": Recipe(True, True, True, "sdpa", True, False, True),
 }
 GATHER_SUM = moe._per_token_sum
 EAGER_ROTARY: dict = {}
@@ -100,12 +117,15 @@ def deep_model(shape: str, layers: int, unique: int, precision: M.Precision):
 
 def switch(net, recipe: str) -> None:
     """The same model and LoRA weights, run as `recipe` says."""
-    fused, offload, bf16, attention, compiled, scatter = RECIPES[recipe]
+    fused, offload, bf16, attention, compiled, scatter, fused_projections = RECIPES[recipe]
     for m in net.modules():
-        if hasattr(m, "_stock_forward") and not fused:
+        keep = fused if type(m).__name__ in moe.MOE_BLOCKS else fused_projections
+        if hasattr(m, "_stock_forward") and not keep:
             del m.forward, m._stock_forward  # back to the class's (stock) forward
     if fused:
         moe.use_fused_moe(net)
+    if fused_projections:
+        projections.use_fused_attention(net)
     checkpoints(net, offload)
     M.set_residual_dtype(net, torch.bfloat16 if bf16 else torch.float32)
     # packed rows: transformers builds the document mask from the position ids, dense for SDPA,

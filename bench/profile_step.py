@@ -2,7 +2,11 @@
 r16 on attention and experts, checkpointing, bf16 autocast) on one packed micro-batch, under
 torch.profiler. Prints the step time and the CUDA kernels that take most of it.
 
-    python bench/profile_step.py --layers 2 --rows 8 [--stock-moe]
+    python bench/profile_step.py --layers 2 --rows 8 [--stock-moe] [--compile-small-ops] [--bf16-residual]
+
+After the kernel table, one line per kind of kernel (matmul, attention, dequantize, SwiGLU, casts and
+copies, compiled (Triton) small ops, other elementwise, reductions, indexing) with its share of the
+step's kernel time: run it at two depths to see what one more layer adds.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--stock-moe", action="store_true")
     ap.add_argument("--gpu-checkpoints", action="store_true", help="keep checkpointed layer inputs on the GPU")
+    ap.add_argument("--compile-small-ops", action="store_true", help="training.compile_small_ops")
+    ap.add_argument("--bf16-residual", action="store_true", help="training.bf16_residual")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sm-qlora-bench"))
     args = ap.parse_args()
@@ -54,7 +60,8 @@ def main() -> None:
     precision = M.choose_precision(torch.device("cuda"))
     base = M.load_4bit(str(path), precision, {"": 0}, M.attention_implementation(torch.device("cuda")))
     net = M.attach_lora(base, LoraSpec(r=16, alpha=32, dropout=0.05, target_modules="auto"),
-                        TrainingSpec(fused_moe=not args.stock_moe, offload_checkpoints=not args.gpu_checkpoints))
+                        TrainingSpec(fused_moe=not args.stock_moe, offload_checkpoints=not args.gpu_checkpoints,
+                                     compile_small_ops=args.compile_small_ops, bf16_residual=args.bf16_residual))
     net.train()
     batch = packed_batch(args.rows, args.seq)
 
@@ -84,6 +91,36 @@ def main() -> None:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=90)
     print(table, flush=True)
+    kinds = kernel_kinds(prof, steps=2)
+    total = sum(kinds.values())
+    print(f"kernel time per step: {total:.1f} ms")
+    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<12} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
+
+
+KINDS = (  # first match wins: (kind, substrings of the kernel's name)
+    ("attention", ("sdpa", "flash", "fmha", "attention", "flex")),
+    ("dequantize", ("dequantize",)),
+    ("swiglu", ("_swiglu",)),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "sm80_", "ampere_", "cublas")),
+    ("compiled", ("triton_",)),
+    ("cast/copy", ("copy",)),
+    ("indexing", ("index", "gather", "scatter", "sort", "radix")),
+    ("reduction", ("reduce",)),
+    ("elementwise", ("elementwise",)),
+)
+
+
+def kernel_kinds(prof, steps: int) -> dict[str, float]:
+    """ms of kernel time per step, by kind of kernel (KINDS; the rest is "other")."""
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
+            continue
+        name = e.key.lower()
+        kind = next((k for k, parts in KINDS if any(p in name for p in parts)), "other")
+        out[kind] = out.get(kind, 0.0) + e.self_device_time_total / 1e3 / steps
+    return out
 
 
 if __name__ == "__main__":

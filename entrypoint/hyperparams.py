@@ -119,6 +119,11 @@ class TrainingSpec(Strict):
     # gradients are at cosine 0.9984 of the stock path's (the defaults: 0.9995; the bar is 0.999).
     # CPU runs ignore it.
     compile_small_ops: bool = False
+    # 4-bit attention projections with LoRA (q, k, v, o): q, k and v as one matmul on one cast of the
+    # input, NF4 dequantized once per pass, LoRA beside it with its dropout masks replayed instead of
+    # stored (entrypoint.projections). The same adapter format. Off until its GPU speed and numerics
+    # are measured (issue 22).
+    fused_attention: bool = False
     # auto: bitsandbytes AdamW8bit on GPU, torch AdamW on CPU. Not paged by default: LoRA's
     # optimizer state is small (~0.5 GiB for Mixtral-8x7B r16), so paging to host memory buys
     # nothing, and it puts the state in CUDA managed memory; paged_adamw_8bit is one key away.

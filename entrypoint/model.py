@@ -193,7 +193,8 @@ def attach_lora(model, lora, training):
     layer with less memory than the stock path, bench/README.md); training.offload_checkpoints
     keeps checkpointed layer inputs in host memory (entrypoint.offload); training.bf16_residual
     keeps the residual stream in bf16 where the model was loaded in bf16 (set_residual_dtype);
-    training.compile_small_ops compiles the norms and rotary embedding on CUDA (compile_small_ops)."""
+    training.compile_small_ops compiles the norms and rotary embedding on CUDA (compile_small_ops);
+    training.fused_attention runs the 4-bit attention projections as entrypoint.projections does."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     loaded = model.get_input_embeddings().weight.dtype
@@ -224,6 +225,10 @@ def attach_lora(model, lora, training):
         from entrypoint.moe import use_fused_moe
 
         use_fused_moe(model)
+    if training.fused_attention:
+        from entrypoint.projections import use_fused_attention
+
+        use_fused_attention(model)
     if training.compile_small_ops and model.get_input_embeddings().weight.is_cuda:
         model.compiled_small_ops = compile_small_ops(model)
     return model

@@ -80,30 +80,35 @@ def describe(model) -> str | None:
 
 
 def _plan(block) -> list[list[Proj]] | None:
-    import bitsandbytes as bnb
-
     if not isinstance(block.experts, torch.nn.ModuleList):  # transformers 5.x: fused 3D experts
         return None
     plan = []
     for expert in block.experts:
-        projs = []
-        for name in PROJECTIONS:
-            m = getattr(expert, name)
-            if isinstance(m, bnb.nn.Linear4bit):
-                projs.append(Proj(m, None, None, 0.0, 0.0))
-                continue
-            base = getattr(m, "base_layer", None)
-            if not isinstance(base, bnb.nn.Linear4bit) or m.merged or m.disable_adapters:
-                return None
-            active = [a for a in m.active_adapters if a in m.lora_A]
-            if len(active) != 1 or getattr(m, "lora_variant", {}).get(active[0]) is not None:
-                return None  # several adapters at once, or DoRA: leave it to PEFT
-            a = active[0]
-            drop = m.lora_dropout[a]
-            p = drop.p if isinstance(drop, torch.nn.Dropout) and m.training else 0.0
-            projs.append(Proj(base, m.lora_A[a].weight, m.lora_B[a].weight, float(m.scaling[a]), p))
+        projs = [lora_proj(getattr(expert, name)) for name in PROJECTIONS]
+        if None in projs:
+            return None
         plan.append(projs)
     return plan
+
+
+def lora_proj(m: torch.nn.Module) -> Proj | None:
+    """A bnb Linear4bit, bare or under one active PEFT LoRA adapter, as a Proj; None for anything
+    else (no 4-bit base, several adapters at once, DoRA, merged or disabled adapters), which
+    PEFT's own forward keeps."""
+    import bitsandbytes as bnb
+
+    if isinstance(m, bnb.nn.Linear4bit):
+        return Proj(m, None, None, 0.0, 0.0)
+    base = getattr(m, "base_layer", None)
+    if not isinstance(base, bnb.nn.Linear4bit) or m.merged or m.disable_adapters:
+        return None
+    active = [a for a in m.active_adapters if a in m.lora_A]
+    if len(active) != 1 or getattr(m, "lora_variant", {}).get(active[0]) is not None:
+        return None
+    a = active[0]
+    drop = m.lora_dropout[a]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and m.training else 0.0
+    return Proj(base, m.lora_A[a].weight, m.lora_B[a].weight, float(m.scaling[a]), p)
 
 
 def _moe_forward(self, hidden_states: torch.Tensor):

@@ -462,6 +462,7 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
     from entrypoint import model as models
     from entrypoint.moe import describe as describe_moe
     from entrypoint.offload import describe as describe_checkpoints
+    from entrypoint.projections import describe as describe_projections
 
     device = ctx.device
     if _strategy(hp, ctx.world) == "model_parallel" and torch.cuda.device_count() > 1 and ctx.world == 1:
@@ -478,13 +479,14 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
     offload = hp.training.offload_checkpoints and _host_holds_checkpoints(hp, ctx, base.config)
     peft_model = models.attach_lora(base, hp.lora, hp.training.model_copy(update={"offload_checkpoints": offload}))
     trainable, total = models.parameter_counts(peft_model)
-    moe_path = describe_moe(peft_model)
+    moe_path, projections = describe_moe(peft_model), describe_projections(peft_model)
     lora = peft_model.peft_config["default"]
     ctx.say("model", **quant, trainable=trainable, total=total,  # quant: experts=nf4 expert_matrices=N on MoE
             trainable_pct=f"{100 * trainable / total:.3f}",
             targets=",".join([*lora.target_modules, *(lora.target_parameters or [])]),
             checkpoints=describe_checkpoints(peft_model),
             **({"moe": moe_path.replace(" ", "_")} if moe_path else {}),
+            **({"projections": projections.replace(" ", "_")} if projections else {}),
             **({"small_ops": "compiled"} if getattr(peft_model, "compiled_small_ops", 0) else {}))
     net = peft_model
     if ctx.world > 1:

@@ -1,0 +1,151 @@
+"""The attention projections of a 4-bit model with LoRA, each pass in one autograd Function
+(`training.fused_attention`; its speed and numerics are in bench/README.md).
+
+bitsandbytes + PEFT run q, k and v as three modules on the same input: each casts the fp32
+residual stream's normed input to bf16, dequantizes its own NF4 weight, casts its output back to
+fp32, clones it (PEFT's defensive copy), draws a dropout mask over the fp32 input, casts the
+dropped input again for LoRA A, and keeps each of those for backward. Here, as entrypoint.moe does
+for the experts:
+
+- q, k and v are one matmul: the input is cast once and the three NF4 weights are dequantized
+  into one buffer, once per pass (again in backward rather than kept);
+- LoRA runs beside the base matmul, each projection with its own dropout mask, drawn in q, k, v
+  order and replayed from the saved RNG state in backward instead of being stored;
+- the outputs are what PEFT returns (the input's dtype, base and LoRA summed in it); backward keeps
+  only the bf16 input.
+
+q_proj's forward computes all three and leaves k and v for k_proj and v_proj, which take them when
+they are called on the same input tensor (every Llama-style attention does that) and otherwise run
+their own forward. o_proj runs the same Function alone. Only forwards change: module names, the
+adapter format and merging stay PEFT's.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from entrypoint import moe
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def use_fused_attention(model) -> int:
+    """Route the q/k/v and o projections of every attention block whose four projections are
+    4-bit (with or without one LoRA adapter) through the fused Functions. Returns how many
+    blocks were switched."""
+    switched = 0
+    for attn in model.modules():
+        mods = [getattr(attn, name, None) for name in (*QKV, "o_proj")]
+        if any(not isinstance(m, torch.nn.Module) for m in mods) or any(moe.lora_proj(m) is None for m in mods):
+            continue
+        q, k, v, o = mods
+        if not hasattr(q, "_stock_forward"):
+            stash: dict = {}
+            _switch(q, _q_forward, (k, v), stash)
+            _switch(k, _taken_forward, 1, stash)
+            _switch(v, _taken_forward, 2, stash)
+            _switch(o, _o_forward, None, stash)
+        switched += 1
+    return switched
+
+
+def describe(model) -> str | None:
+    """The [model] line's attention= part: "fused" or "fused (n of m blocks)"; None when none is."""
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "q_proj", None), torch.nn.Module)]
+    fused = [m for m in blocks if hasattr(m.q_proj, "_stock_forward")]
+    if not fused:
+        return None
+    return "fused" if len(fused) == len(blocks) else f"fused ({len(fused)} of {len(blocks)} blocks)"
+
+
+def _switch(module, forward, extra, stash: dict) -> None:
+    module._stock_forward = module.forward
+    module.forward = types.MethodType(lambda self, x, *args, **kwargs: forward(self, x, extra, stash, args, kwargs),
+                                      module)
+
+
+def _q_forward(q, x, kv, stash: dict, args, kwargs):
+    stash.clear()
+    projs = [moe.lora_proj(m) for m in (q, *kv)]
+    if args or kwargs or None in projs:  # adapters disabled or merged since, or PEFT's adapter_names
+        return q._stock_forward(x, *args, **kwargs)
+    outs = run(x, projs)
+    stash.update(x=x, outs=outs)
+    return outs[0]
+
+
+def _taken_forward(m, x, index: int, stash: dict, args, kwargs):
+    if stash.get("x") is x and not args and not kwargs:
+        out = stash["outs"][index]
+        if index == 2:
+            stash.clear()
+        return out
+    return m._stock_forward(x, *args, **kwargs)
+
+
+def _o_forward(o, x, _, stash: dict, args, kwargs):
+    p = moe.lora_proj(o)
+    if args or kwargs or p is None:
+        return o._stock_forward(x, *args, **kwargs)
+    return run(x, [p])[0]
+
+
+def run(x: torch.Tensor, projs: list[moe.Proj]) -> tuple[torch.Tensor, ...]:
+    """Each projection of x (..., in) through its 4-bit weight and LoRA, as PEFT returns it."""
+    device = x.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    params = [t for p in projs for t in (p.lora_a, p.lora_b)]
+    backward = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in params))
+    return _Projections.apply(x, (projs, compute, backward), *params)
+
+
+class _Projections(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, how, *params):
+        projs, compute, backward = how
+        ctx.projs, ctx.compute, ctx.rng, ctx.shape, ctx.dtype = projs, compute, moe._rng_state(x.device), x.shape, x.dtype
+        lead = x.shape[:-1]
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.reshape(-1, x.shape[-1]).to(compute)
+            y = xc @ moe._dequantize(tuple(projs), compute).t()
+            outs, at = [], 0
+            for p in projs:
+                n = p.base.out_features
+                part = y[:, at:at + n]
+                lora = moe._lora(moe._dropped(xc, moe._keep(p, xc)), p)
+                out = part.to(x.dtype) if lora is None else part.to(x.dtype) + lora.to(x.dtype)
+                outs.append(out.contiguous().view(*lead, n))
+                at += n
+        if backward:
+            ctx.save_for_backward(xc)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (xc,) = ctx.saved_tensors
+        projs, compute = ctx.projs, ctx.compute
+        weight_grads = [None] * (2 * len(projs))
+        with torch.autocast(xc.device.type, enabled=False), torch.random.fork_rng(
+                devices=[xc.device] if xc.device.type == "cuda" else [], device_type=xc.device.type):
+            if xc.device.type == "cuda":
+                torch.cuda.set_rng_state(ctx.rng, xc.device)
+            else:
+                torch.set_rng_state(ctx.rng)
+            keeps = [moe._keep(p, xc) for p in projs]  # the forward's draws, in its order
+            g = torch.cat([(gr.reshape(-1, p.base.out_features) if gr is not None
+                            else xc.new_zeros(xc.shape[0], p.base.out_features)).to(compute)
+                           for p, gr in zip(projs, grads, strict=True)], dim=1)
+            dx = (g @ moe._dequantize(tuple(projs), compute)).float() if ctx.needs_input_grad[0] else None
+            at = 0
+            for i, (p, keep) in enumerate(zip(projs, keeps, strict=True)):
+                n = p.base.out_features
+                if p.lora_a is not None:
+                    dy = g[:, at:at + n]
+                    moe._lora_weight_grads(dy, p, moe._dropped(xc, keep), weight_grads, 2 * i)
+                    if dx is not None:
+                        dx += moe._dropped(moe._lora_input_grad(dy, p), keep).float()
+                at += n
+        grad_x = None if dx is None else dx.to(ctx.dtype).view(ctx.shape)
+        return (grad_x, None, *weight_grads)
