@@ -2,7 +2,7 @@
 r16 on attention and experts, checkpointing, bf16 autocast) on one packed micro-batch, under
 torch.profiler. Prints the step time and the CUDA kernels that take most of it.
 
-    python bench/profile_step.py --layers 2 --rows 8 [--stock-moe] [--compile-small-ops] [--bf16-residual]
+    python bench/profile_step.py --layers 2 --rows 8 [--stock-moe] [--compile-small-ops] [--bf16-residual] [--fused-attention]
 
 After the kernel table, one line per kind of kernel (matmul, attention, dequantize, SwiGLU, casts and
 copies, compiled (Triton) small ops, other elementwise, reductions, indexing) with its share of the
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--gpu-checkpoints", action="store_true", help="keep checkpointed layer inputs on the GPU")
     ap.add_argument("--compile-small-ops", action="store_true", help="training.compile_small_ops")
     ap.add_argument("--bf16-residual", action="store_true", help="training.bf16_residual")
+    ap.add_argument("--fused-attention", action="store_true", help="training.fused_attention")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sm-qlora-bench"))
     args = ap.parse_args()
@@ -61,7 +62,8 @@ def main() -> None:
     base = M.load_4bit(str(path), precision, {"": 0}, M.attention_implementation(torch.device("cuda")))
     net = M.attach_lora(base, LoraSpec(r=16, alpha=32, dropout=0.05, target_modules="auto"),
                         TrainingSpec(fused_moe=not args.stock_moe, offload_checkpoints=not args.gpu_checkpoints,
-                                     compile_small_ops=args.compile_small_ops, bf16_residual=args.bf16_residual))
+                                     compile_small_ops=args.compile_small_ops, bf16_residual=args.bf16_residual,
+                                     fused_attention=args.fused_attention))
     net.train()
     batch = packed_batch(args.rows, args.seq)
 
