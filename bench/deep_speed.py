@@ -20,7 +20,10 @@ Each recipe is the same model switched in place, so all of them run on identical
 - ours-bf16-compiled: ours-bf16 with entrypoint.model.compile_small_ops (RMSNorm and rotary
   through torch.compile); ours-compiled: ours (fp32 residual stream) with it;
 - ours-proj, ours-compiled-proj, ours-bf16-compiled-proj: those with training.fused_attention
-  (entrypoint.projections: q/k/v as one matmul, NF4 dequantized once per pass, LoRA beside it).
+  (entrypoint.projections: q/k/v as one matmul, NF4 dequantized once per pass, LoRA beside it);
+- ours-noskip, ours-compiled-proj-noskip: ours and ours-compiled-proj as they ran before the MoE pass
+  skipped, inside offloaded checkpoints, what each pass throws away (u, v in the forward, w2 and the
+  output in the recomputation; entrypoint.offload.phase).
 
 Both recipes draw example lengths from one distribution (log-normal, median ~545 tokens, capped
 at 2048: profile_step.packed_batch); tokens/s counts real tokens only. Every step is LoRA r16 on
@@ -51,7 +54,7 @@ from deep_memory import checkpoints, compare, lora_model, random_model, timed_st
 from profile_step import packed_batch  # noqa: E402
 
 from entrypoint import model as M  # noqa: E402
-from entrypoint import moe, projections  # noqa: E402
+from entrypoint import moe, offload, projections  # noqa: E402
 
 
 class Recipe(NamedTuple):
@@ -62,6 +65,7 @@ class Recipe(NamedTuple):
     compiled: bool  # training.compile_small_ops
     scatter: bool  # the MoE combine before 2026-12-06 (index_add_)
     projections: bool = False  # training.fused_attention (entrypoint.projections)
+    skip: bool = True  # offloaded passes of the MoE skip what they throw away (entrypoint.offload.phase)
 
 
 RECIPES = {
@@ -75,7 +79,10 @@ RECIPES = {
     "ours-proj": Recipe(True, True, False, "sdpa", False, False, True),
     "ours-compiled-proj": Recipe(True, True, False, "sdpa", True, False, True),
     "ours-bf16-compiled-proj": Recipe(True, True, True, "sdpa", True, False, True),
+    "ours-noskip": Recipe(True, True, False, "sdpa", False, False, False, False),
+    "ours-compiled-proj-noskip": Recipe(True, True, False, "sdpa", True, False, True, False),
 }
+PHASE = offload.phase
 GATHER_SUM = moe._per_token_sum
 EAGER_ROTARY: dict = {}
 
@@ -117,7 +124,8 @@ def deep_model(shape: str, layers: int, unique: int, precision: M.Precision):
 
 def switch(net, recipe: str) -> None:
     """The same model and LoRA weights, run as `recipe` says."""
-    fused, offload, bf16, attention, compiled, scatter, fused_projections = RECIPES[recipe]
+    fused, offloaded, bf16, attention, compiled, scatter, fused_projections, skip = RECIPES[recipe]
+    offload.phase = PHASE if skip else (lambda: None)
     for m in net.modules():
         keep = fused if type(m).__name__ in moe.MOE_BLOCKS else fused_projections
         if hasattr(m, "_stock_forward") and not keep:
@@ -126,7 +134,7 @@ def switch(net, recipe: str) -> None:
         moe.use_fused_moe(net)
     if fused_projections:
         projections.use_fused_attention(net)
-    checkpoints(net, offload)
+    checkpoints(net, offloaded)
     M.set_residual_dtype(net, torch.bfloat16 if bf16 else torch.float32)
     # packed rows: transformers builds the document mask from the position ids, dense for SDPA,
     # a BlockMask for FlexAttention (which then skips the blocks across documents)

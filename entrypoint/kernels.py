@@ -56,7 +56,7 @@ def warm_up(device: torch.device) -> str:
         uv = torch.zeros(2, 1, BLOCK, device=device)
         side = probe[:, :BLOCK].contiguous()
         swiglu_forward(probe, side, side, uv[0], uv[1], drop=0.1, seed=1)
-        swiglu_backward(side, side, uv[0], uv[1], drop=0.1, seed=1)
+        swiglu_backward(side, side, uv[0], uv[1], drop=0.1, seed=1, dots=torch.zeros(1, device=device))
     return backend(probe)
 
 
@@ -112,20 +112,26 @@ def swiglu_forward(a13: torch.Tensor, l1: torch.Tensor | None, l3: torch.Tensor 
 
 
 def swiglu_backward(dh: torch.Tensor, dh_lora: torch.Tensor | None, u: torch.Tensor,
-                    v: torch.Tensor, drop: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                    v: torch.Tensor, drop: float = 0.0, seed: int = 0,
+                    dots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Given d(loss)/dh as dh + keep * dh_lora (base and LoRA parts of w2's input gradient, keep
     the forward's dropout mask) and the saved fp32 u, v: returns d13 = [du | dv] (n, 2f) and
-    h * keep, both in dh's dtype."""
+    h * keep, both in dh's dtype. With `dots` (n, fp32), adds each row's d(loss)/dh . h to it: the
+    output gradient times w2's output, y . dy = (dh W2) . h + the LoRA part, without y."""
     dh, dh_lora = (t if t is None or t.is_contiguous() else t.contiguous() for t in (dh, dh_lora))
     n, f = u.shape
     d13 = dh.new_empty(n, 2 * f)
     hk = dh.new_empty(n, f)
     if n == 0:
         return d13, hk
+    blocks = -(-f // BLOCK)
+    partial = torch.empty(n, blocks, dtype=torch.float32, device=dh.device) if dots is not None else None
     if use_triton(dh) and _launch(
-            _swiglu_bwd, (n, triton.cdiv(f, BLOCK)),
-            dh, dh_lora if dh_lora is not None else dh, u, v, d13, hk, f, drop, seed,
-            HAS_LORA=dh_lora is not None, DROP=drop > 0, BLOCK=BLOCK):
+            _swiglu_bwd, (n, blocks),
+            dh, dh_lora if dh_lora is not None else dh, u, v, d13, hk, partial if dots is not None else u,
+            f, blocks, drop, seed, HAS_LORA=dh_lora is not None, DROP=drop > 0, DOTS=dots is not None, BLOCK=BLOCK):
+        if dots is not None:
+            dots += partial.sum(1)  # per-block sums, added in a fixed order: the same bits every run
         return d13, hk
     keep = keep_mask(n, f, drop, seed, dh) if drop else None
     g = dh.float()
@@ -136,6 +142,8 @@ def swiglu_backward(dh: torch.Tensor, dh_lora: torch.Tensor | None, u: torch.Ten
     d13[:, :f] = (g * v) * (sig * (1 + u * (1 - sig)))  # torch's silu_backward, after mul's
     d13[:, f:] = g * silu
     h = (silu * v).to(dh.dtype)
+    if dots is not None:
+        dots += (g * h.float()).sum(1)
     hk.copy_(h if keep is None else h.float() * keep)
     return d13, hk
 
@@ -176,8 +184,8 @@ if triton is not None:
             tl.store(v_out + at, v, mask=mask)
 
     @triton.jit
-    def _swiglu_bwd(dh, dh_lora, u_in, v_in, d13, hk, f, drop, seed, HAS_LORA: tl.constexpr,
-                    DROP: tl.constexpr, BLOCK: tl.constexpr):
+    def _swiglu_bwd(dh, dh_lora, u_in, v_in, d13, hk, partial, f, blocks, drop, seed, HAS_LORA: tl.constexpr,
+                    DROP: tl.constexpr, DOTS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < f
@@ -198,6 +206,8 @@ if triton is not None:
         tl.store(d13 + row * 2 * f + cols, du.to(d13.dtype.element_ty), mask=mask)
         tl.store(d13 + row * 2 * f + f + cols, (g * silu).to(d13.dtype.element_ty), mask=mask)
         out = (silu * v).to(hk.dtype.element_ty)
+        if DOTS:
+            tl.store(partial + row * blocks + tl.program_id(1), tl.sum(g * out.to(tl.float32), axis=0))
         if DROP:
             out = (out * keep).to(hk.dtype.element_ty)
         tl.store(hk + at, out, mask=mask)

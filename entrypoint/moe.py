@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from entrypoint import kernels
+from entrypoint import kernels, offload
 
 PROJECTIONS = ("w1", "w3", "w2")  # order matters: dropout masks are replayed in it
 
@@ -229,13 +229,18 @@ class _Experts(torch.autograd.Function):
     def forward(ctx, x, weights, selected, how, *params):
         plan, compute, backward, seed = how
         ctx.plan, ctx.compute, ctx.rng, ctx.seed = plan, compute, _rng_state(x.device), seed
+        # Inside an offloaded checkpoint each pass skips what it would throw away: the forward
+        # does not write u, v (the checkpoint drops what a layer saves), the recomputation
+        # stops at u, v (only what the layer saves is used: not w2, not the output)
+        phase = offload.phase()
+        keep_uv, output = backward and phase != "forward", phase != "recompute"
         with torch.autocast(x.device.type, enabled=False):
             order, token, counts = _order(selected, len(plan))
-            xs = x.index_select(0, token).to(compute)
+            xs = x.to(compute).index_select(0, token)
             ffn = plan[0][0].base.out_features
             # u, v for backward: fp32, like the tensors autograd keeps on the stock path
-            uv = xs.new_empty((2, xs.shape[0], ffn), dtype=torch.float32) if backward else None
-            ys = torch.empty(xs.shape, dtype=x.dtype, device=x.device)
+            uv = xs.new_empty((2, xs.shape[0], ffn), dtype=torch.float32) if keep_uv else None
+            ys = torch.empty(xs.shape, dtype=x.dtype, device=x.device) if output else None
             start = 0
             for projs, n in zip(plan, counts, strict=True):
                 if n:
@@ -246,19 +251,26 @@ class _Experts(torch.autograd.Function):
                     a13 = xe @ _dequantize((w1, w3), compute).t()
                     h, hk = kernels.swiglu_forward(
                         a13, _lora(_dropped(xe, k1), w1), _lora(_dropped(xe, k3), w3),
-                        *((uv[0, sl], uv[1, sl]) if backward else (None, None)), drop=_drop(w2), seed=seed + start)
+                        *((uv[0, sl], uv[1, sl]) if keep_uv else (None, None)),
+                        drop=_drop(w2) if output else 0.0, seed=seed + start)
                     del a13
-                    ys[sl] = _project(h, w2, hk, x.dtype)
+                    if output:
+                        ys[sl] = _project(h, w2, hk, x.dtype)
                 start += n
-            flat_w = weights.reshape(-1).index_select(0, order)
-            out = _per_token_sum(ys * flat_w[:, None].to(x.dtype), order, selected.shape[1])
+            if output:
+                flat_w = weights.reshape(-1).index_select(0, order)
+                out = _per_token_sum(ys * flat_w[:, None].to(x.dtype), order, selected.shape[1])
+            else:  # the recomputation's output is not read (torch stops it at the layer's last save)
+                out = torch.empty_like(x)
+        if backward and not keep_uv:  # the forward's stand-in: the checkpoint only records its metadata
+            uv = torch.empty((), dtype=torch.float32, device=x.device).expand(2, xs.shape[0], ffn)
         ctx.counts = counts
-        ctx.save_for_backward(x, weights, order, token, ys, uv)
+        ctx.save_for_backward(x, weights, order, token, uv)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weights, order, token, ys, uv = ctx.saved_tensors
+        x, weights, order, token, uv = ctx.saved_tensors
         plan, compute = ctx.plan, ctx.compute
         grads = [None] * (2 * 3 * len(plan))
         with torch.autocast(x.device.type, enabled=False), torch.random.fork_rng(
@@ -269,30 +281,37 @@ class _Experts(torch.autograd.Function):
                 torch.set_rng_state(ctx.rng)
             flat_w = weights.reshape(-1).index_select(0, order)
             g = grad_out.index_select(0, token)
-            grad_flat_w = (g.float() * ys.float()).sum(-1)
             gy_all = (g * flat_w[:, None].to(g.dtype)).to(compute)
-            xs = x.index_select(0, token).to(compute)
+            xs = x.to(compute).index_select(0, token)
             dxs = torch.empty(xs.shape, dtype=x.dtype, device=x.device)
+            # gy . y for each row (gy = g w: its expert's output y times the output gradient, times
+            # its routing weight), from w2's input side: gy W2 . h (+ the LoRA part), the SwiGLU
+            # backward's by-product; so no pass keeps or recomputes y for the routing weights
+            dots = torch.zeros(xs.shape[0], dtype=torch.float32, device=x.device)
             start = 0
             for e, (projs, n) in enumerate(zip(plan, ctx.counts, strict=True)):
                 if n:
                     sl = slice(start, start + n)
                     dxs[sl] = _expert_backward(xs[sl], gy_all[sl], uv[0, sl], uv[1, sl], projs, grads, 6 * e,
-                                               ctx.seed + start)
+                                               ctx.seed + start, dots[sl])
                 start += n
             dx = _per_token_sum(dxs, order, weights.shape[1])
+            # d loss / d w = g . y = (gy . y) / w; a weight of exactly 0 gets 0 (softmax's backward
+            # multiplies what it gets by that weight anyway)
+            grad_flat_w = torch.where(flat_w > 0, dots / flat_w.float(), 0.0)
             grad_w = torch.empty_like(grad_flat_w).index_copy_(0, order, grad_flat_w)
         return (dx, grad_w.view_as(weights).to(weights.dtype), None, None, *grads)
 
 
-def _expert_backward(xe, gy, u, v, projs, grads, at: int, seed: int) -> torch.Tensor:
+def _expert_backward(xe, gy, u, v, projs, grads, at: int, seed: int, dots: torch.Tensor) -> torch.Tensor:
     """One expert's input gradient (fp32) from its output gradient gy and the saved u, v; the
-    LoRA gradients go to grads[at:at+6]. Matmuls run in xe's compute dtype, as in the stock path."""
+    LoRA gradients go to grads[at:at+6], each row's gy . y to dots. Matmuls run in xe's compute
+    dtype, as in the stock path."""
     w1, w3, w2 = projs
     ffn = u.shape[1]
     k1, k3 = _keeps(w1, w3, xe)  # the forward's draws, in its order
     d13, hk = kernels.swiglu_backward(gy @ _dequantize((w2,), gy.dtype), _lora_input_grad(gy, w2), u, v,
-                                      drop=_drop(w2), seed=seed)
+                                      drop=_drop(w2), seed=seed, dots=dots)
     _lora_weight_grads(gy, w2, hk, grads, at + 4)
     del hk
     dx = (d13 @ _dequantize((w1, w3), gy.dtype)).float()

@@ -20,12 +20,22 @@ search working. Written by hand: neither torch, transformers nor peft has it for
 
 from __future__ import annotations
 
+import contextvars
 import weakref
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 _streams: dict[torch.device, torch.cuda.Stream] = {}
+_phase: contextvars.ContextVar[str | None] = contextvars.ContextVar("offloaded_checkpoint_phase", default=None)
+
+
+def phase() -> str | None:
+    """Where the code running now is, inside an offloaded checkpoint: "forward" (what the layer
+    saves for backward is dropped, the recomputation saves it again), "recompute" (backward's
+    recomputation: only what the layer saves is used, not its output), None outside one. The
+    fused MoE pass (entrypoint.moe) skips what each of those throws away."""
+    return _phase.get()
 
 
 class _HostCopy:
@@ -120,7 +130,11 @@ class Offloader:
 
 
 def _run(function, box: _HostCopy, n_anchors: int, *args, **kwargs):
-    return function(box.take(), *args[n_anchors:], **kwargs)
+    token = _phase.set("forward" if box.live is not None else "recompute")
+    try:
+        return function(box.take(), *args[n_anchors:], **kwargs)
+    finally:
+        _phase.reset(token)
 
 
 def _layer(function) -> torch.nn.Module | None:

@@ -34,16 +34,23 @@ for n, f, lora, drop in [(37, 1500, True, 0.0), (5, 1024, False, 0.0), (64, 700,
             K.triton = None
         u, v = torch.full((2, n, f), float("nan"))
         h, hk = K.swiglu_forward(a13, l1, l3, u, v, drop=drop, seed=11)
-        d13, hk_back = K.swiglu_backward(dh, dl, u, v, drop=drop, seed=11)
+        dots = torch.full((n,), 0.5)  # added to, not overwritten
+        d13, hk_back = K.swiglu_backward(dh, dl, u, v, drop=drop, seed=11, dots=dots)
         K.triton = saved
-        got[path] = dict(h=h, hk=hk, u=u, v=v, d13=d13, hk_back=hk_back)
+        got[path] = dict(h=h, hk=hk, u=u, v=v, d13=d13, hk_back=hk_back, dots=dots)
     t, c = got["triton"], got["torch"]
     keep = torch.where(t["h"] != 0, t["hk"] / t["h"], torch.ones_like(t["h"]))  # the kernel's own mask
     # the torch arithmetic with the kernel's mask: what the kernel's backward must equal
     gsum = dh + (dl * keep if lora else 0)
     sig = torch.sigmoid(c["u"])
     d13 = torch.cat([(gsum * c["v"]) * (sig * (1 + c["u"] * (1 - sig))), gsum * c["u"] * sig], 1)
+    dots_err = 0.0
+    for r in (t, c):  # d(loss)/dh . h, row by row, each path with its own dropout mask
+        mask = torch.where(r["h"] != 0, r["hk"] / r["h"], torch.ones_like(r["h"]))
+        want = 0.5 + ((dh + (dl * mask if lora else 0)) * r["h"]).sum(1)
+        dots_err = max(dots_err, ((r["dots"] - want).abs() / (1 + want.abs())).max().item() if n else 0.0)
     out[f"{n}x{f} lora={lora} drop={drop}"] = {
+        "dots": dots_err,
         "h": (t["h"] - c["h"]).abs().max().item() if n else 0.0,
         "uv": max((t[k] - c[k]).abs().max().item() for k in "uv") if n else 0.0,
         "d13": (t["d13"] - d13).abs().max().item() if n else 0.0,
@@ -82,6 +89,7 @@ def test_triton_swiglu_matches_the_torch_arithmetic_and_replays_its_dropout():
         assert r["h"] < 1e-5 and r["uv"] == 0.0, case
         assert r["d13"] < 1e-5, case  # du, dv with the LoRA gradient masked as in forward
         assert r["hk_replayed"], case  # backward redraws exactly the forward's mask
+        assert r["dots"] < 1e-5, case  # each row's output gradient . h, both paths
         drop = float(case.split("drop=")[1])
         if drop and case.startswith("64"):
             assert r["keep_values"] == [0.0, round(1 / (1 - drop), 5)], case

@@ -33,7 +33,10 @@ def lora_grads(net) -> torch.Tensor:
                       for p in net.parameters() if p.requires_grad])  # an expert no token picked has none
 
 
-def train_side_by_side(tiny_model, steps: int, dtype=torch.float32, autocast=None):
+def train_side_by_side(tiny_model, steps: int, dtype=torch.float32, autocast=None, sync: bool = False):
+    """Both nets step their own optimizer from the same weights; with `sync` the fused net takes the
+    stock net's LoRA weights after each step, so every step compares the two at identical weights
+    (in bf16 two free trajectories part the way any change of rounding makes them part)."""
     nets = [lora_net(tiny_model, fast, dtype) for fast in (False, True)]
     assert moe.use_fused_moe(nets[1]) == 2  # both MoE blocks of the tiny model run the fast pass
     assert not any(hasattr(m, "_stock_forward") for m in nets[0].modules())
@@ -51,6 +54,10 @@ def train_side_by_side(tiny_model, steps: int, dtype=torch.float32, autocast=Non
             step.append((loss.item(), lora_grads(net)))
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if sync:
+            with torch.no_grad():
+                for a, b in zip(*[[p for p in n.parameters() if p.requires_grad] for n in nets], strict=True):
+                    b.copy_(a)
         (stock_loss, stock_grad), (fast_loss, fast_grad) = step
         out.append((stock_loss, fast_loss, torch.nn.functional.cosine_similarity(stock_grad, fast_grad, dim=0).item()))
     return out
@@ -64,11 +71,12 @@ def test_fused_moe_tracks_transformers_for_20_steps(tiny_model):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16-fallback"])
 def test_fused_moe_in_half_precision(tiny_model, dtype):
-    """bf16 on Ampere+, fp16 on V100/T4: the same autocast the job uses, on CPU."""
-    steps = train_side_by_side(tiny_model, 3, dtype, torch.autocast("cpu", dtype=dtype))
+    """bf16 on Ampere+, fp16 on V100/T4: the same autocast the job uses, on CPU; 5 steps, each at
+    identical weights (sync): the loss within 0.1%, the LoRA gradients at cosine >= 0.9999."""
+    steps = train_side_by_side(tiny_model, 5, dtype, torch.autocast("cpu", dtype=dtype), sync=True)
     for stock_loss, fast_loss, cos in steps:
-        assert abs(fast_loss - stock_loss) <= 0.01 * abs(stock_loss)
-        assert cos >= 0.999
+        assert abs(fast_loss - stock_loss) <= 1e-3 * abs(stock_loss)
+        assert cos >= 0.9999
 
 
 def test_dropout_masks_replayed_in_backward_give_exact_gradients(tiny_model):

@@ -56,6 +56,37 @@ def test_offloaded_checkpoints_give_the_same_gradients_over_three_steps(tiny_mod
         assert all(torch.equal(a, b) for a, b in zip(host_grads, gpu_grads, strict=True))
 
 
+def test_each_offloaded_pass_of_the_fused_moe_skips_what_it_throws_away(tiny_model, monkeypatch):
+    """In a checkpointed layer the forward's saved tensors are dropped and the recomputation's output
+    is not read: the forward writes no u, v (two fp32 tokens x ffn tensors) and the recomputation
+    runs no w2 projection, where GPU-held checkpoints run both in both passes (the gradients stay
+    bit for bit theirs: the test above)."""
+    from entrypoint import kernels, moe, offload
+
+    calls: list[tuple[str, str | None]] = []
+    project, swiglu = moe._project, kernels.swiglu_forward
+
+    def counted_project(*args, **kwargs):
+        calls.append(("w2", offload.phase()))
+        return project(*args, **kwargs)
+
+    def counted_swiglu(a13, l1, l3, u_out=None, v_out=None, **kwargs):
+        calls.append(("uv" if u_out is not None else "h only", offload.phase()))
+        return swiglu(a13, l1, l3, u_out, v_out, **kwargs)
+
+    monkeypatch.setattr(moe, "_project", counted_project)
+    monkeypatch.setattr(kernels, "swiglu_forward", counted_swiglu)
+    ids = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(2))
+    seen = {}
+    for held in ("gpu", "host"):
+        calls.clear()
+        lora_net(tiny_model, held == "host", True)(input_ids=ids, labels=ids).loss.backward()
+        seen[held] = sorted(set(calls)), sum(kind == "w2" for kind, _ in calls)
+    assert seen["gpu"][0] == [("uv", None), ("w2", None)]
+    assert seen["host"][0] == [("h only", "forward"), ("uv", "recompute"), ("w2", "forward")]
+    assert seen["host"][1] * 2 == seen["gpu"][1] > 0  # w2 once per expert and layer, not twice
+
+
 def test_a_layer_input_is_not_held_between_forward_and_backward(tiny_model):
     """What the offload is for: after the forward, nothing keeps a decoder layer's input
     tensor (the checkpoint holds the host copy); with GPU-held checkpoints every one stays."""
