@@ -21,6 +21,8 @@ Each recipe is the same model switched in place, so all of them run on identical
   through torch.compile); ours-compiled: ours (fp32 residual stream) with it;
 - ours-proj, ours-compiled-proj, ours-bf16-compiled-proj: those with training.fused_attention
   (entrypoint.projections: q/k/v as one matmul, NF4 dequantized once per pass, LoRA beside it);
+- ours-flex, ours-compiled-flex: ours and ours-compiled with training.flex_attention (FlexAttention
+  with q, k, v cast as SDPA's are under autocast; entrypoint.model.use_flex_attention);
 - ours-noskip, ours-compiled-proj-noskip: ours and ours-compiled-proj as they ran before the MoE pass
   skipped, inside offloaded checkpoints, what each pass throws away (u, v in the forward, w2 and the
   output in the recomputation; entrypoint.offload.phase).
@@ -79,6 +81,8 @@ RECIPES = {
     "ours-proj": Recipe(True, True, False, "sdpa", False, False, True),
     "ours-compiled-proj": Recipe(True, True, False, "sdpa", True, False, True),
     "ours-bf16-compiled-proj": Recipe(True, True, True, "sdpa", True, False, True),
+    "ours-flex": Recipe(True, True, False, M.FLEX, False, False),
+    "ours-compiled-flex": Recipe(True, True, False, M.FLEX, True, False),
     "ours-noskip": Recipe(True, True, False, "sdpa", False, False, False, False),
     "ours-compiled-proj-noskip": Recipe(True, True, False, "sdpa", True, False, True, False),
 }
@@ -138,7 +142,10 @@ def switch(net, recipe: str) -> None:
     M.set_residual_dtype(net, torch.bfloat16 if bf16 else torch.float32)
     # packed rows: transformers builds the document mask from the position ids, dense for SDPA,
     # a BlockMask for FlexAttention (which then skips the blocks across documents)
-    net.get_base_model().set_attn_implementation(attention)
+    if attention == M.FLEX:
+        M.use_flex_attention(net)
+    else:
+        net.get_base_model().set_attn_implementation(attention)
     moe._per_token_sum = scatter_sum if scatter else GATHER_SUM
     set_small_ops(net, compiled)
 

@@ -124,6 +124,10 @@ class TrainingSpec(Strict):
     # stored (entrypoint.projections). The same adapter format. Off until its GPU speed and numerics
     # are measured (issue 22).
     fused_attention: bool = False
+    # CUDA: attention through FlexAttention with the packed rows' document mask as a BlockMask, so the
+    # blocks across examples are skipped (entrypoint.model.use_flex_attention). Off until measured on
+    # the default (fp32) residual stream; on the bf16 one it was 3.8-4.2% faster than SDPA (issue 22).
+    flex_attention: bool = False
     # auto: bitsandbytes AdamW8bit on GPU, torch AdamW on CPU. Not paged by default: LoRA's
     # optimizer state is small (~0.5 GiB for Mixtral-8x7B r16), so paging to host memory buys
     # nothing, and it puts the state in CUDA managed memory; paged_adamw_8bit is one key away.

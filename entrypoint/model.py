@@ -194,7 +194,8 @@ def attach_lora(model, lora, training):
     keeps checkpointed layer inputs in host memory (entrypoint.offload); training.bf16_residual
     keeps the residual stream in bf16 where the model was loaded in bf16 (set_residual_dtype);
     training.compile_small_ops compiles the norms and rotary embedding on CUDA (compile_small_ops);
-    training.fused_attention runs the 4-bit attention projections as entrypoint.projections does."""
+    training.fused_attention runs the 4-bit attention projections as entrypoint.projections does;
+    training.flex_attention runs attention through FlexAttention on CUDA (use_flex_attention)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     loaded = model.get_input_embeddings().weight.dtype
@@ -231,7 +232,39 @@ def attach_lora(model, lora, training):
         use_fused_attention(model)
     if training.compile_small_ops and model.get_input_embeddings().weight.is_cuda:
         model.compiled_small_ops = compile_small_ops(model)
+    if training.flex_attention and model.get_input_embeddings().weight.is_cuda:
+        use_flex_attention(model)
     return model
+
+
+FLEX = "sm_qlora_flex"
+
+
+def _flex_forward(module, query, key, value, attention_mask, **kwargs):
+    """transformers' FlexAttention with q, k, v in the autocast dtype, as SDPA takes them under
+    autocast (flex is not an autocast op: on the fp32 residual stream it would run in fp32)."""
+    from transformers.integrations.flex_attention import flex_attention_forward
+
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+    return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def use_flex_attention(model: nn.Module) -> None:
+    """training.flex_attention: the model's attention through FlexAttention. transformers builds its
+    mask as a BlockMask from the packed rows' position ids (each example attends to itself only),
+    so the blocks across examples are skipped where SDPA computes the dense causal square and
+    masks them. Registered under its own name (FLEX) to cast q, k, v as autocast does for SDPA.
+    CUDA only (torch has no FlexAttention backward on CPU)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+
+    AttentionInterface.register(FLEX, _flex_forward)
+    AttentionMaskInterface.register(FLEX, flex_attention_mask)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(FLEX)
 
 
 def residual_params(model: nn.Module) -> list[nn.Parameter]:

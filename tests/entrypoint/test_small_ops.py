@@ -88,3 +88,29 @@ def test_the_switch_compiles_nothing_on_a_cpu_run(tiny_model):
                         TrainingSpec(compile_small_ops=True, offload_checkpoints=False))
     assert not getattr(net, "compiled_small_ops", 0)
     assert all("forward" not in vars(m) for m in net.modules() if type(m).__name__.endswith("RMSNorm"))
+
+
+def test_flex_attention_takes_q_k_v_in_the_autocast_dtype_with_a_document_block_mask(tiny_model, monkeypatch):
+    """training.flex_attention: on packed rows (position ids restarting per example) the attention
+    gets a BlockMask and bf16 q, k, v under bf16 autocast, on the fp32 residual stream as on the
+    bf16 one, and the loss is SDPA's (forward only: torch has no FlexAttention backward on CPU, and
+    the job switches it on for CUDA alone)."""
+    import transformers.integrations.flex_attention as flex
+
+    seen = []
+    real = flex.flex_attention_forward
+    monkeypatch.setattr(flex, "flex_attention_forward", lambda module, q, k, v, mask, **kw: (
+        seen.append((q.dtype, k.dtype, v.dtype, type(mask).__name__)), real(module, q, k, v, mask, **kw))[1])
+    positions = torch.tensor([list(range(20)) + list(range(28))] * 2)
+    ids = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(2))
+    for bf16 in (False, True):
+        net = lora_net(tiny_model, bf16)
+        losses = []
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            losses.append(net(input_ids=ids, labels=ids, position_ids=positions).loss.item())
+            M.use_flex_attention(net)
+            losses.append(net(input_ids=ids, labels=ids, position_ids=positions).loss.item())
+        assert abs(losses[1] - losses[0]) <= 1e-4 * abs(losses[0])
+    assert len(seen) == 2 * len(net.base_model.model.model.layers)
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16, torch.bfloat16, "BlockMask")}
+    assert not TrainingSpec().flex_attention  # opt-in
