@@ -42,6 +42,8 @@ NOTES = {
     "training.fused_moe": "Mixtral: one fused pass over a layer's experts; false: transformers + PEFT (transformers 4 only: auto then picks that image)",
     "training.compile_small_ops": "CUDA: RMSNorm and rotary through torch.compile (+6-8% tokens/s on an H100; opt-in, docs/speed.md)",
     "training.bf16_residual": "bf16 GPUs: keep the residual stream in bf16 (+9% tokens/s on an H100; opt-in, docs/speed.md)",
+    "training.fused_attention": "q/k/v as one matmul, NF4 dequantized once per pass (0.6 GiB less, no speed change measured; opt-in, docs/speed.md)",
+    "training.flex_attention": "CUDA: FlexAttention skipping the blocks across packed examples (+6% tokens/s on an H100; opt-in, docs/speed.md)",
     "training.optimizer": "auto: 8-bit AdamW on GPUs, torch AdamW on CPU",
     "training.eval_steps": "evaluate every N steps (default: every save_steps, when there is validation data)",
     "training.save_total_limit": "checkpoints kept; older ones are deleted",

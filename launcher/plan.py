@@ -123,6 +123,14 @@ BF16_RESIDUAL_SPEEDUP = 4149.0 / 3794.0
 # interleaved repeats, medians 4,021.5 (ours-compiled) against 3,749.5 (ours). With bf16_residual the
 # two are multiplied (x1.173; measured together in that run: x1.189).
 COMPILE_SMALL_OPS_SPEEDUP = 4021.5 / 3749.5
+# Since 2026-12-06 the fused MoE pass skips, inside offloaded checkpoints, what each pass throws away
+# (u, v in the forward, w2 and the output in the recomputation; entrypoint.offload.phase): on an H100
+# at 32 layers and 8 rows, medians 4,198.5 against 3,825 tok/s for the same step without the skip
+# (h100-2026-12-06-deep-speed-r6.json, two interleaved repeats). Applied to the H200 figures above
+# (measured before it) as a ratio, where checkpoints are offloaded.
+OFFLOADED_PASSES_SPEEDUP = 4198.5 / 3825.0
+# training.flex_attention (opt-in, CUDA): 4,441 against 4,198.5 tok/s in that run (ours-flex, ours).
+FLEX_ATTENTION_SPEEDUP = 4441.0 / 4198.5
 H200 = {"tflops": 989.0, "bandwidth_gbs": 4800.0}
 # The per-token part's share that scales with memory bandwidth (the rest with dense TFLOP/s): fitted on
 # the one pair of GPUs measured with the same step at 32 layers, 8 rows: H100 80GB (3.35 TB/s) 3,794
@@ -194,7 +202,8 @@ def calibration() -> list[dict]:
 # --------------------------------------------------------------------------- throughput
 
 def tokens_per_second(shape: Shape, inst: Instance, tokens_per_micro_batch: int, strategy: str,
-                      fused_moe: bool = True, bf16_residual: bool = False, compile_small_ops: bool = False) -> float:
+                      fused_moe: bool = True, bf16_residual: bool = False, compile_small_ops: bool = False,
+                      offload: bool = True, flex_attention: bool = False) -> float:
     """Real tokens/s for the whole job on one instance (see the module docstring)."""
     (t1, r1), (t2, r2) = sorted(H200_TOKENS_PER_S[mlp_path(shape, fused_moe)].items())
     per_token = (t2 / r2 - t1 / r1) / (t2 - t1)  # s per token, Mixtral-8x7B on an H200
@@ -210,6 +219,10 @@ def tokens_per_second(shape: Shape, inst: Instance, tokens_per_micro_batch: int,
         rate *= BF16_RESIDUAL_SPEEDUP
     if compile_small_ops and mlp_path(shape, fused_moe) == "fused":
         rate *= COMPILE_SMALL_OPS_SPEEDUP
+    if offload and mlp_path(shape, fused_moe) == "fused":
+        rate *= OFFLOADED_PASSES_SPEEDUP
+    if flex_attention and mlp_path(shape, fused_moe) == "fused":
+        rate *= FLEX_ATTENTION_SPEEDUP
     if strategy == "ddp":
         workers = inst.gpu_count
         rate *= workers * (DDP_EFFICIENCY if workers > 1 else 1.0)
@@ -223,7 +236,9 @@ ASSUMPTIONS = [
     "part per quantized linear module + per-token part scaled by active parameters per token",
     f"training.bf16_residual (bf16 GPUs, fused path): x{BF16_RESIDUAL_SPEEDUP:.2f}, measured on an H100 80GB at 32 "
     "layers (4,149 against 3,794 tok/s, same model and step), applied to the H200 figures as a ratio; "
-    f"training.compile_small_ops (fused path): x{COMPILE_SMALL_OPS_SPEEDUP:.2f} the same way (4,022 against 3,750)",
+    f"training.compile_small_ops (fused path): x{COMPILE_SMALL_OPS_SPEEDUP:.2f} the same way (4,022 against 3,750); "
+    f"the fused pass inside offloaded checkpoints (the default) x{OFFLOADED_PASSES_SPEEDUP:.2f} (4,199 against 3,825); "
+    f"training.flex_attention x{FLEX_ATTENTION_SPEEDUP:.2f} (4,441 against 4,199)",
     f"other GPUs: the per-token part scales {1 - BANDWIDTH_SHARE:.0%} with dense bf16/fp16 TFLOP/s and "
     f"{BANDWIDTH_SHARE:.0%} with memory bandwidth (fitted on the H100 80GB measured against the H200; "
     "A100 and other GPUs are scaled, not measured); "
@@ -410,7 +425,8 @@ def evaluate(shape: Shape, inst: Instance, cfg: JobConfig, dataset_tokens: float
     strategy, need = _fit(shape, inst, cfg, rows)
     fits = strategy is not None
     tokens = rows * t.max_seq_length
-    rate = (tokens_per_second(shape, inst, tokens, strategy, t.fused_moe, t.bf16_residual, t.compile_small_ops)
+    rate = (tokens_per_second(shape, inst, tokens, strategy, t.fused_moe, t.bf16_residual, t.compile_small_ops,
+                              t.gradient_checkpointing and t.offload_checkpoints, t.flex_attention)
             * cfg.compute.instance_count
             if fits else None)
     hours = usd = spot = None
