@@ -114,19 +114,19 @@ class TrainingSpec(Strict):
     # 0.999; stock against itself 0.999998; bench/README.md, 2026-12-06).
     bf16_residual: bool = False
     # CUDA: RMSNorm and the rotary embedding through torch.compile (entrypoint.model.compile_small_ops):
-    # +6-8% tokens/s at 32 layers of Mixtral on an H100, and with bf16_residual 4,430 tok/s against
-    # 3,750 for the defaults (bench/README.md, 2026-12-06). Off by default: at 2 layers its LoRA
-    # gradients are at cosine 0.9984 of the stock path's (the defaults: 0.9995; the bar is 0.999).
-    # CPU runs ignore it.
+    # +2-8% tokens/s at 32 layers of Mixtral on an H100 (bench/README.md, 2026-12-06). Off by default:
+    # at 2 layers its LoRA gradients are at cosine 0.99905 of the stock path's (the defaults: 0.99946;
+    # the bar is 0.999), 0.99886 with fused_attention. CPU runs ignore it.
     compile_small_ops: bool = False
     # 4-bit attention projections with LoRA (q, k, v, o): q, k and v as one matmul on one cast of the
     # input, NF4 dequantized once per pass, LoRA beside it with its dropout masks replayed instead of
-    # stored (entrypoint.projections). The same adapter format. Off until its GPU speed and numerics
-    # are measured (issue 22).
+    # stored (entrypoint.projections). The same adapter format and, on an H100, the same gradients as
+    # the defaults at 2 layers and 0.63 GiB less peak memory at 32, but no speed gain measured.
     fused_attention: bool = False
     # CUDA: attention through FlexAttention with the packed rows' document mask as a BlockMask, so the
-    # blocks across examples are skipped (entrypoint.model.use_flex_attention). Off until measured on
-    # the default (fp32) residual stream; on the bf16 one it was 3.8-4.2% faster than SDPA (issue 22).
+    # blocks across examples are skipped (entrypoint.model.use_flex_attention): +5-6% tokens/s at 32
+    # layers of Mixtral on an H100. Off by default: at 2 layers its LoRA gradients are at cosine 0.9947
+    # of the stock path's (the bar is 0.999; bench/README.md, 2026-12-06).
     flex_attention: bool = False
     # auto: bitsandbytes AdamW8bit on GPU, torch AdamW on CPU. Not paged by default: LoRA's
     # optimizer state is small (~0.5 GiB for Mixtral-8x7B r16), so paging to host memory buys
