@@ -260,8 +260,10 @@ class _Experts(torch.autograd.Function):
             if output:
                 flat_w = weights.reshape(-1).index_select(0, order)
                 out = _per_token_sum(ys * flat_w[:, None].to(x.dtype), order, selected.shape[1])
-            else:  # the recomputation's output is not read (torch stops it at the layer's last save)
-                out = torch.empty_like(x)
+            else:  # the recomputation's output is not read: torch stops it at the layer's last save, which
+                # is this pass's in the decoder layers it runs in; NaN, so a layer that read it anyway
+                # would fail the job's loss check, not train on garbage
+                out = torch.full_like(x, float("nan"))
         if backward and not keep_uv:  # the forward's stand-in: the checkpoint only records its metadata
             uv = torch.empty((), dtype=torch.float32, device=x.device).expand(2, xs.shape[0], ffn)
         ctx.counts = counts

@@ -87,6 +87,21 @@ def test_each_offloaded_pass_of_the_fused_moe_skips_what_it_throws_away(tiny_mod
     assert seen["host"][1] * 2 == seen["gpu"][1] > 0  # w2 once per expert and layer, not twice
 
 
+def test_a_layer_that_reads_the_moe_output_in_the_recomputation_gets_nan_not_garbage(tiny_model):
+    """The recomputation's MoE output is never computed. In Mixtral and Qwen3-MoE nothing after it
+    saves a tensor, so torch stops there. A layer that read it anyway (here a hook scaling it by a
+    trained weight, whose backward keeps it) gets NaN gradients, which the job's loss check stops
+    on, instead of training on stale memory."""
+    net = lora_net(tiny_model, True, True)
+    block = layers(net)[0].block_sparse_moe
+    scale = torch.nn.Parameter(torch.ones(()))
+    block.register_forward_hook(lambda _m, _a, out: (out[0] * scale, *out[1:]))
+    ids = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    net(input_ids=ids, labels=ids).loss.backward()
+    assert torch.isnan(scale.grad)
+
+
 def test_a_layer_input_is_not_held_between_forward_and_backward(tiny_model):
     """What the offload is for: after the forward, nothing keeps a decoder layer's input
     tensor (the checkpoint holds the host copy); with GPU-held checkpoints every one stays."""
