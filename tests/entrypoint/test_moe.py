@@ -220,3 +220,67 @@ def test_the_gather_back_to_token_order_sums_what_index_add_summed(tokens, exper
         torch.testing.assert_close(got, scattered, rtol=0.02 if dtype == torch.bfloat16 else 1e-6, atol=0.05)
     exact = torch.zeros(tokens, 6, dtype=torch.float64).index_add_(0, token, rows.double())
     torch.testing.assert_close(got.double(), exact, rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+
+
+def _experts_plan(experts: int, hidden: int, ffn: int, lora: bool, g: torch.Generator):
+    from entrypoint.experts_tf5 import _linear4bit
+
+    plan = []
+    for _ in range(experts):
+        projs = []
+        for out_f, in_f in ((ffn, hidden), (ffn, hidden), (hidden, ffn)):
+            base = _linear4bit(torch.randn(out_f, in_f, generator=g) * 0.2, torch.float32, torch.device("cpu"))
+            a = (torch.randn(3, in_f, generator=g) * 0.2).requires_grad_() if lora else None
+            b = (torch.randn(out_f, 3, generator=g) * 0.2).requires_grad_() if lora else None
+            projs.append(moe.Proj(base, a, b, 2.0, 0.0))
+        plan.append(projs)
+    return plan
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(0, 24), experts=st.integers(1, 6), k=st.integers(1, 4), lora=st.booleans(),
+       gap=st.sampled_from([0.0, 69.0, 200.0]), seed=st.integers(0, 2**16))
+def test_routing_weight_gradients_from_the_row_dots_are_autograds(tokens, experts, k, lora, gap, seed):
+    """The routing weights' gradient is g . y, taken from w2's input side (gy W2 . h and the LoRA
+    part, over the weight) so no pass keeps y. For any routing (top-1 to top-4, experts no token
+    chose, a chosen expert's probability 1e-30 or underflowed to 0), the gradients of the router
+    logits, the tokens and LoRA equal plain autograd through the same arithmetic, in fp32. (An
+    underflowed weight's own gradient is 0 rather than g . y; softmax's backward multiplies it by
+    that 0 probability, so the logits' gradient is the same.)"""
+    k = min(k, experts)
+    g = torch.Generator().manual_seed(seed)
+    hidden, ffn = 8, 12
+    plan = _experts_plan(experts, hidden, ffn, lora, g)
+    x = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+    logits = torch.randn(tokens, experts, generator=g)
+    if tokens and gap:
+        logits[0, 0] -= gap  # with top-k of all experts, a chosen expert of probability ~1e-30 or 0
+    logits.requires_grad_()
+    params = [t for projs in plan for p in projs for t in (p.lora_a, p.lora_b) if t is not None]
+    probe = torch.randn(tokens, hidden, generator=g)
+
+    def routed():
+        w, selected = torch.topk(torch.softmax(logits, dim=-1), experts if gap else k, dim=-1)
+        return w / w.sum(-1, keepdim=True), selected
+
+    def grads(out):
+        (out * probe).sum().backward()
+        got = [t.grad.clone() if t.grad is not None else torch.zeros_like(t) for t in (x, logits, *params)]
+        for t in (x, logits, *params):
+            t.grad = None
+        return got
+
+    weights, selected = routed()
+    fused = grads(moe.run_experts(x, weights, selected, plan))
+    weights, selected = routed()
+    ref = 0 * x  # (tokens, hidden), in the graph even when no token is routed
+    for e, (w1, w3, w2) in enumerate(plan):
+        for slot in range(selected.shape[1]):
+            rows = (selected[:, slot] == e).nonzero().flatten()
+            if rows.numel():
+                xe = x[rows]
+                h = torch.nn.functional.silu(moe._project(xe, w1, xe, x.dtype)) * moe._project(xe, w3, xe, x.dtype)
+                ref = ref.index_add(0, rows, moe._project(h, w2, h, x.dtype) * weights[rows, slot, None])
+    want = grads(ref)
+    for name, a, b in zip(["x", "logits"] + ["lora"] * len(params), fused, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
