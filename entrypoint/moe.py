@@ -23,6 +23,7 @@ Only forwards change: the modules, parameter names, PEFT adapter format and the
 
 from __future__ import annotations
 
+import contextlib
 import types
 from dataclasses import dataclass
 
@@ -224,6 +225,19 @@ def _rng_state(device: torch.device):
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
+@contextlib.contextmanager
+def replayed(device: torch.device, rng):
+    """Autocast off and `device`'s generator at `rng` (what the forward saved: its dropout draws
+    are redrawn in the same order), put back afterwards."""
+    with torch.autocast(device.type, enabled=False), torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(rng, device)
+        else:
+            torch.set_rng_state(rng)
+        yield
+
+
 class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, selected, how, *params):
@@ -275,12 +289,7 @@ class _Experts(torch.autograd.Function):
         x, weights, order, token, uv = ctx.saved_tensors
         plan, compute = ctx.plan, ctx.compute
         grads = [None] * (2 * 3 * len(plan))
-        with torch.autocast(x.device.type, enabled=False), torch.random.fork_rng(
-                devices=[x.device] if x.device.type == "cuda" else [], device_type=x.device.type):
-            if x.device.type == "cuda":
-                torch.cuda.set_rng_state(ctx.rng, x.device)
-            else:
-                torch.set_rng_state(ctx.rng)
+        with replayed(x.device, ctx.rng):
             flat_w = weights.reshape(-1).index_select(0, order)
             g = grad_out.index_select(0, token)
             gy_all = (g * flat_w[:, None].to(g.dtype)).to(compute)

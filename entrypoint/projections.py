@@ -127,12 +127,7 @@ class _Projections(torch.autograd.Function):
         (xc,) = ctx.saved_tensors
         projs, compute = ctx.projs, ctx.compute
         weight_grads = [None] * (2 * len(projs))
-        with torch.autocast(xc.device.type, enabled=False), torch.random.fork_rng(
-                devices=[xc.device] if xc.device.type == "cuda" else [], device_type=xc.device.type):
-            if xc.device.type == "cuda":
-                torch.cuda.set_rng_state(ctx.rng, xc.device)
-            else:
-                torch.set_rng_state(ctx.rng)
+        with moe.replayed(xc.device, ctx.rng):
             keeps = [moe._keep(p, xc) for p in projs]  # the forward's draws, in its order
             g = torch.cat([(gr.reshape(-1, p.base.out_features) if gr is not None
                             else xc.new_zeros(xc.shape[0], p.base.out_features)).to(compute)

@@ -8,20 +8,12 @@ import torch
 
 from entrypoint import experts_tf5, moe, projections
 from entrypoint import model as M
-from entrypoint.hyperparams import LoraSpec, TrainingSpec
+from entrypoint.hyperparams import TrainingSpec
+from tests.entrypoint import nets
 
 
 def lora_net(tiny_model, fused: bool, dtype=torch.float32, dropout: float = 0.0, bf16_residual: bool = False):
-    torch.manual_seed(0)  # the same LoRA A init in every net
-    base = M.load_4bit(str(tiny_model), M.Precision(dtype, str(dtype), "test"), {"": "cpu"}, "sdpa")
-    net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=dropout, target_modules="auto"),
-                        TrainingSpec(fused_attention=fused, bf16_residual=bf16_residual))
-    g = torch.Generator().manual_seed(1)
-    for name, p in net.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero; non-zero B exercises every LoRA gradient
-            p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p)
-    net.train()
-    return net
+    return nets.lora_net(tiny_model, TrainingSpec(fused_attention=fused, bf16_residual=bf16_residual), dtype, dropout)
 
 
 def attention(net, layer: int = 0):

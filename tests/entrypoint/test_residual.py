@@ -7,20 +7,13 @@ import pytest
 import torch
 
 from entrypoint import model as M
-from entrypoint.hyperparams import LoraSpec, TrainingSpec
+from entrypoint.hyperparams import TrainingSpec
+from tests.entrypoint import nets
 
 
 def lora_net(tiny_model, bf16_residual: bool, dtype=torch.bfloat16, fused: bool = True):
-    torch.manual_seed(0)  # the same LoRA A init in every net
-    base = M.load_4bit(str(tiny_model), M.Precision(dtype, str(dtype), "test"), {"": "cpu"}, "sdpa")
-    net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=0.0, target_modules="auto"),
-                        TrainingSpec(fused_moe=fused, bf16_residual=bf16_residual, offload_checkpoints=False))
-    g = torch.Generator().manual_seed(1)
-    for name, p in net.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero; non-zero B exercises every LoRA gradient
-            p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p)
-    net.train()
-    return net
+    return nets.lora_net(tiny_model, TrainingSpec(fused_moe=fused, bf16_residual=bf16_residual,
+                                                  offload_checkpoints=False), dtype)
 
 
 def layer_input_dtypes(net) -> list[torch.dtype]:
