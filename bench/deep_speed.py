@@ -23,9 +23,10 @@ Each recipe is the same model switched in place, so all of them run on identical
   (entrypoint.projections: q/k/v as one matmul, NF4 dequantized once per pass, LoRA beside it);
 - ours-flex, ours-compiled-flex: ours and ours-compiled with training.flex_attention (FlexAttention
   with q, k, v cast as SDPA's are under autocast; entrypoint.model.use_flex_attention);
-- ours-noskip, ours-compiled-proj-noskip: ours and ours-compiled-proj as they ran before the MoE pass
-  skipped, inside offloaded checkpoints, what each pass throws away (u, v in the forward, w2 and the
-  output in the recomputation; entrypoint.offload.phase).
+- ours-noskip, ours-compiled-proj-noskip: ours and ours-compiled-proj without the MoE pass's skip,
+  inside offloaded checkpoints, of what each pass throws away (u, v in the forward, w2 and the
+  output in the recomputation; entrypoint.offload.phase). Not quite the step before the skip: the
+  backward's routing-weight gradient, which came with it, keeps no expert outputs (0.5 GiB less).
 
 Both recipes draw example lengths from one distribution (log-normal, median ~545 tokens, capped
 at 2048: profile_step.packed_batch); tokens/s counts real tokens only. Every step is LoRA r16 on

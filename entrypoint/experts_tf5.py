@@ -214,6 +214,7 @@ def use_fused_moe(model) -> int:
             switched += 1
     for device in devices:
         moe.kernels.warm_up(device)
+    moe.mark_skip_safe(model)
     return switched
 
 
@@ -284,6 +285,6 @@ def _moe_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
             1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
     x = hidden_states.reshape(-1, hidden)
     _, weights, selected = self.gate(x)
-    out = moe.run_experts(x, weights.to(x.dtype), selected, projs)
+    out = moe.run_experts(x, weights.to(x.dtype), selected, projs, skip=getattr(self, "skip_in_checkpoints", False))
     return out.view(batch, seq, hidden)
 

@@ -47,6 +47,23 @@ class Proj:
 # The MoE blocks the [model] line reports on: Mixtral's (fused on either transformers) and
 # Qwen3-MoE's (fused on transformers 5, entrypoint.experts_tf5; the stock path on 4).
 MOE_BLOCKS = ("MixtralSparseMoeBlock", "Qwen3MoeSparseMoeBlock")
+# Decoder layers in which nothing after the MoE block saves a tensor for backward (the residual add
+# alone follows it, on both transformers majors), so torch's checkpoint stops a recomputation at the
+# block's own save: the blocks in them may skip the output there (_Experts, offload.phase). A block
+# in any other layer runs whole in every pass.
+SKIP_SAFE_LAYERS = frozenset({"MixtralDecoderLayer", "Qwen3MoeDecoderLayer"})
+
+
+def mark_skip_safe(model) -> int:
+    """Mark the MoE blocks of SKIP_SAFE_LAYERS (`skip_in_checkpoints`); returns how many."""
+    marked = 0
+    for layer in model.modules():
+        if type(layer).__name__ in SKIP_SAFE_LAYERS:
+            for child in layer.children():
+                if type(child).__name__ in MOE_BLOCKS:
+                    child.skip_in_checkpoints = True
+                    marked += 1
+    return marked
 
 
 def use_fused_moe(model) -> int:
@@ -63,6 +80,7 @@ def use_fused_moe(model) -> int:
             switched += 1
     for device in devices:
         kernels.warm_up(device)
+    mark_skip_safe(model)
     return switched
 
 
@@ -86,8 +104,8 @@ def _plan(block) -> list[list[Proj]] | None:
     plan = []
     for expert in block.experts:
         projs = [lora_proj(getattr(expert, name)) for name in PROJECTIONS]
-        if None in projs:
-            return None
+        if None in projs or any(p.base.bias is not None for p in projs):
+            return None  # the fused pass has no expert biases (Mixtral's experts have none)
         plan.append(projs)
     return plan
 
@@ -125,12 +143,15 @@ def _moe_forward(self, hidden_states: torch.Tensor):
     weights = F.softmax(router_logits, dim=1, dtype=torch.float)
     weights, selected = torch.topk(weights, self.top_k, dim=-1)
     weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-    return run_experts(x, weights, selected, plan).view(batch, seq, hidden), router_logits
+    out = run_experts(x, weights, selected, plan, skip=getattr(self, "skip_in_checkpoints", False))
+    return out.view(batch, seq, hidden), router_logits
 
 
-def run_experts(x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, plan: list[list[Proj]]):
+def run_experts(x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, plan: list[list[Proj]],
+                skip: bool = False):
     """The experts' weighted sum for tokens x (tokens, hidden) routed to `selected` with
-    `weights` (tokens, top_k): the one kernel path both transformers layouts run."""
+    `weights` (tokens, top_k): the one kernel path both transformers layouts run. `skip`: inside an
+    offloaded checkpoint, leave out what the pass throws away (only for SKIP_SAFE_LAYERS' blocks)."""
     device = x.device.type
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     params = [t for projs in plan for p in projs for t in (p.lora_a, p.lora_b)]
@@ -141,7 +162,7 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, 
     # No dropout (evaluation), no draw: evaluating must not move the training run's RNG.
     dropping = any(p.dropout > 0 for projs in plan for p in projs)
     seed = int(torch.randint(0, 2**30, (1,)).item()) if dropping else 0
-    return _Experts.apply(x, weights, selected, (plan, compute, backward, seed), *params)
+    return _Experts.apply(x, weights, selected, (plan, compute, backward, seed, skip), *params)
 
 
 def _dequantize(projs: tuple[Proj, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -241,12 +262,12 @@ def replayed(device: torch.device, rng):
 class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, selected, how, *params):
-        plan, compute, backward, seed = how
+        plan, compute, backward, seed, skip = how
         ctx.plan, ctx.compute, ctx.rng, ctx.seed = plan, compute, _rng_state(x.device), seed
         # Inside an offloaded checkpoint each pass skips what it would throw away: the forward
         # does not write u, v (the checkpoint drops what a layer saves), the recomputation
         # stops at u, v (only what the layer saves is used: not w2, not the output)
-        phase = offload.phase()
+        phase = offload.phase() if skip else None
         keep_uv, output = backward and phase != "forward", phase != "recompute"
         with torch.autocast(x.device.type, enabled=False):
             order, token, counts = _order(selected, len(plan))
@@ -275,8 +296,8 @@ class _Experts(torch.autograd.Function):
                 flat_w = weights.reshape(-1).index_select(0, order)
                 out = _per_token_sum(ys * flat_w[:, None].to(x.dtype), order, selected.shape[1])
             else:  # the recomputation's output is not read: torch stops it at the layer's last save, which
-                # is this pass's in the decoder layers it runs in; NaN, so a layer that read it anyway
-                # would fail the job's loss check, not train on garbage
+                # is this pass's in SKIP_SAFE_LAYERS; NaN, so that a layer that read it anyway would give
+                # NaN gradients (the job's gradient-norm check stops on them) rather than stale memory
                 out = torch.full_like(x, float("nan"))
         if backward and not keep_uv:  # the forward's stand-in: the checkpoint only records its metadata
             uv = torch.empty((), dtype=torch.float32, device=x.device).expand(2, xs.shape[0], ffn)

@@ -40,6 +40,9 @@ def use_fused_attention(model) -> int:
         mods = [getattr(attn, name, None) for name in (*QKV, "o_proj")]
         if any(not isinstance(m, torch.nn.Module) for m in mods) or any(moe.lora_proj(m) is None for m in mods):
             continue
+        bases = [moe.lora_proj(m).base for m in mods]
+        if any(b.bias is not None and b.bias.requires_grad for b in bases):
+            continue  # a trained bias (PEFT's bias="all"): PEFT's own path has its gradient
         q, k, v, o = mods
         if not hasattr(q, "_stock_forward"):
             stash: dict = {}
@@ -82,6 +85,7 @@ def _taken_forward(m, x, index: int, stash: dict, args, kwargs):
         if index == 2:
             stash.clear()
         return out
+    stash.clear()  # not the input q_proj saw: what it left is of no use (and holds its graph)
     return m._stock_forward(x, *args, **kwargs)
 
 
@@ -101,6 +105,14 @@ def run(x: torch.Tensor, projs: list[moe.Proj]) -> tuple[torch.Tensor, ...]:
     return _Projections.apply(x, (projs, compute, backward), *params)
 
 
+def _bias(projs: list[moe.Proj], dtype: torch.dtype) -> torch.Tensor | None:
+    """The projections' biases side by side in `dtype` (zeros for one without), or None if none has one."""
+    if all(p.base.bias is None for p in projs):
+        return None
+    return torch.cat([p.base.bias.to(dtype) if p.base.bias is not None
+                      else torch.zeros(p.base.out_features, dtype=dtype, device=p.base.weight.device) for p in projs])
+
+
 class _Projections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, how, *params):
@@ -109,7 +121,8 @@ class _Projections(torch.autograd.Function):
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             xc = x.reshape(-1, x.shape[-1]).to(compute)
-            y = xc @ moe._dequantize(tuple(projs), compute).t()
+            # the bias (Qwen2's q/k/v have one; frozen) added by the matmul, as bitsandbytes does
+            y = torch.nn.functional.linear(xc, moe._dequantize(tuple(projs), compute), _bias(projs, compute))
             outs, at = [], 0
             for p in projs:
                 n = p.base.out_features

@@ -87,19 +87,32 @@ def test_each_offloaded_pass_of_the_fused_moe_skips_what_it_throws_away(tiny_mod
     assert seen["host"][1] * 2 == seen["gpu"][1] > 0  # w2 once per expert and layer, not twice
 
 
-def test_a_layer_that_reads_the_moe_output_in_the_recomputation_gets_nan_not_garbage(tiny_model):
-    """The recomputation's MoE output is never computed. In Mixtral and Qwen3-MoE nothing after it
-    saves a tensor, so torch stops there. A layer that read it anyway (here a hook scaling it by a
-    trained weight, whose backward keeps it) gets NaN gradients, which the job's loss check stops
-    on, instead of training on stale memory."""
-    net = lora_net(tiny_model, True, True)
-    block = layers(net)[0].block_sparse_moe
-    scale = torch.nn.Parameter(torch.ones(()))
-    block.register_forward_hook(lambda _m, _a, out: (out[0] * scale, *out[1:]))
+def test_only_blocks_of_verified_layers_skip_and_a_layer_reading_the_output_gets_nan(tiny_model):
+    """The recomputation's MoE output is never computed, for blocks of the decoder layers in which
+    nothing after the block saves a tensor (Mixtral, Qwen3-MoE: torch stops there). If such a layer
+    read it anyway (here a hook scaling it by a trained weight, whose backward keeps it) its gradients
+    are NaN, which the job's gradient-norm check stops on, not stale memory. A block of any other
+    layer runs whole in every pass: the same hook then gets the gradient of GPU-held checkpoints."""
+    from entrypoint import moe
+
     ids = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(2))
-    torch.manual_seed(5)
-    net(input_ids=ids, labels=ids).loss.backward()
-    assert torch.isnan(scale.grad)
+
+    def scale_grad(offload: bool, marked: bool) -> torch.Tensor:
+        net = lora_net(tiny_model, offload, True)
+        assert [getattr(layer.block_sparse_moe, "skip_in_checkpoints", False) for layer in layers(net)] == [True] * 2
+        block = layers(net)[0].block_sparse_moe
+        if not marked:
+            del block.skip_in_checkpoints
+        scale = torch.nn.Parameter(torch.ones(()))
+        block.register_forward_hook(lambda _m, _a, out: (out[0] * scale, *out[1:]))
+        torch.manual_seed(5)
+        net(input_ids=ids, labels=ids).loss.backward()
+        return scale.grad
+
+    assert moe.SKIP_SAFE_LAYERS >= {type(layers(lora_net(tiny_model, True, True))[0]).__name__}
+    assert torch.isnan(scale_grad(offload=True, marked=True))
+    held, unmarked = scale_grad(offload=False, marked=True), scale_grad(offload=True, marked=False)
+    assert torch.isfinite(held) and torch.equal(unmarked, held)
 
 
 def test_a_layer_input_is_not_held_between_forward_and_backward(tiny_model):

@@ -142,3 +142,30 @@ def test_the_adapter_keeps_peft_format(tiny_model, tmp_path):
     stock.train()
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, net(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_q_k_v_biases_are_added_as_bitsandbytes_adds_them(tmp_path):
+    """Qwen2-style attention (biases on q, k and v, none on o; the built-in Qwen2.5 shapes): the
+    fused Function adds them (frozen), giving PEFT's loss and gradients."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 1.0)  # large, as in real Qwen2 checkpoints
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    seen = []
+    for fused in (False, True):
+        net = lora_net(tmp_path, fused)
+        assert projections.describe(net) == ("fused" if fused else None)
+        assert attention(net).q_proj.base_layer.bias is not None
+        loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        seen.append((loss.item(), grads(net)))
+    (stock_loss, stock), (fused_loss, fused_grads) = seen
+    assert abs(fused_loss - stock_loss) <= 1e-5 * abs(stock_loss)
+    assert torch.nn.functional.cosine_similarity(stock, fused_grads, dim=0).item() >= 0.999999

@@ -312,3 +312,24 @@ def reference_experts(block, hidden, kernels):
             out = out.index_add(0, token[start:start + n], y * ws[start:start + n, None])
         start += n
     return out.view_as(hidden)
+
+
+def test_offloaded_passes_skip_on_transformers_5_with_the_gradients_of_gpu_held_checkpoints(tiny_model):
+    """On transformers 5 the MoE blocks (`mlp`, NF4Experts inside) are marked for the skip in
+    offloaded checkpoints too, and with LoRA dropout the loss and LoRA gradients equal those of
+    GPU-held checkpoints, which run every pass whole."""
+    from tests.entrypoint import nets
+
+    ids = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(2))
+    seen = []
+    for offload in (False, True):
+        net = nets.lora_net(tiny_model, TrainingSpec(offload_checkpoints=offload), dropout=0.2)
+        blocks = [layer.mlp for layer in net.base_model.model.model.layers]
+        assert all(getattr(b, "skip_in_checkpoints", False) for b in blocks)
+        torch.manual_seed(5)
+        loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        seen.append((loss.item(), [p.grad.clone() for p in net.parameters() if p.requires_grad and p.grad is not None]))
+    (held_loss, held), (host_loss, host) = seen
+    assert host_loss == held_loss and len(host) == len(held) > 0
+    assert all(torch.equal(a, b) for a, b in zip(host, held, strict=True))
