@@ -329,7 +329,9 @@ class _Experts(torch.autograd.Function):
                 start += n
             dx = _per_token_sum(dxs, order, weights.shape[1])
             # d loss / d w = g . y = (gy . y) / w; a weight of exactly 0 gets 0 (softmax's backward
-            # multiplies what it gets by that weight anyway)
+            # multiplies what it gets by that weight anyway). gy is rounded to the compute dtype first:
+            # in fp16 that needs the loss scaling the job always runs fp16 with (tiny unscaled
+            # gradients would lose digits where g . y in fp32 did not)
             grad_flat_w = torch.where(flat_w > 0, dots / flat_w.float(), 0.0)
             grad_w = torch.empty_like(grad_flat_w).index_copy_(0, order, grad_flat_w)
         return (dx, grad_w.view_as(weights).to(weights.dtype), None, None, *grads)
