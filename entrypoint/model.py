@@ -203,6 +203,12 @@ def attach_lora(model, lora, training):
         model, use_gradient_checkpointing=training.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    # transformers 5 makes the embedding output require grad whenever checkpointing is on (which
+    # reentrant checkpoints need); with torch's non-reentrant checkpoint, the job's, that only adds a
+    # gradient for the embedding output and keeps the first layer's input alive until backward,
+    # offloaded or not. PEFT skips it for non-reentrant checkpoints, and transformers 4 never set it.
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
     if training.bf16_residual and loaded == torch.bfloat16:
         set_residual_dtype(model, torch.bfloat16)
     if training.gradient_checkpointing and training.offload_checkpoints:

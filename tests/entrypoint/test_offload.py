@@ -31,6 +31,11 @@ def layers(net):
     return net.base_model.model.model.layers
 
 
+def moe_block(layer):
+    """A decoder layer's MoE block: `block_sparse_moe` on transformers 4, `mlp` on 5."""
+    return getattr(layer, "block_sparse_moe", None) or layer.mlp
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-moe", "stock-moe"])
 def test_offloaded_checkpoints_give_the_same_gradients_over_three_steps(tiny_model, fused):
     """With LoRA dropout 0.2 (its masks redrawn in the recomputation) and the optimizer
@@ -99,12 +104,13 @@ def test_only_blocks_of_verified_layers_skip_and_a_layer_reading_the_output_gets
 
     def scale_grad(offload: bool, marked: bool) -> torch.Tensor:
         net = lora_net(tiny_model, offload, True)
-        assert [getattr(layer.block_sparse_moe, "skip_in_checkpoints", False) for layer in layers(net)] == [True] * 2
-        block = layers(net)[0].block_sparse_moe
+        assert [getattr(moe_block(layer), "skip_in_checkpoints", False) for layer in layers(net)] == [True] * 2
+        block = moe_block(layers(net)[0])
         if not marked:
             del block.skip_in_checkpoints
         scale = torch.nn.Parameter(torch.ones(()))
-        block.register_forward_hook(lambda _m, _a, out: (out[0] * scale, *out[1:]))
+        block.register_forward_hook(lambda _m, _a, out: (out[0] * scale, *out[1:]) if isinstance(out, tuple)
+                                    else out * scale)
         torch.manual_seed(5)
         net(input_ids=ids, labels=ids).loss.backward()
         return scale.grad
