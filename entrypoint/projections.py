@@ -38,11 +38,9 @@ def use_fused_attention(model) -> int:
     switched = 0
     for attn in model.modules():
         mods = [getattr(attn, name, None) for name in (*QKV, "o_proj")]
-        if any(not isinstance(m, torch.nn.Module) for m in mods) or any(moe.lora_proj(m) is None for m in mods):
-            continue
-        bases = [moe.lora_proj(m).base for m in mods]
-        if any(b.bias is not None and b.bias.requires_grad for b in bases):
-            continue  # a trained bias (PEFT's bias="all"): PEFT's own path has its gradient
+        projs = [moe.lora_proj(m) if isinstance(m, torch.nn.Module) else None for m in mods]
+        if None in projs or any(p.base.bias is not None and p.base.bias.requires_grad for p in projs):
+            continue  # not 4-bit with one LoRA, or a trained bias (PEFT's bias="all", which PEFT's path trains)
         q, k, v, o = mods
         if not hasattr(q, "_stock_forward"):
             stash: dict = {}
@@ -55,7 +53,7 @@ def use_fused_attention(model) -> int:
 
 
 def describe(model) -> str | None:
-    """The [model] line's attention= part: "fused" or "fused (n of m blocks)"; None when none is."""
+    """The [model] line's projections= part: "fused" or "fused (n of m blocks)"; None when none is."""
     blocks = [m for m in model.modules() if isinstance(getattr(m, "q_proj", None), torch.nn.Module)]
     fused = [m for m in blocks if hasattr(m.q_proj, "_stock_forward")]
     if not fused:

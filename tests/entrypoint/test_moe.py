@@ -10,22 +10,14 @@ from hypothesis import strategies as st
 from entrypoint import kernels, moe
 from entrypoint import model as M
 from entrypoint.hyperparams import LoraSpec, TrainingSpec
+from tests.entrypoint import nets
 
 STEPS = 20
 
 
 def lora_net(tiny_model, fast: bool, dtype=torch.float32, dropout: float = 0.0):
-    precision = M.Precision(dtype, str(dtype), "test")
-    torch.manual_seed(0)  # the same LoRA A init in both models
-    base = M.load_4bit(str(tiny_model), precision, {"": "cpu"}, "sdpa")
     # the MoE arithmetic alone, on PEFT's fp32 residual stream; bf16_residual: tests/entrypoint/test_residual.py
-    net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=dropout, target_modules="auto"),
-                        TrainingSpec(fused_moe=fast, bf16_residual=False))
-    g = torch.Generator().manual_seed(1)
-    for name, p in net.named_parameters():
-        if "lora_B" in name:  # PEFT starts B at zero; non-zero B exercises every LoRA gradient from step 1
-            p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p)
-    return net
+    return nets.lora_net(tiny_model, TrainingSpec(fused_moe=fast, bf16_residual=False), dtype, dropout)
 
 
 def lora_grads(net) -> torch.Tensor:

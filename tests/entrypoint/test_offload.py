@@ -10,21 +10,12 @@ import weakref
 import pytest
 import torch
 
-from entrypoint import model as M
-from entrypoint.hyperparams import LoraSpec, TrainingSpec
+from entrypoint.hyperparams import TrainingSpec
+from tests.entrypoint import nets
 
 
 def lora_net(tiny_model, offload: bool, fused: bool):
-    torch.manual_seed(0)
-    base = M.load_4bit(str(tiny_model), M.Precision(torch.float32, "fp32", "test"), {"": "cpu"}, "sdpa")
-    net = M.attach_lora(base, LoraSpec(r=4, alpha=8, dropout=0.2, target_modules="auto"),
-                        TrainingSpec(fused_moe=fused, offload_checkpoints=offload))
-    g = torch.Generator().manual_seed(1)
-    for name, p in net.named_parameters():
-        if "lora_B" in name:  # non-zero B: every LoRA gradient is exercised from step 1
-            p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p)
-    net.train()
-    return net
+    return nets.lora_net(tiny_model, TrainingSpec(fused_moe=fused, offload_checkpoints=offload), dropout=0.2)
 
 
 def layers(net):
