@@ -2,7 +2,8 @@
 r16 on attention and experts, checkpointing, bf16 autocast) on one packed micro-batch, under
 torch.profiler. Prints the step time and the CUDA kernels that take most of it.
 
-    python bench/profile_step.py --layers 2 --rows 8 [--stock-moe] [--compile-small-ops] [--bf16-residual] [--fused-attention]
+    python bench/profile_step.py --layers 2 --rows 8 [--stock-moe] [--compile-small-ops] [--bf16-residual]
+        [--fused-attention] [--flex-attention]
 
 After the kernel table, one line per kind of kernel (matmul, attention, dequantize, SwiGLU, casts and
 copies, compiled (Triton) small ops, other elementwise, reductions, indexing) with its share of the
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--compile-small-ops", action="store_true", help="training.compile_small_ops")
     ap.add_argument("--bf16-residual", action="store_true", help="training.bf16_residual")
     ap.add_argument("--fused-attention", action="store_true", help="training.fused_attention")
+    ap.add_argument("--flex-attention", action="store_true", help="training.flex_attention")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--work", type=Path, default=Path("/tmp/sm-qlora-bench"))
     args = ap.parse_args()
@@ -63,7 +65,7 @@ def main() -> None:
     net = M.attach_lora(base, LoraSpec(r=16, alpha=32, dropout=0.05, target_modules="auto"),
                         TrainingSpec(fused_moe=not args.stock_moe, offload_checkpoints=not args.gpu_checkpoints,
                                      compile_small_ops=args.compile_small_ops, bf16_residual=args.bf16_residual,
-                                     fused_attention=args.fused_attention))
+                                     fused_attention=args.fused_attention, flex_attention=args.flex_attention))
     net.train()
     batch = packed_batch(args.rows, args.seq)
 
@@ -95,7 +97,9 @@ def main() -> None:
     print(table, flush=True)
     kinds = kernel_kinds(prof, steps=2)
     total = sum(kinds.values())
-    print(f"kernel time per step: {total:.1f} ms")
+    step_ms = 1e3 * sorted(times)[2]
+    print(f"kernel time per step: {total:.1f} ms of a {step_ms:.1f} ms step "
+          f"(the GPU idle or waiting for {max(0.0, step_ms - total):.1f} ms)")
     for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<12} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
 
