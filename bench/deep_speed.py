@@ -11,8 +11,9 @@ Each recipe is the same model switched in place, so all of them run on identical
 - plain: transformers + PEFT as the notebooks do it: the stock MoE forward, the fp32 residual
   stream prepare_model_for_kbit_training leaves, checkpoints on the GPU, batches of 8 examples
   padded to the longest (attention mask), paged AdamW 8-bit;
-- ours: the job's defaults before this run: fused MoE (entrypoint/moe.py), offloaded
-  checkpoints (entrypoint/offload.py), packed rows of 2048, AdamW 8-bit;
+- ours: the job's defaults: fused MoE (entrypoint/moe.py), offloaded checkpoints
+  (entrypoint/offload.py), LoRA dropout drawn in-kernel (kernels.SeededDropout), packed rows of
+  2048, AdamW 8-bit;
 - ours-bf16: ours with training.bf16_residual (entrypoint.model.set_residual_dtype);
 - ours-bf16-flex: and FlexAttention, whose document mask skips the blocks across packed examples;
 - ours-bf16-scatter: ours-bf16 with the MoE pass's combine as it was before 2026-12-06 (index_add_
@@ -58,6 +59,7 @@ from profile_step import packed_batch  # noqa: E402
 
 from entrypoint import model as M  # noqa: E402
 from entrypoint import moe, offload, projections  # noqa: E402
+from entrypoint.kernels import SeededDropout  # noqa: E402
 
 
 class Recipe(NamedTuple):
@@ -69,10 +71,11 @@ class Recipe(NamedTuple):
     scatter: bool  # the MoE combine before 2026-12-06 (index_add_)
     projections: bool = False  # training.fused_attention (entrypoint.projections)
     skip: bool = True  # offloaded passes of the MoE skip what they throw away (entrypoint.offload.phase)
+    seeded: bool = True  # PEFT's LoRA dropout as kernels.SeededDropout (else nn.Dropout, PEFT's own)
 
 
 RECIPES = {
-    "plain": Recipe(False, False, False, "sdpa", False, False),
+    "plain": Recipe(False, False, False, "sdpa", False, False, seeded=False),
     "ours": Recipe(True, True, False, "sdpa", False, False),
     "ours-bf16": Recipe(True, True, True, "sdpa", False, False),
     "ours-bf16-flex": Recipe(True, True, True, "flex_attention", False, False),
@@ -129,8 +132,11 @@ def deep_model(shape: str, layers: int, unique: int, precision: M.Precision):
 
 def switch(net, recipe: str) -> None:
     """The same model and LoRA weights, run as `recipe` says."""
-    fused, offloaded, bf16, attention, compiled, scatter, fused_projections, skip = RECIPES[recipe]
+    fused, offloaded, bf16, attention, compiled, scatter, fused_projections, skip, seeded = RECIPES[recipe]
     offload.phase = PHASE if skip else (lambda: None)
+    for m in net.modules():  # the same module objects (numerics() sets their p)
+        if isinstance(m, torch.nn.Dropout):
+            m.__class__ = SeededDropout if seeded else torch.nn.Dropout
     for m in net.modules():
         keep = fused if type(m).__name__ in moe.MOE_BLOCKS else fused_projections
         if hasattr(m, "_stock_forward") and not keep:
@@ -259,7 +265,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-deep-numerics", action="store_true",
                     help="skip the numerics check on the timed (deep, copied-layer) model")
     ap.add_argument("--budget-s", type=float, default=520, help="start no measurement after this many seconds")
-    ap.add_argument("--profile", action="store_true", help="at the end, where one ours-bf16 step's GPU time goes")
+    ap.add_argument("--profile", nargs="*", default=[], choices=list(RECIPES), metavar="RECIPE",
+                    help="at the end, where a step of each of these recipes spends its GPU time")
+    ap.add_argument("--phases", nargs="*", default=[], choices=list(RECIPES), metavar="RECIPE",
+                    help="at the end, each phase of these recipes' steps timed on its own (synced)")
     ap.add_argument("--out", type=Path)
     return ap.parse_args()
 
@@ -314,17 +323,72 @@ def main() -> None:
         save()
     save()
     print("ratio vs plain:", json.dumps(out["ratio_vs_plain"]), flush=True)
-    if args.profile:
-        profile(net, packed[args.rows])
+    for recipe in args.phases:
+        out.setdefault("phases", {})[recipe] = phases(net, recipe, packed[args.rows])
+        save()
+    for recipe in args.profile:
+        profile(net, recipe, packed[args.rows])
 
 
-def profile(net, batches: list[dict]) -> None:
+def phases(net, recipe: str, batches: list[dict], steps: int = 4) -> dict:
+    """Median seconds of each phase of a step (forward, backward, clipping, optimizer step, zeroing
+    the gradients), each synced; for the optimizer also the host time before its sync (its launch
+    time: the GPU waits where that is not below the GPU time). The first step is left out."""
+    import bitsandbytes as bnb
+
+    switch(net, recipe)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = bnb.optim.AdamW8bit(params, lr=2e-4)
+    seen: dict[str, list[float]] = {}
+    for i in range(steps + 1):
+        batch = batches[i % len(batches)]
+        torch.cuda.synchronize()
+        t = [time.perf_counter()]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = net(**batch).loss
+        torch.cuda.synchronize()
+        t.append(time.perf_counter())
+        loss.backward()
+        torch.cuda.synchronize()
+        t.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.cuda.synchronize()
+        t.append(time.perf_counter())
+        opt.step()
+        launched = time.perf_counter()
+        torch.cuda.synchronize()
+        t.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t.append(time.perf_counter())
+        if i:
+            for name, a, b in zip(("forward", "backward", "clip", "optimizer", "zero_grad"), t, t[1:], strict=False):
+                seen.setdefault(name, []).append(b - a)
+            seen.setdefault("optimizer_launch", []).append(launched - t[3])
+    del opt
+    torch.cuda.empty_cache()
+    got = {k: statistics.median(v) for k, v in seen.items()}
+    print(f"phases of {recipe} (median s): " + "  ".join(f"{k} {v:.4f}" for k, v in got.items()), flush=True)
+    return got
+
+
+def profile(net, recipe: str, batches: list[dict], steps: int = 2) -> None:
+    """The kernels that take most of `steps` steps (after one unprofiled step), then the share
+    of each kind of kernel (profile_step.kernel_kinds) against the steps' wall time."""
+    from profile_step import kernel_kinds
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as run
 
+    measure(net, recipe, batches, 1)
     with run(activities=[ProfilerActivity.CUDA]) as prof:
-        measure(net, "ours-bf16", batches, 1)
+        r = measure(net, recipe, batches, steps)
+    print(f"profile of {recipe}:", flush=True)
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
+    kinds = kernel_kinds(prof, steps)
+    total, wall = sum(kinds.values()), 1e3 * sum(r["all_step_s"]) / steps
+    print(f"{recipe}: kernel time per step {total:.1f} ms of a {wall:.1f} ms step (profiled)")
+    for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<12} {ms:8.1f} ms  {100 * ms / total:5.1f}%", flush=True)
 
 
 if __name__ == "__main__":

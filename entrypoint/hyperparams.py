@@ -119,7 +119,7 @@ class TrainingSpec(Strict):
     # the bar is 0.999), 0.99886 with fused_attention. CPU runs ignore it.
     compile_small_ops: bool = False
     # 4-bit attention projections with LoRA (q, k, v, o): q, k and v as one matmul on one cast of the
-    # input, NF4 dequantized once per pass, LoRA beside it with its dropout masks replayed instead of
+    # input, NF4 dequantized once per pass, LoRA beside it with its dropout masks drawn again instead of
     # stored (entrypoint.projections). The same adapter format and, on an H100, the same gradients as
     # the defaults at 2 layers and 0.63 GiB less peak memory at 32, but no speed gain measured.
     fused_attention: bool = False

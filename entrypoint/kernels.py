@@ -1,4 +1,5 @@
-"""SwiGLU for entrypoint.moe, forward and backward, each one elementwise pass.
+"""SwiGLU for entrypoint.moe, forward and backward, each one elementwise pass; and LoRA dropout
+drawn in-kernel (dropout_rows, add_dropped), whose masks are never stored.
 
 The expert computes u = x W1^T + lora1(x), v = x W3^T + lora3(x), h = silu(u) * v. transformers
 + bitsandbytes + PEFT under autocast do that in fp32, one kernel per operation over
@@ -57,6 +58,9 @@ def warm_up(device: torch.device) -> str:
         side = probe[:, :BLOCK].contiguous()
         swiglu_forward(probe, side, side, uv[0], uv[1], drop=0.1, seed=1)
         swiglu_backward(side, side, uv[0], uv[1], drop=0.1, seed=1, dots=torch.zeros(1, device=device))
+        for n in (1, 2, 3):
+            outs = dropout_rows(side, (0.1,) * n, tuple(range(1, n + 1)))
+            add_dropped(uv[0], outs, (0.1,) * n, tuple(range(1, n + 1)))
     return backend(probe)
 
 
@@ -148,6 +152,47 @@ def swiglu_backward(dh: torch.Tensor, dh_lora: torch.Tensor | None, u: torch.Ten
     return d13, hk
 
 
+def dropout_rows(x: torch.Tensor, drops: tuple[float, ...], seeds: tuple[int, ...],
+                 dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """x * keep_j for each (drops[j], seeds[j]), in `dtype` (x's by default), in one pass over x
+    (up to 3 masks). keep_j is 0 or 1/(1-drop) in fp32, keyed on (seeds[j] + row, column) of x
+    seen as rows of its last dim, as w2's mask in the SwiGLU kernels: the same seed gives the same
+    mask again in backward, so no mask is stored; a product is rounded once, as dropout on fp32 is."""
+    assert 1 <= len(drops) == len(seeds) <= 3
+    dtype = dtype or x.dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.is_contiguous() else x2.contiguous()
+    n, d = x2.shape
+    outs = [x2.new_empty((n, d), dtype=dtype) for _ in drops]
+    if n and use_triton(x2) and _launch(
+            _dropout_rows, (n, triton.cdiv(d, BLOCK)), x2, *_three(outs), d, *_three(drops), *_three(seeds),
+            N=len(drops), BLOCK=BLOCK):
+        return [o.view(x.shape) for o in outs]
+    for out, drop, seed in zip(outs, drops, seeds, strict=True):
+        out.copy_(x2.float() * keep_mask(n, d, drop, seed, x2))
+    return [o.view(x.shape) for o in outs]
+
+
+def add_dropped(acc: torch.Tensor, grads: list[torch.Tensor], drops: tuple[float, ...],
+                seeds: tuple[int, ...]) -> None:
+    """acc (fp32) += the sum over j of keep_j * grads[j] (dropout_rows' masks for the same
+    seeds and shape), in fp32: the gradients that reach the input through the dropped copies."""
+    assert 1 <= len(grads) == len(drops) == len(seeds) <= 3 and acc.dtype == torch.float32
+    grads = [g.reshape(acc.shape) if g.is_contiguous() else g.reshape(acc.shape).contiguous() for g in grads]
+    n, d = acc.shape
+    if n and acc.is_contiguous() and use_triton(acc) and _launch(
+            _add_dropped, (n, triton.cdiv(d, BLOCK)), acc, *_three(grads), d, *_three(drops), *_three(seeds),
+            N=len(grads), BLOCK=BLOCK):
+        return
+    for g, drop, seed in zip(grads, drops, seeds, strict=True):
+        acc += g.float() * keep_mask(n, d, drop, seed, acc)
+
+
+def _three(items: list) -> list:
+    """items padded to 3 with their first (the kernels' unused arguments)."""
+    return list(items) + [items[0]] * (3 - len(items))
+
+
 def keep_mask(n: int, f: int, drop: float, seed: int, like: torch.Tensor) -> torch.Tensor:
     """The torch path's dropout multiplier (fp32: 0 or 1/(1-drop)), a function of seed alone."""
     g = torch.Generator(device=like.device).manual_seed(seed)
@@ -211,3 +256,60 @@ if triton is not None:
         if DROP:
             out = (out * keep).to(hk.dtype.element_ty)
         tl.store(hk + at, out, mask=mask)
+
+    @triton.jit
+    def _dropout_rows(x, o1, o2, o3, d, drop1, drop2, drop3, seed1, seed2, seed3, N: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < d
+        at = row * d + cols
+        v = tl.load(x + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o1 + at, (v * _keep(seed1, row, cols, drop1)).to(o1.dtype.element_ty), mask=mask)
+        if N > 1:
+            tl.store(o2 + at, (v * _keep(seed2, row, cols, drop2)).to(o2.dtype.element_ty), mask=mask)
+        if N > 2:
+            tl.store(o3 + at, (v * _keep(seed3, row, cols, drop3)).to(o3.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _add_dropped(acc, g1, g2, g3, d, drop1, drop2, drop3, seed1, seed2, seed3, N: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < d
+        at = row * d + cols
+        total = tl.load(acc + at, mask=mask, other=0.0)
+        total += tl.load(g1 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed1, row, cols, drop1)
+        if N > 1:
+            total += tl.load(g2 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed2, row, cols, drop2)
+        if N > 2:
+            total += tl.load(g3 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed3, row, cols, drop3)
+        tl.store(acc + at, total, mask=mask)
+
+
+class SeededDropout(torch.nn.Dropout):
+    """nn.Dropout for a LoRA module's input (PEFT's lora_dropout) whose mask is drawn in-kernel
+    from a seed (dropout_rows) and drawn again in backward: nothing is kept for backward but the
+    seed, where nn.Dropout keeps its mask. Under autocast the output is in the autocast dtype, which
+    the LoRA A matmul it feeds casts to anyway (the same bits: the product is rounded once either
+    way). The seed comes from the CPU generator, which layer checkpointing replays."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        seed = int(torch.randint(0, 2**30, (1,)).item())
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return _Dropout.apply(x, self.p, seed, dtype)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p, seed, dtype):
+        ctx.how, ctx.dtype = (p, seed), x.dtype
+        return dropout_rows(x, (p,), (seed,), dtype)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, seed = ctx.how
+        return dropout_rows(grad, (p,), (seed,), ctx.dtype)[0], None, None, None

@@ -222,9 +222,7 @@ def attach_lora(model, lora, training):
     model.config.use_cache = False
     if config.target_parameters:
         experts_tf5.set_lora_dropout(model, lora.dropout)
-        for module in model.modules():
-            if "default" in getattr(module, "lora_dropout", {}) and not hasattr(module, "parameter_name"):
-                module.lora_dropout["default"] = nn.Dropout(lora.dropout) if lora.dropout else nn.Identity()
+    seeded_lora_dropout(model, lora.dropout)
     # NF4Experts run only the fused pass: PEFT's own forward on them would add its LoRA
     # delta to the one-element stand-in parameters
     experts_tf5.use_fused_moe(model)
@@ -241,6 +239,22 @@ def attach_lora(model, lora, training):
     if training.flex_attention and model.get_input_embeddings().weight.is_cuda:
         use_flex_attention(model)
     return model
+
+
+def seeded_lora_dropout(model: nn.Module, p: float) -> int:
+    """Every LoRA module's input dropout as kernels.SeededDropout (its mask drawn in-kernel and
+    drawn again in backward, not kept), except under DoRA, whose PEFT forward reads the dropped
+    input in its own dtype. On transformers 5 this also sets lora.dropout on the attention
+    modules, whose config had none (model.lora_config). Returns how many modules it set."""
+    from entrypoint.kernels import SeededDropout
+
+    n = 0
+    for module in model.modules():
+        if ("default" in getattr(module, "lora_dropout", {}) and not hasattr(module, "parameter_name")
+                and not getattr(module, "use_dora", {}).get("default", False)):
+            module.lora_dropout["default"] = SeededDropout(p) if p else nn.Identity()
+            n += 1
+    return n
 
 
 FLEX = "sm_qlora_flex"

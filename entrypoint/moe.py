@@ -11,7 +11,9 @@ fp32. Here one autograd Function does the whole expert computation of a layer:
 - w1 and w3 are dequantized once per pass into one (2 x ffn, hidden) bf16/fp16 tensor, so one
   matmul gives both; they are dequantized again in backward rather than kept;
 - LoRA runs beside the base matmul (folding it into W would round its small delta away);
-  dropout masks are replayed from the saved RNG state instead of being stored;
+  its dropout masks are drawn inside kernels from a seed (entrypoint.kernels: dropout_rows for
+  w1's and w3's input, in one pass; the SwiGLU kernel for w2's) and drawn again in backward,
+  never stored;
 - SwiGLU is one elementwise pass each way (entrypoint.kernels: Triton on CUDA) with the
   stock path's fp32 arithmetic; backward keeps only its fp32 inputs u and v, for the layer
   being differentiated (the layer checkpointing around it drops them in the first forward).
@@ -23,7 +25,6 @@ Only forwards change: the modules, parameter names, PEFT adapter format and the
 
 from __future__ import annotations
 
-import contextlib
 import types
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from entrypoint import kernels, offload
 
-PROJECTIONS = ("w1", "w3", "w2")  # order matters: dropout masks are replayed in it
+PROJECTIONS = ("w1", "w3", "w2")  # order matters: w2's input comes from w1's and w3's outputs
 
 
 @dataclass
@@ -157,8 +158,9 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, 
     params = [t for projs in plan for p in projs for t in (p.lora_a, p.lora_b)]
     backward = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
                                              or any(t is not None and t.requires_grad for t in params))
-    # w2's LoRA dropout is drawn inside the SwiGLU kernel from this seed (row i of the layer's
-    # expert-sorted rows: seed + i); the CPU generator is what layer checkpointing replays.
+    # The experts' LoRA dropout masks are drawn inside kernels from this seed (mask_keys: w2's row i
+    # of the layer's expert-sorted rows on seed + i, w1's and w3's on seed + rows + i, + 2 rows + i);
+    # the CPU generator it comes from is what layer checkpointing replays.
     # No dropout (evaluation), no draw: evaluating must not move the training run's RNG.
     dropping = any(p.dropout > 0 for projs in plan for p in projs)
     seed = int(torch.randint(0, 2**30, (1,)).item()) if dropping else 0
@@ -186,19 +188,40 @@ def _dequantize(projs: tuple[Proj, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([bnbf.dequantize_4bit(data, state).to(dtype) for data, state in parts])
 
 
-def _keep(p: Proj, like: torch.Tensor) -> torch.Tensor | None:
-    """Dropout on p's LoRA input as a 0 or 1/(1-p) multiplier; drawn in the same order in
-    forward and backward (the RNG state is replayed)."""
-    if p.lora_a is None or p.dropout == 0.0:
-        return None
-    return F.dropout(torch.ones_like(like), p.dropout, training=True)
+Key = tuple[float, int]  # a dropout mask: (probability, seed of its first row)
 
 
-def _keeps(w1: Proj, w3: Proj, like: torch.Tensor):
-    """w1's and w3's dropout multipliers. One mask for both where they share their LoRA A
-    (transformers 5: one adapter on gate_up_proj, whose input is dropped once)."""
-    k1 = _keep(w1, like)
-    return k1, (k1 if w3.lora_a is w1.lora_a else _keep(w3, like))
+def mask_keys(projs, seed: int, rows: int, start: int, first: int = 1) -> list[Key | None]:
+    """The dropout mask of each projection's LoRA input (None: no LoRA or no dropout) for the rows
+    start.. of a pass over `rows` rows: projection j's row i is keyed on seed + (first + j) rows + i
+    (kernels.dropout_rows), so no two rows or projections of a pass share one (w2's mask, drawn
+    in the SwiGLU kernel, has first 0). Projections sharing their LoRA A (transformers 5's
+    gate_up_proj: one adapter, whose input is dropped once) share one mask."""
+    keys: list[Key | None] = []
+    for j, p in enumerate(projs):
+        twin = next((i for i in range(j) if p.lora_a is not None and projs[i].lora_a is p.lora_a), None)
+        keys.append(keys[twin] if twin is not None
+                    else (p.dropout, seed + (first + j) * rows + start) if _drop(p) else None)
+    return keys
+
+
+def lora_inputs(x: torch.Tensor, projs, keys: list[Key | None]) -> list[torch.Tensor | None]:
+    """Each projection's LoRA input: x after its dropout mask (all masks in one pass over x), x
+    itself without dropout, None without LoRA. The same keys give the same inputs again."""
+    masks = list(dict.fromkeys(k for p, k in zip(projs, keys, strict=True) if p.lora_a is not None and k))
+    dropped = dict(zip(masks, kernels.dropout_rows(x, tuple(d for d, _ in masks), tuple(s for _, s in masks)),
+                       strict=True)) if masks else {}
+    return [None if p.lora_a is None else dropped[k] if k else x for p, k in zip(projs, keys, strict=True)]
+
+
+def add_lora_input_grads(dx: torch.Tensor, grads: list[torch.Tensor | None], keys: list[Key | None]) -> None:
+    """dx (fp32) += each LoRA input's gradient taken back through its dropout mask (in order)."""
+    masked = [(g, k) for g, k in zip(grads, keys, strict=True) if g is not None and k]
+    for g, k in zip(grads, keys, strict=True):
+        if g is not None and not k:
+            dx += g.float()
+    if masked:
+        kernels.add_dropped(dx, [g for g, _ in masked], tuple(k[0] for _, k in masked), tuple(k[1] for _, k in masked))
 
 
 def _drop(p: Proj) -> float:
@@ -211,10 +234,6 @@ def _lora(lin: torch.Tensor, p: Proj) -> torch.Tensor | None:
         return None
     dtype = lin.dtype
     return (lin @ p.lora_a.to(dtype).t() * p.scaling) @ p.lora_b.to(dtype).t()
-
-
-def _dropped(x: torch.Tensor, keep) -> torch.Tensor:
-    return x if keep is None else x * keep
 
 
 def _project(x: torch.Tensor, p: Proj, lora_in: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -242,28 +261,11 @@ def _per_token_sum(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Ten
     return rows.index_select(0, inverse).view(-1, k, rows.shape[-1]).sum(1)
 
 
-def _rng_state(device: torch.device):
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-@contextlib.contextmanager
-def replayed(device: torch.device, rng):
-    """Autocast off and `device`'s generator at `rng` (what the forward saved: its dropout draws
-    are redrawn in the same order), put back afterwards."""
-    with torch.autocast(device.type, enabled=False), torch.random.fork_rng(
-            devices=[device] if device.type == "cuda" else [], device_type=device.type):
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(rng, device)
-        else:
-            torch.set_rng_state(rng)
-        yield
-
-
 class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, selected, how, *params):
         plan, compute, backward, seed, skip = how
-        ctx.plan, ctx.compute, ctx.rng, ctx.seed = plan, compute, _rng_state(x.device), seed
+        ctx.plan, ctx.compute, ctx.seed = plan, compute, seed
         # Inside an offloaded checkpoint each pass skips what it would throw away: the forward
         # does not write u, v (the checkpoint drops what a layer saves), the recomputation
         # stops at u, v (only what the layer saves is used: not w2, not the output)
@@ -282,13 +284,13 @@ class _Experts(torch.autograd.Function):
                     sl = slice(start, start + n)
                     w1, w3, w2 = projs
                     xe = xs[sl]
-                    k1, k3 = _keeps(w1, w3, xe)
+                    in1, in3 = lora_inputs(xe, (w1, w3), mask_keys((w1, w3), seed, xs.shape[0], start))
                     a13 = xe @ _dequantize((w1, w3), compute).t()
                     h, hk = kernels.swiglu_forward(
-                        a13, _lora(_dropped(xe, k1), w1), _lora(_dropped(xe, k3), w3),
+                        a13, _lora(in1, w1), _lora(in3, w3),
                         *((uv[0, sl], uv[1, sl]) if keep_uv else (None, None)),
                         drop=_drop(w2) if output else 0.0, seed=seed + start)
-                    del a13
+                    del a13, in1, in3
                     if output:
                         ys[sl] = _project(h, w2, hk, x.dtype)
                 start += n
@@ -310,7 +312,7 @@ class _Experts(torch.autograd.Function):
         x, weights, order, token, uv = ctx.saved_tensors
         plan, compute = ctx.plan, ctx.compute
         grads = [None] * (2 * 3 * len(plan))
-        with replayed(x.device, ctx.rng):
+        with torch.autocast(x.device.type, enabled=False):
             flat_w = weights.reshape(-1).index_select(0, order)
             g = grad_out.index_select(0, token)
             gy_all = (g * flat_w[:, None].to(g.dtype)).to(compute)
@@ -325,7 +327,7 @@ class _Experts(torch.autograd.Function):
                 if n:
                     sl = slice(start, start + n)
                     dxs[sl] = _expert_backward(xs[sl], gy_all[sl], uv[0, sl], uv[1, sl], projs, grads, 6 * e,
-                                               ctx.seed + start, dots[sl])
+                                               (ctx.seed, xs.shape[0], start), dots[sl])
                 start += n
             dx = _per_token_sum(dxs, order, weights.shape[1])
             # d loss / d w = g . y = (gy . y) / w; a weight of exactly 0 gets 0 (softmax's backward
@@ -337,23 +339,27 @@ class _Experts(torch.autograd.Function):
         return (dx, grad_w.view_as(weights).to(weights.dtype), None, None, *grads)
 
 
-def _expert_backward(xe, gy, u, v, projs, grads, at: int, seed: int, dots: torch.Tensor) -> torch.Tensor:
+def _expert_backward(xe, gy, u, v, projs, grads, at: int, where: tuple[int, int, int],
+                     dots: torch.Tensor) -> torch.Tensor:
     """One expert's input gradient (fp32) from its output gradient gy and the saved u, v; the
     LoRA gradients go to grads[at:at+6], each row's gy . y to dots. Matmuls run in xe's compute
-    dtype, as in the stock path."""
+    dtype, as in the stock path. `where`: the pass's seed, its rows, this expert's first row
+    (the forward's dropout masks are drawn again from them)."""
+    seed, rows, start = where
     w1, w3, w2 = projs
     ffn = u.shape[1]
-    k1, k3 = _keeps(w1, w3, xe)  # the forward's draws, in its order
     d13, hk = kernels.swiglu_backward(gy @ _dequantize((w2,), gy.dtype), _lora_input_grad(gy, w2), u, v,
-                                      drop=_drop(w2), seed=seed, dots=dots)
+                                      drop=_drop(w2), seed=seed + start, dots=dots)
     _lora_weight_grads(gy, w2, hk, grads, at + 4)
     del hk
     dx = (d13 @ _dequantize((w1, w3), gy.dtype)).float()
-    for j, (p, keep) in enumerate(((w1, k1), (w3, k3))):
-        if p.lora_a is not None:
-            dy = d13[:, j * ffn:(j + 1) * ffn]
-            _lora_weight_grads(dy, p, _dropped(xe, keep), grads, at + 2 * j)
-            dx += _dropped(_lora_input_grad(dy, p), keep).float()
+    keys = mask_keys((w1, w3), seed, rows, start)
+    ins = lora_inputs(xe, (w1, w3), keys)
+    dys = [d13[:, j * ffn:(j + 1) * ffn] for j in range(2)]
+    for j, p in enumerate((w1, w3)):
+        _lora_weight_grads(dys[j], p, ins[j], grads, at + 2 * j)
+    del ins
+    add_lora_input_grads(dx, [_lora_input_grad(dy, p) for dy, p in zip(dys, (w1, w3), strict=True)], keys)
     return dx
 
 

@@ -9,8 +9,9 @@ for the experts:
 
 - q, k and v are one matmul: the input is cast once and the three NF4 weights are dequantized
   into one buffer, once per pass (again in backward rather than kept);
-- LoRA runs beside the base matmul, each projection with its own dropout mask, drawn in q, k, v
-  order and replayed from the saved RNG state in backward instead of being stored;
+- LoRA runs beside the base matmul, each projection with its own dropout mask, all drawn in one
+  pass over the input from a seed (entrypoint.kernels.dropout_rows) and drawn again in backward
+  instead of being stored;
 - the outputs are what PEFT returns (the input's dtype, base and LoRA summed in it); backward keeps
   only the bf16 input.
 
@@ -100,7 +101,9 @@ def run(x: torch.Tensor, projs: list[moe.Proj]) -> tuple[torch.Tensor, ...]:
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     params = [t for p in projs for t in (p.lora_a, p.lora_b)]
     backward = torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in params))
-    return _Projections.apply(x, (projs, compute, backward), *params)
+    # no dropout (evaluation), no draw: evaluating must not move the training run's RNG
+    seed = int(torch.randint(0, 2**30, (1,)).item()) if any(moe._drop(p) for p in projs) else 0
+    return _Projections.apply(x, (projs, compute, backward, seed), *params)
 
 
 def _bias(projs: list[moe.Proj], dtype: torch.dtype) -> torch.Tensor | None:
@@ -114,18 +117,19 @@ def _bias(projs: list[moe.Proj], dtype: torch.dtype) -> torch.Tensor | None:
 class _Projections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, how, *params):
-        projs, compute, backward = how
-        ctx.projs, ctx.compute, ctx.rng, ctx.shape, ctx.dtype = projs, compute, moe._rng_state(x.device), x.shape, x.dtype
+        projs, compute, backward, seed = how
+        ctx.projs, ctx.compute, ctx.seed, ctx.shape, ctx.dtype = projs, compute, seed, x.shape, x.dtype
         lead = x.shape[:-1]
         with torch.autocast(x.device.type, enabled=False):
             xc = x.reshape(-1, x.shape[-1]).to(compute)
             # the bias (Qwen2's q/k/v have one; frozen) added by the matmul, as bitsandbytes does
             y = torch.nn.functional.linear(xc, moe._dequantize(tuple(projs), compute), _bias(projs, compute))
             outs, at = [], 0
-            for p in projs:
+            ins = moe.lora_inputs(xc, projs, moe.mask_keys(projs, seed, xc.shape[0], 0, first=0))
+            for p, lora_in in zip(projs, ins, strict=True):
                 n = p.base.out_features
                 part = y[:, at:at + n]
-                lora = moe._lora(moe._dropped(xc, moe._keep(p, xc)), p)
+                lora = moe._lora(lora_in, p)
                 out = part.to(x.dtype) if lora is None else part.to(x.dtype) + lora.to(x.dtype)
                 outs.append(out.contiguous().view(*lead, n))
                 at += n
@@ -138,20 +142,22 @@ class _Projections(torch.autograd.Function):
         (xc,) = ctx.saved_tensors
         projs, compute = ctx.projs, ctx.compute
         weight_grads = [None] * (2 * len(projs))
-        with moe.replayed(xc.device, ctx.rng):
-            keeps = [moe._keep(p, xc) for p in projs]  # the forward's draws, in its order
+        with torch.autocast(xc.device.type, enabled=False):
+            keys = moe.mask_keys(projs, ctx.seed, xc.shape[0], 0, first=0)  # the forward's masks
+            ins = moe.lora_inputs(xc, projs, keys)
             g = torch.cat([(gr.reshape(-1, p.base.out_features) if gr is not None
                             else xc.new_zeros(xc.shape[0], p.base.out_features)).to(compute)
                            for p, gr in zip(projs, grads, strict=True)], dim=1)
             dx = (g @ moe._dequantize(tuple(projs), compute)).float() if ctx.needs_input_grad[0] else None
-            at = 0
-            for i, (p, keep) in enumerate(zip(projs, keeps, strict=True)):
+            at, input_grads = 0, []
+            for i, (p, lora_in) in enumerate(zip(projs, ins, strict=True)):
                 n = p.base.out_features
-                if p.lora_a is not None:
-                    dy = g[:, at:at + n]
-                    moe._lora_weight_grads(dy, p, moe._dropped(xc, keep), weight_grads, 2 * i)
-                    if dx is not None:
-                        dx += moe._dropped(moe._lora_input_grad(dy, p), keep).float()
+                dy = g[:, at:at + n]
+                moe._lora_weight_grads(dy, p, lora_in, weight_grads, 2 * i)
+                input_grads.append(moe._lora_input_grad(dy, p) if dx is not None else None)
                 at += n
+            del ins
+            if dx is not None:
+                moe.add_lora_input_grads(dx, input_grads, keys)
         grad_x = None if dx is None else dx.to(ctx.dtype).view(ctx.shape)
         return (grad_x, None, *weight_grads)

@@ -5,6 +5,7 @@ truncation where a GPU rounds to nearest; bf16 is compared on the H200 (bench/mo
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -68,10 +69,35 @@ for n in rows:
     masks += [tuple((r != 0).tolist()) for r in hk]
     start += n
 out["distinct_masks"] = len(set(masks)) == len(masks)
+# LoRA input dropout: three masks in one pass over x (1100 columns: not a multiple of BLOCK), drawn
+# again from the same seed; add_dropped takes gradients back through the same masks
+x = torch.randn(300, 1100, generator=torch.Generator().manual_seed(3))
+drops, seeds = (0.1, 0.3, 0.5), (7, 7 + 300, 7 + 600)
+out["dropout_rows"] = {}
+for path in ("triton", "torch"):
+    saved = K.triton
+    if path == "torch":
+        K.triton = None
+    outs = K.dropout_rows(x, drops, seeds)
+    again = K.dropout_rows(x.view(3, 100, 1100), drops[1:2], seeds[1:2])[0]
+    grads = [torch.randn(x.shape, generator=torch.Generator().manual_seed(j)) for j in range(3)]
+    acc = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    base = acc.clone()
+    K.add_dropped(acc, grads, drops, seeds)
+    K.triton = saved
+    keeps = [o / x for o in outs]
+    out["dropout_rows"][path] = {
+        "kept": [(k > 0).float().mean().item() for k in keeps],
+        "values": [sorted({round(v, 4) for v in k.flatten().tolist()}) for k in keeps],
+        "again": again.shape == (3, 100, 1100) and torch.equal(again.view(300, 1100), outs[1]),
+        "add": (acc - (base + sum(g * k for g, k in zip(grads, keeps)))).abs().max().item(),
+        "distinct": len({tuple((k > 0).flatten().tolist()) for k in keeps}) == 3,
+    }
 print("RESULT " + json.dumps(out))
 """
 
 
+@functools.cache
 def run_interpreted() -> dict:
     env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
@@ -80,10 +106,14 @@ def run_interpreted() -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not os.environ.get("CI"),
-                    reason="triton (the dev extra, Linux x86_64) is not installed; CI always has it")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None and not os.environ.get("CI"),
+                                  reason="triton (the dev extra, Linux x86_64) is not installed; CI always has it")
+
+
+@needs_triton
 def test_triton_swiglu_matches_the_torch_arithmetic_and_replays_its_dropout():
-    results = run_interpreted()
+    results = dict(run_interpreted())
+    results.pop("dropout_rows")
     assert results.pop("distinct_masks")
     for case, r in results.items():
         assert r["h"] < 1e-5 and r["uv"] == 0.0, case
@@ -122,3 +152,16 @@ def test_a_triton_launch_that_fails_falls_back_to_torch_once(monkeypatch, capsys
     kernels.swiglu_forward(a13, l1, None)
     err = capsys.readouterr().err
     assert err.count("[warn] Triton SwiGLU kernel failed (RuntimeError: Failed to find C compiler") == 1
+
+
+@needs_triton
+def test_lora_input_dropout_draws_each_mask_again_from_its_seed_on_both_paths():
+    """kernels.dropout_rows (the LoRA inputs' dropout, drawn in-kernel) on Triton and on torch: each
+    mask drops its share with 0 or 1/(1-p), three masks differ, the same seed gives the same mask
+    for any shape of the same rows, and add_dropped takes gradients back through those masks."""
+    for path, r in run_interpreted()["dropout_rows"].items():
+        for drop, kept, values in zip((0.1, 0.3, 0.5), r["kept"], r["values"], strict=True):
+            assert abs(kept - (1 - drop)) < 0.01, path
+            assert values == [0.0, round(1 / (1 - drop), 4)], path
+        assert r["again"] and r["distinct"], path
+        assert r["add"] < 1e-5, path

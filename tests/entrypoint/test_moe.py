@@ -71,8 +71,8 @@ def test_fused_moe_in_half_precision(tiny_model, dtype):
         assert cos >= 0.9999
 
 
-def test_dropout_masks_replayed_in_backward_give_exact_gradients(tiny_model):
-    """With LoRA dropout the backward redraws the forward's masks from the saved RNG state;
+def test_dropout_masks_drawn_again_in_backward_give_exact_gradients(tiny_model):
+    """With LoRA dropout the backward draws the forward's masks again from its seed;
     its gradients must equal plain autograd through the same computation and masks."""
     net = lora_net(tiny_model, fast=True, dropout=0.3)
     net.train()
@@ -106,9 +106,9 @@ def reference_moe(block, hidden):
     for (w1, w3, w2), n in zip(plan, counts, strict=True):
         if n:
             xe = xs[start:start + n]
-            k1, k3 = moe._keep(w1, xe), moe._keep(w3, xe)
-            h = (torch.nn.functional.silu(moe._project(xe, w1, moe._dropped(xe, k1), x.dtype))
-                 * moe._project(xe, w3, moe._dropped(xe, k3), x.dtype))
+            in1, in3 = moe.lora_inputs(xe, (w1, w3), moe.mask_keys((w1, w3), seed, xs.shape[0], start))
+            h = (torch.nn.functional.silu(moe._project(xe, w1, in1, x.dtype))
+                 * moe._project(xe, w3, in3, x.dtype))
             y = moe._project(h, w2, h * kernels.keep_mask(*h.shape, w2.dropout, seed + start, h), x.dtype)
             out = out.index_add(0, token[start:start + n], y * ws[start:start + n, None])
         start += n

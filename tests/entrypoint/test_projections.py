@@ -1,12 +1,12 @@
-"""entrypoint.projections (training.fused_attention) against bitsandbytes + PEFT, on the tiny 4-bit
-Mixtral (CPU). Its GPU speed and numerics are in bench/README.md (issue 22)."""
+"""entrypoint.projections (training.fused_attention) against bitsandbytes + PEFT, and the LoRA
+modules' seeded dropout (kernels.SeededDropout), on the tiny 4-bit Mixtral (CPU). Its GPU speed and numerics are in bench/README.md (issue 22)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from entrypoint import experts_tf5, moe, projections
+from entrypoint import experts_tf5, kernels, moe, projections
 from entrypoint import model as M
 from entrypoint.hyperparams import TrainingSpec
 from tests.entrypoint import nets
@@ -69,14 +69,19 @@ def reference(attn, x):
     """q, k, v and o of x as entrypoint.projections computes them, differentiated by autograd, with
     the dropout masks drawn in its order (q, k, v in one call, then o)."""
     qkv = [moe.lora_proj(getattr(attn, n)) for n in projections.QKV]
-    outs = [moe._project(x, p, moe._dropped(x, moe._keep(p, x)), x.dtype) for p in qkv]
+
+    def dropped(t, projs):  # drawn where projections.run draws its seed
+        seed = int(torch.randint(0, 2**30, (1,)).item())
+        return moe.lora_inputs(t, projs, moe.mask_keys(projs, seed, t.reshape(-1, t.shape[-1]).shape[0], 0, first=0))
+
+    outs = [moe._project(x, p, lin, x.dtype) for p, lin in zip(qkv, dropped(x, qkv), strict=True)]
     o = moe.lora_proj(attn.o_proj)
     y = outs[0]
-    return outs, moe._project(y, o, moe._dropped(y, moe._keep(o, y)), y.dtype)
+    return outs, moe._project(y, o, dropped(y, [o])[0], y.dtype)
 
 
-def test_dropout_masks_replayed_in_backward_give_exact_gradients(tiny_model):
-    """With LoRA dropout the backward redraws the forward's masks from the saved RNG state; its
+def test_dropout_masks_drawn_again_in_backward_give_exact_gradients(tiny_model):
+    """With LoRA dropout the backward draws the forward's masks again from its seed; its
     gradients equal plain autograd through the same computation and masks, and the masks were
     applied (the outputs differ from evaluation's)."""
     net = lora_net(tiny_model, True, dropout=0.3)
@@ -169,3 +174,35 @@ def test_q_k_v_biases_are_added_as_bitsandbytes_adds_them(tmp_path):
     (stock_loss, stock), (fused_loss, fused_grads) = seen
     assert abs(fused_loss - stock_loss) <= 1e-5 * abs(stock_loss)
     assert torch.nn.functional.cosine_similarity(stock, fused_grads, dim=0).item() >= 0.999999
+
+
+def test_lora_dropout_is_drawn_from_a_seed_and_keeps_no_mask_for_backward(tiny_model):
+    """Every LoRA module's dropout (the experts' on transformers 5 are the fused pass's, test_tf5)
+    is kernels.SeededDropout: it drops about p of its input with 0 or
+    1/(1-p), keeps nothing but its seed for backward (nn.Dropout keeps its mask) and takes the
+    gradient back through the same mask; under autocast its output is what the LoRA A matmul
+    would cast it to; in evaluation it is the identity and draws nothing."""
+    net = nets.lora_net(tiny_model, TrainingSpec(gradient_checkpointing=False), dropout=0.3)
+    drops = [m.lora_dropout["default"] for m in net.modules()
+             if "default" in getattr(m, "lora_dropout", {}) and not hasattr(m, "parameter_name")]
+    assert drops and all(type(d) is kernels.SeededDropout and d.p == 0.3 for d in drops)
+    drop = drops[0]
+    x = torch.randn(4, 50, 64, requires_grad=True)
+    w = torch.randn(4, 50, 64)
+    saved = []
+    torch.manual_seed(3)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = drop(x)
+    (y * w).sum().backward()
+    keep = y.detach() / x.detach()
+    assert saved == []
+    assert abs((keep == 0).float().mean().item() - 0.3) < 0.03
+    assert {round(v, 5) for v in keep.unique().tolist()} == {0.0, round(1 / 0.7, 5)}
+    torch.testing.assert_close(x.grad, w * keep)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = drop(x)
+    assert low.dtype == torch.bfloat16 and torch.equal(low, y.to(torch.bfloat16))
+    drop.eval()
+    state = torch.get_rng_state()
+    assert drop(x) is x and torch.equal(torch.get_rng_state(), state)

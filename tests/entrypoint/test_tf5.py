@@ -271,8 +271,10 @@ def test_lora_dropout_reaches_the_experts_with_one_mask_for_gate_up_and_exact_gr
     plan = experts_tf5.plan(block)
     assert {p.dropout for projs in plan for p in projs} == {0.3}
     w1, w3, _ = plan[0]
-    k1, k3 = moe._keeps(w1, w3, torch.ones(6, 64))
-    assert k1 is k3 and (k1 == 0).any()
+    k1, k3 = moe.mask_keys((w1, w3), 5, 6, 0)
+    assert k1 == k3 == (0.3, 5 + 6)  # one mask, at w1's key
+    in1, in3 = moe.lora_inputs(torch.ones(6, 64), (w1, w3), [k1, k3])
+    assert in1 is in3 and (in1 == 0).any()
     params = [p for p in block.parameters() if p.requires_grad]
     x = torch.randn(1, 40, 64, requires_grad=True)
     grads = []
@@ -305,9 +307,9 @@ def reference_experts(block, hidden, kernels):
     for (w1, w3, w2), n in zip(plan, counts, strict=True):
         if n:
             xe = xs[start:start + n]
-            k1, k3 = moe._keeps(w1, w3, xe)
-            h = (torch.nn.functional.silu(moe._project(xe, w1, moe._dropped(xe, k1), x.dtype))
-                 * moe._project(xe, w3, moe._dropped(xe, k3), x.dtype))
+            in1, in3 = moe.lora_inputs(xe, (w1, w3), moe.mask_keys((w1, w3), seed, xs.shape[0], start))
+            h = (torch.nn.functional.silu(moe._project(xe, w1, in1, x.dtype))
+                 * moe._project(xe, w3, in3, x.dtype))
             y = moe._project(h, w2, h * kernels.keep_mask(*h.shape, w2.dropout, seed + start, h), x.dtype)
             out = out.index_add(0, token[start:start + n], y * ws[start:start + n, None])
         start += n
