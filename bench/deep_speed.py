@@ -28,6 +28,8 @@ Each recipe is the same model switched in place, so all of them run on identical
   inside offloaded checkpoints, of what each pass throws away (u, v in the forward, w2 and the
   output in the recomputation; entrypoint.offload.phase). Not quite the step before the skip: the
   backward's routing-weight gradient, which came with it, keeps no expert outputs (0.5 GiB less).
+- ours-bnb-adamw: ours with bitsandbytes' own AdamW8bit, which waits for the GPU after each
+  parameter (the job's, entrypoint.optim, does not);
 
 Both recipes draw example lengths from one distribution (log-normal, median ~545 tokens, capped
 at 2048: profile_step.packed_batch); tokens/s counts real tokens only. Every step is LoRA r16 on
@@ -60,6 +62,7 @@ from profile_step import packed_batch  # noqa: E402
 from entrypoint import model as M  # noqa: E402
 from entrypoint import moe, offload, projections  # noqa: E402
 from entrypoint.kernels import SeededDropout  # noqa: E402
+from entrypoint.optim import adamw_8bit  # noqa: E402
 
 
 class Recipe(NamedTuple):
@@ -72,10 +75,11 @@ class Recipe(NamedTuple):
     projections: bool = False  # training.fused_attention (entrypoint.projections)
     skip: bool = True  # offloaded passes of the MoE skip what they throw away (entrypoint.offload.phase)
     seeded: bool = True  # PEFT's LoRA dropout as kernels.SeededDropout (else nn.Dropout, PEFT's own)
+    optimizer: str = "job"  # "job": entrypoint.optim's AdamW8bit; "bnb": bitsandbytes'; "paged": its paged one
 
 
 RECIPES = {
-    "plain": Recipe(False, False, False, "sdpa", False, False, seeded=False),
+    "plain": Recipe(False, False, False, "sdpa", False, False, seeded=False, optimizer="paged"),
     "ours": Recipe(True, True, False, "sdpa", False, False),
     "ours-bf16": Recipe(True, True, True, "sdpa", False, False),
     "ours-bf16-flex": Recipe(True, True, True, "flex_attention", False, False),
@@ -88,6 +92,7 @@ RECIPES = {
     "ours-flex": Recipe(True, True, False, M.FLEX, False, False),
     "ours-compiled-flex": Recipe(True, True, False, M.FLEX, True, False),
     "ours-noskip": Recipe(True, True, False, "sdpa", False, False, False, False),
+    "ours-bnb-adamw": Recipe(True, True, False, "sdpa", False, False, optimizer="bnb"),
     "ours-compiled-proj-noskip": Recipe(True, True, False, "sdpa", True, False, True, False),
 }
 PHASE = offload.phase
@@ -132,7 +137,7 @@ def deep_model(shape: str, layers: int, unique: int, precision: M.Precision):
 
 def switch(net, recipe: str) -> None:
     """The same model and LoRA weights, run as `recipe` says."""
-    fused, offloaded, bf16, attention, compiled, scatter, fused_projections, skip, seeded = RECIPES[recipe]
+    fused, offloaded, bf16, attention, compiled, scatter, fused_projections, skip, seeded, _ = RECIPES[recipe]
     offload.phase = PHASE if skip else (lambda: None)
     for m in net.modules():  # the same module objects (numerics() sets their p)
         if isinstance(m, torch.nn.Dropout):
@@ -175,12 +180,17 @@ def real_tokens(batch: dict) -> int:
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
-def measure(net, recipe: str, batches: list[dict], steps: int) -> dict:
+def optimizer(recipe: str) -> type:
     import bitsandbytes as bnb
 
+    kind = RECIPES[recipe].optimizer
+    return {"job": adamw_8bit(), "bnb": bnb.optim.AdamW8bit, "paged": bnb.optim.PagedAdamW8bit}[kind]
+
+
+def measure(net, recipe: str, batches: list[dict], steps: int) -> dict:
     switch(net, recipe)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = (bnb.optim.PagedAdamW8bit if recipe == "plain" else bnb.optim.AdamW8bit)(params, lr=2e-4)
+    opt = optimizer(recipe)(params, lr=2e-4)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     times, tokens = [], []
@@ -334,11 +344,10 @@ def phases(net, recipe: str, batches: list[dict], steps: int = 4) -> dict:
     """Median seconds of each phase of a step (forward, backward, clipping, optimizer step, zeroing
     the gradients), each synced; for the optimizer also the host time before its sync (its launch
     time: the GPU waits where that is not below the GPU time). The first step is left out."""
-    import bitsandbytes as bnb
 
     switch(net, recipe)
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = bnb.optim.AdamW8bit(params, lr=2e-4)
+    opt = optimizer(recipe)(params, lr=2e-4)
     seen: dict[str, list[float]] = {}
     for i in range(steps + 1):
         batch = batches[i % len(batches)]

@@ -128,7 +128,8 @@ class TrainingSpec(Strict):
     # layers of Mixtral on an H100. Off by default: at 2 layers its LoRA gradients are at cosine 0.9947
     # of the stock path's (the bar is 0.999; bench/README.md, 2026-12-06).
     flex_attention: bool = False
-    # auto: bitsandbytes AdamW8bit on GPU, torch AdamW on CPU. Not paged by default: LoRA's
+    # auto: bitsandbytes AdamW8bit on GPU (its step without a GPU wait per parameter:
+    # entrypoint.optim), torch AdamW on CPU. Not paged by default: LoRA's
     # optimizer state is small (~0.5 GiB for Mixtral-8x7B r16), so paging to host memory buys
     # nothing, and it puts the state in CUDA managed memory; paged_adamw_8bit is one key away.
     optimizer: Literal["auto", "adamw_8bit", "paged_adamw_8bit", "adamw_torch"] = "auto"

@@ -532,7 +532,9 @@ def setup_optimizer(hp: Hyperparameters, ctx: DistContext, model: Model, batches
     if kind in ("adamw_8bit", "paged_adamw_8bit"):
         import bitsandbytes as bnb
 
-        cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        from entrypoint.optim import adamw_8bit
+
+        cls = bnb.optim.PagedAdamW8bit if kind == "paged_adamw_8bit" else adamw_8bit()
         optimizer = cls(model.params, lr=t.learning_rate, weight_decay=t.weight_decay)
     else:
         optimizer = torch.optim.AdamW(model.params, lr=t.learning_rate, weight_decay=t.weight_decay)

@@ -50,7 +50,8 @@ REQUIREMENTS = "bitsandbytes>=0.46\n"
 # list equal to the tracked entrypoint/*.py. `merge` is the merge job's module (issue 12);
 # a module of this list that is absent is left out.
 SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "data", "hyperparams", "kernels",
-                  "merge", "model", "moe", "offload", "progress", "projections", "stopping", "train", "experts_tf5")
+                  "merge", "model", "moe", "offload", "optim", "progress", "projections", "stopping", "train",
+                  "experts_tf5")
 REDACTED = "***redacted***"
 SENSITIVE = ("TOKEN", "SECRET_VALUE", "PASSWORD", "API_KEY", "ACCESS_KEY")
 
