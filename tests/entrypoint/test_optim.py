@@ -15,13 +15,15 @@ def params() -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (5000, 4096, 300)]
 
 
-def run(cls, steps: int = 3) -> tuple[list[torch.Tensor], list[dict], dict, int]:
+def run(cls, steps: int = 3) -> tuple[list[torch.Tensor], list[dict], dict, int, int]:
     """`steps` steps of cls on params(), the same gradients each time; returns the parameters, each
     one's optimizer state, the optimizer's state_dict, and how many times bitsandbytes' GPU wait
-    was called."""
+    and its per-parameter update (config rebuilt, tensors re-checked) were called."""
     ps = params()
     opt = cls(ps, lr=1e-2, weight_decay=0.01)
-    waits = []
+    waits, updates = [], []
+    update_step = opt.update_step
+    opt.update_step = lambda *args: updates.append(args) or update_step(*args)
     real = bnb_optimizer.sync_gpu
     bnb_optimizer.sync_gpu = lambda t: waits.append(t)
     try:
@@ -32,16 +34,17 @@ def run(cls, steps: int = 3) -> tuple[list[torch.Tensor], list[dict], dict, int]
             opt.step()
     finally:
         bnb_optimizer.sync_gpu = real
-    return [p.detach().clone() for p in ps], [opt.state[p] for p in ps], opt.state_dict(), len(waits)
+    return [p.detach().clone() for p in ps], [opt.state[p] for p in ps], opt.state_dict(), len(waits), len(updates)
 
 
 def test_the_job_adamw_8bit_steps_as_bitsandbytes_without_a_gpu_wait_per_parameter():
     """Parameters and 8-bit states bit for bit those of bitsandbytes' AdamW8bit, and its
     checkpoints load into either; bitsandbytes' step waits for the device after each of the 3
-    parameters in each of the 3 steps, the job's never."""
-    ours, ours_states, _, ours_waits = run(adamw_8bit())
-    theirs, theirs_states, theirs_dict, theirs_waits = run(bnb.optim.AdamW8bit)
-    assert theirs_waits == 9 and ours_waits == 0
+    parameters in each of the 3 steps, the job's never, and it calls bitsandbytes' per-parameter
+    update only for the tensor too small for 8-bit state."""
+    ours, ours_states, _, ours_waits, ours_updates = run(adamw_8bit())
+    theirs, theirs_states, theirs_dict, theirs_waits, theirs_updates = run(bnb.optim.AdamW8bit)
+    assert (theirs_waits, theirs_updates) == (9, 9) and (ours_waits, ours_updates) == (0, 3)
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a, b)
     assert ours_states[0]["state1"].dtype == torch.uint8 and ours_states[2]["state1"].dtype == torch.float32
