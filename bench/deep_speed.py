@@ -16,8 +16,6 @@ Each recipe is the same model switched in place, so all of them run on identical
   2048, AdamW 8-bit;
 - ours-bf16: ours with training.bf16_residual (entrypoint.model.set_residual_dtype);
 - ours-bf16-flex: and FlexAttention, whose document mask skips the blocks across packed examples;
-- ours-bf16-scatter: ours-bf16 with the MoE pass's combine as it was before 2026-12-06 (index_add_
-  into zeros, atomics) instead of the gather back to token order, to measure that change alone;
 - ours-bf16-compiled: ours-bf16 with entrypoint.model.compile_small_ops (RMSNorm and rotary
   through torch.compile); ours-compiled: ours (fp32 residual stream) with it;
 - ours-proj, ours-compiled-proj, ours-bf16-compiled-proj: those with training.fused_attention
@@ -30,6 +28,8 @@ Each recipe is the same model switched in place, so all of them run on identical
   backward's routing-weight gradient, which came with it, keeps no expert outputs (0.5 GiB less).
 - ours-bnb-adamw: ours with bitsandbytes' own AdamW8bit, which waits for the GPU after each
   parameter (the job's, entrypoint.optim, does not);
+- ours-torch-rows: ours with the MoE pass's gathers into and sums out of expert order as torch ops
+  (index_select, casts, products, sum: what kernels.gather_rows and sum_rows do in one pass each);
 
 Both recipes draw example lengths from one distribution (log-normal, median ~545 tokens, capped
 at 2048: profile_step.packed_batch); tokens/s counts real tokens only. Every step is LoRA r16 on
@@ -59,8 +59,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from deep_memory import checkpoints, compare, lora_model, random_model, timed_step  # noqa: E402
 from profile_step import packed_batch  # noqa: E402
 
+from entrypoint import kernels, moe, offload, projections  # noqa: E402
 from entrypoint import model as M  # noqa: E402
-from entrypoint import moe, offload, projections  # noqa: E402
 from entrypoint.kernels import SeededDropout  # noqa: E402
 from entrypoint.optim import adamw_8bit  # noqa: E402
 
@@ -71,39 +71,44 @@ class Recipe(NamedTuple):
     bf16: bool  # training.bf16_residual
     attention: str  # the attention implementation
     compiled: bool  # training.compile_small_ops
-    scatter: bool  # the MoE combine before 2026-12-06 (index_add_)
     projections: bool = False  # training.fused_attention (entrypoint.projections)
     skip: bool = True  # offloaded passes of the MoE skip what they throw away (entrypoint.offload.phase)
     seeded: bool = True  # PEFT's LoRA dropout as kernels.SeededDropout (else nn.Dropout, PEFT's own)
     optimizer: str = "job"  # "job": entrypoint.optim's AdamW8bit; "bnb": bitsandbytes'; "paged": its paged one
+    rows: bool = True  # the MoE pass's gathers and sums on Triton (kernels.gather_rows, sum_rows), else torch ops
 
 
 RECIPES = {
-    "plain": Recipe(False, False, False, "sdpa", False, False, seeded=False, optimizer="paged"),
-    "ours": Recipe(True, True, False, "sdpa", False, False),
-    "ours-bf16": Recipe(True, True, True, "sdpa", False, False),
-    "ours-bf16-flex": Recipe(True, True, True, "flex_attention", False, False),
-    "ours-bf16-scatter": Recipe(True, True, True, "sdpa", False, True),
-    "ours-bf16-compiled": Recipe(True, True, True, "sdpa", True, False),
-    "ours-compiled": Recipe(True, True, False, "sdpa", True, False),
-    "ours-proj": Recipe(True, True, False, "sdpa", False, False, True),
-    "ours-compiled-proj": Recipe(True, True, False, "sdpa", True, False, True),
-    "ours-bf16-compiled-proj": Recipe(True, True, True, "sdpa", True, False, True),
-    "ours-flex": Recipe(True, True, False, M.FLEX, False, False),
-    "ours-compiled-flex": Recipe(True, True, False, M.FLEX, True, False),
-    "ours-noskip": Recipe(True, True, False, "sdpa", False, False, False, False),
-    "ours-bnb-adamw": Recipe(True, True, False, "sdpa", False, False, optimizer="bnb"),
-    "ours-compiled-proj-noskip": Recipe(True, True, False, "sdpa", True, False, True, False),
+    "plain": Recipe(False, False, False, "sdpa", False, seeded=False, optimizer="paged"),
+    "ours": Recipe(True, True, False, "sdpa", False),
+    "ours-bf16": Recipe(True, True, True, "sdpa", False),
+    "ours-bf16-flex": Recipe(True, True, True, "flex_attention", False),
+    "ours-bf16-compiled": Recipe(True, True, True, "sdpa", True),
+    "ours-compiled": Recipe(True, True, False, "sdpa", True),
+    "ours-proj": Recipe(True, True, False, "sdpa", False, True),
+    "ours-compiled-proj": Recipe(True, True, False, "sdpa", True, True),
+    "ours-bf16-compiled-proj": Recipe(True, True, True, "sdpa", True, True),
+    "ours-flex": Recipe(True, True, False, M.FLEX, False),
+    "ours-compiled-flex": Recipe(True, True, False, M.FLEX, True),
+    "ours-noskip": Recipe(True, True, False, "sdpa", False, False, False),
+    "ours-bnb-adamw": Recipe(True, True, False, "sdpa", False, optimizer="bnb"),
+    "ours-torch-rows": Recipe(True, True, False, "sdpa", False, rows=False),
+    "ours-compiled-proj-noskip": Recipe(True, True, False, "sdpa", True, True, False),
 }
 PHASE = offload.phase
-GATHER_SUM = moe._per_token_sum
+ROWS = {"gather_rows": kernels.gather_rows, "sum_rows": kernels.sum_rows}
+
+
+def on_torch(fn):
+    """fn with Triton off for its call: the torch ops the kernel replaced."""
+    def run(*args, **kwargs):
+        saved, kernels.triton = kernels.triton, None
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            kernels.triton = saved
+    return run
 EAGER_ROTARY: dict = {}
-
-
-def scatter_sum(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
-    """The MoE pass's combine before 2026-12-06: index_add_ into zeros (atomics on the GPU)."""
-    out = torch.zeros(rows.shape[0] // k, rows.shape[-1], dtype=rows.dtype, device=rows.device)
-    return out.index_add_(0, order // k, rows)
 
 
 def set_small_ops(net, compiled: bool) -> None:
@@ -137,8 +142,10 @@ def deep_model(shape: str, layers: int, unique: int, precision: M.Precision):
 
 def switch(net, recipe: str) -> None:
     """The same model and LoRA weights, run as `recipe` says."""
-    fused, offloaded, bf16, attention, compiled, scatter, fused_projections, skip, seeded, _ = RECIPES[recipe]
+    fused, offloaded, bf16, attention, compiled, fused_projections, skip, seeded, _, rows = RECIPES[recipe]
     offload.phase = PHASE if skip else (lambda: None)
+    for name, fn in ROWS.items():
+        setattr(kernels, name, fn if rows else on_torch(fn))
     for m in net.modules():  # the same module objects (numerics() sets their p)
         if isinstance(m, torch.nn.Dropout):
             m.__class__ = SeededDropout if seeded else torch.nn.Dropout
@@ -158,7 +165,6 @@ def switch(net, recipe: str) -> None:
         M.use_flex_attention(net)
     else:
         net.get_base_model().set_attn_implementation(attention)
-    moe._per_token_sum = scatter_sum if scatter else GATHER_SUM
     set_small_ops(net, compiled)
 
 

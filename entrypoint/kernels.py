@@ -1,5 +1,7 @@
-"""SwiGLU for entrypoint.moe, forward and backward, each one elementwise pass; and LoRA dropout
-drawn in-kernel (dropout_rows, add_dropped), whose masks are never stored.
+"""SwiGLU for entrypoint.moe, forward and backward, each one elementwise pass; LoRA dropout
+drawn in-kernel (dropout_rows, add_dropped), whose masks are never stored; and the MoE pass's
+gathers into and sums out of expert order (gather_rows, sum_rows), each one pass with the
+rounding steps of the torch ops they replace.
 
 The expert computes u = x W1^T + lora1(x), v = x W3^T + lora3(x), h = silu(u) * v. transformers
 + bitsandbytes + PEFT under autocast do that in fp32, one kernel per operation over
@@ -49,7 +51,7 @@ def backend(t: torch.Tensor) -> str:
 
 
 def warm_up(device: torch.device) -> str:
-    """Compile and run both kernels once, every option on, before training: a Triton that cannot
+    """Compile and run every kernel once, every option on, before training: a Triton that cannot
     run here fails now, not between a forward and its backward (whose dropout masks must come
     from the same generator). Returns the backend the job will use."""
     probe = torch.zeros(1, 2 * BLOCK, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -61,6 +63,11 @@ def warm_up(device: torch.device) -> str:
         for n in (1, 2, 3):
             outs = dropout_rows(side, (0.1,) * n, tuple(range(1, n + 1)))
             add_dropped(uv[0], outs, (0.1,) * n, tuple(range(1, n + 1)))
+        order, ones = torch.arange(2, device=device), torch.ones(2, device=device)
+        gather_rows(uv[0], order[:1], probe.dtype, ones[:1])
+        gather_rows(uv[0], order[:1], probe.dtype)
+        sum_rows(uv[:, 0], order, 2, torch.float32, uv[:, 0], weights=ones)
+        sum_rows(uv[:, 0], order, 2, torch.float32)
     return backend(probe)
 
 
@@ -75,7 +82,7 @@ def _launch(kernel, grid, *args, **meta) -> bool:
         return True
     except Exception as e:  # noqa: BLE001 - any failure to compile or launch: the torch path is exact
         failed = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        print(f"[warn] Triton SwiGLU kernel failed ({failed}); the fused MoE pass continues with torch ops",
+        print(f"[warn] a Triton kernel failed ({failed}); the fused passes continue with torch ops",
               file=sys.stderr, flush=True)
         return False
 
@@ -188,6 +195,48 @@ def add_dropped(acc: torch.Tensor, grads: list[torch.Tensor], drops: tuple[float
         acc += g.float() * keep_mask(n, d, drop, seed, acc)
 
 
+def gather_rows(src: torch.Tensor, index: torch.Tensor, dtype: torch.dtype,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """src[index] in `dtype`, each row times weights[i] first when given: what
+    `(src.index_select(0, index) * weights[:, None].to(src.dtype)).to(dtype)` gives (the product
+    rounded to src's dtype, then to dtype), in one pass."""
+    src = src if src.is_contiguous() else src.contiguous()
+    n, d = index.shape[0], src.shape[1]
+    out = src.new_empty((n, d), dtype=dtype)
+    if n and use_triton(src) and _launch(
+            _gather_rows, (n, triton.cdiv(d, BLOCK)), src, index, weights if weights is not None else src, out, d,
+            HAS_W=weights is not None, BLOCK=BLOCK, enable_fp_fusion=False):
+        return out
+    rows = src.index_select(0, index)
+    if weights is not None:
+        rows = rows * weights[:, None].to(src.dtype)
+    return out.copy_(rows)
+
+
+def sum_rows(rows: torch.Tensor, order: torch.Tensor, k: int, dtype: torch.dtype,
+             extra: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's k rows summed in token order, rows being in expert order (row p belongs to token
+    order[p] // k): y = rows (+ extra) in `dtype`, times weights[p] when given, then the k summed in
+    fp32 and rounded to `dtype`; what `((rows.to(dtype) + extra.to(dtype)) * weights[:, None].to(dtype))`
+    gathered back to token order and summed over k gives, in one pass (no expert-order copy in dtype)."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    rows, extra = (t if t is None or t.is_contiguous() else t.contiguous() for t in (rows, extra))
+    tokens, d = order.numel() // k, rows.shape[1]
+    if tokens and use_triton(rows):
+        out = rows.new_empty((tokens, d), dtype=dtype)
+        if _launch(_sum_rows, (tokens, triton.cdiv(d, BLOCK)), rows, extra if extra is not None else rows,
+                   weights if weights is not None else rows, inverse, out, d, K=k, HAS_EXTRA=extra is not None,
+                   HAS_W=weights is not None, BLOCK=BLOCK, enable_fp_fusion=False):
+            return out
+    y = rows.to(dtype)
+    if extra is not None:
+        y = y + extra.to(dtype)
+    if weights is not None:
+        y = y * weights[:, None].to(dtype)
+    return y.index_select(0, inverse).view(-1, k, d).sum(1)
+
+
 def _three(items: list) -> list:
     """items padded to 3 with their first (the kernels' unused arguments)."""
     return list(items) + [items[0]] * (3 - len(items))
@@ -198,6 +247,35 @@ def keep_mask(n: int, f: int, drop: float, seed: int, like: torch.Tensor) -> tor
     g = torch.Generator(device=like.device).manual_seed(seed)
     keep = torch.rand(n, f, generator=g, device=like.device) >= drop
     return keep.float() / (1 - drop)
+
+
+
+class SeededDropout(torch.nn.Dropout):
+    """nn.Dropout for a LoRA module's input (PEFT's lora_dropout) whose mask is drawn in-kernel
+    from a seed (dropout_rows) and drawn again in backward: nothing is kept for backward but the
+    seed, where nn.Dropout keeps its mask. Under autocast the output is in the autocast dtype, which
+    the LoRA A matmul it feeds casts to anyway (the same bits: the product is rounded once either
+    way). The seed comes from the CPU generator, which layer checkpointing replays."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        seed = int(torch.randint(0, 2**30, (1,)).item())
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return _Dropout.apply(x, self.p, seed, dtype)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p, seed, dtype):
+        ctx.how, ctx.dtype = (p, seed), x.dtype
+        return dropout_rows(x, (p,), (seed,), dtype)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, seed = ctx.how
+        return dropout_rows(grad, (p,), (seed,), ctx.dtype)[0], None, None, None
 
 
 if triton is not None:
@@ -286,30 +364,31 @@ if triton is not None:
             total += tl.load(g3 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed3, row, cols, drop3)
         tl.store(acc + at, total, mask=mask)
 
+    @triton.jit
+    def _gather_rows(src, index, w, out, d, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < d
+        at = tl.load(index + row).to(tl.int64)
+        v = tl.load(src + at * d + cols, mask=mask, other=0.0)
+        if HAS_W:
+            v = (v.to(tl.float32) * tl.load(w + row).to(src.dtype.element_ty).to(tl.float32)).to(src.dtype.element_ty)
+        tl.store(out + row * d + cols, v.to(out.dtype.element_ty), mask=mask)
 
-class SeededDropout(torch.nn.Dropout):
-    """nn.Dropout for a LoRA module's input (PEFT's lora_dropout) whose mask is drawn in-kernel
-    from a seed (dropout_rows) and drawn again in backward: nothing is kept for backward but the
-    seed, where nn.Dropout keeps its mask. Under autocast the output is in the autocast dtype, which
-    the LoRA A matmul it feeds casts to anyway (the same bits: the product is rounded once either
-    way). The seed comes from the CPU generator, which layer checkpointing replays."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        seed = int(torch.randint(0, 2**30, (1,)).item())
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return _Dropout.apply(x, self.p, seed, dtype)
-
-
-class _Dropout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, p, seed, dtype):
-        ctx.how, ctx.dtype = (p, seed), x.dtype
-        return dropout_rows(x, (p,), (seed,), dtype)[0]
-
-    @staticmethod
-    def backward(ctx, grad):
-        p, seed = ctx.how
-        return dropout_rows(grad, (p,), (seed,), ctx.dtype)[0], None, None, None
+    @triton.jit
+    def _sum_rows(rows, extra, w, inverse, out, d, K: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_W: tl.constexpr,
+                  BLOCK: tl.constexpr):
+        token = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < d
+        dt = out.dtype.element_ty
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            at = tl.load(inverse + token * K + j).to(tl.int64)
+            y = tl.load(rows + at * d + cols, mask=mask, other=0.0).to(dt).to(tl.float32)
+            if HAS_EXTRA:
+                y = (y + tl.load(extra + at * d + cols, mask=mask, other=0.0).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            if HAS_W:
+                y = (y * tl.load(w + at).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            total += y
+        tl.store(out + token * d + cols, total.to(dt), mask=mask)

@@ -236,29 +236,11 @@ def _lora(lin: torch.Tensor, p: Proj) -> torch.Tensor | None:
     return (lin @ p.lora_a.to(dtype).t() * p.scaling) @ p.lora_b.to(dtype).t()
 
 
-def _project(x: torch.Tensor, p: Proj, lora_in: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """x W^T + s lora_in A^T B^T: matmuls in x's (compute) dtype, the sum in acc, as
-    bitsandbytes + PEFT do under autocast (their outputs come back in the input's dtype)."""
-    y = (x @ _dequantize((p,), x.dtype).t()).to(acc)
-    lora = _lora(lora_in, p)
-    return y if lora is None else y + lora.to(acc)
-
-
 def _order(selected: torch.Tensor, experts: int):
     flat = selected.reshape(-1)
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=experts).tolist()  # the one host sync per pass
     return order, order // selected.shape[1], counts
-
-
-def _per_token_sum(rows: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
-    """Each token's k rows (rows are in expert order: row p belongs to token order[p] // k)
-    summed in token order. A gather back to token order and a sum over k: index_add_ into
-    zeros did the same with atomics, 1.2 ms a call at Mixtral's width on an H100 (the profile in
-    bench/README.md); the sum is in fp32 before its one rounding, so k = 2 gives the same values."""
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    return rows.index_select(0, inverse).view(-1, k, rows.shape[-1]).sum(1)
 
 
 class _Experts(torch.autograd.Function):
@@ -273,11 +255,14 @@ class _Experts(torch.autograd.Function):
         keep_uv, output = backward and phase != "forward", phase != "recompute"
         with torch.autocast(x.device.type, enabled=False):
             order, token, counts = _order(selected, len(plan))
-            xs = x.to(compute).index_select(0, token)
+            xs = kernels.gather_rows(x, token, compute)
             ffn = plan[0][0].base.out_features
             # u, v for backward: fp32, like the tensors autograd keeps on the stock path
             uv = xs.new_empty((2, xs.shape[0], ffn), dtype=torch.float32) if keep_uv else None
-            ys = torch.empty(xs.shape, dtype=x.dtype, device=x.device) if output else None
+            # each row's w2 output, base and LoRA parts in the compute dtype (summed in x's dtype
+            # by sum_rows, as bitsandbytes + PEFT sum them)
+            y_base = torch.empty_like(xs) if output else None
+            y_lora = torch.empty_like(xs) if output and any(projs[2].lora_a is not None for projs in plan) else None
             start = 0
             for projs, n in zip(plan, counts, strict=True):
                 if n:
@@ -292,11 +277,14 @@ class _Experts(torch.autograd.Function):
                         drop=_drop(w2) if output else 0.0, seed=seed + start)
                     del a13, in1, in3
                     if output:
-                        ys[sl] = _project(h, w2, hk, x.dtype)
+                        torch.matmul(h, _dequantize((w2,), compute).t(), out=y_base[sl])
+                        if y_lora is not None:
+                            lora = _lora(hk, w2)
+                            y_lora[sl] = 0.0 if lora is None else lora
                 start += n
             if output:
                 flat_w = weights.reshape(-1).index_select(0, order)
-                out = _per_token_sum(ys * flat_w[:, None].to(x.dtype), order, selected.shape[1])
+                out = kernels.sum_rows(y_base, order, selected.shape[1], x.dtype, y_lora, weights=flat_w)
             else:  # the recomputation's output is not read: torch stops it at the layer's last save, which
                 # is this pass's in SKIP_SAFE_LAYERS; NaN, so that a layer that read it anyway would give
                 # NaN gradients (the job's gradient-norm check stops on them) rather than stale memory
@@ -314,9 +302,8 @@ class _Experts(torch.autograd.Function):
         grads = [None] * (2 * 3 * len(plan))
         with torch.autocast(x.device.type, enabled=False):
             flat_w = weights.reshape(-1).index_select(0, order)
-            g = grad_out.index_select(0, token)
-            gy_all = (g * flat_w[:, None].to(g.dtype)).to(compute)
-            xs = x.to(compute).index_select(0, token)
+            gy_all = kernels.gather_rows(grad_out, token, compute, flat_w)  # the output gradient times w
+            xs = kernels.gather_rows(x, token, compute)
             dxs = torch.empty(xs.shape, dtype=x.dtype, device=x.device)
             # gy . y for each row (gy = g w: its expert's output y times the output gradient, times
             # its routing weight), from w2's input side: gy W2 . h (+ the LoRA part), the SwiGLU
@@ -326,10 +313,10 @@ class _Experts(torch.autograd.Function):
             for e, (projs, n) in enumerate(zip(plan, ctx.counts, strict=True)):
                 if n:
                     sl = slice(start, start + n)
-                    dxs[sl] = _expert_backward(xs[sl], gy_all[sl], uv[0, sl], uv[1, sl], projs, grads, 6 * e,
-                                               (ctx.seed, xs.shape[0], start), dots[sl])
+                    _expert_backward(xs[sl], gy_all[sl], uv[0, sl], uv[1, sl], projs, grads, 6 * e,
+                                     (ctx.seed, xs.shape[0], start), dots[sl], dxs[sl])
                 start += n
-            dx = _per_token_sum(dxs, order, weights.shape[1])
+            dx = kernels.sum_rows(dxs, order, weights.shape[1], x.dtype)
             # d loss / d w = g . y = (gy . y) / w; a weight of exactly 0 gets 0 (softmax's backward
             # multiplies what it gets by that weight anyway). gy is rounded to the compute dtype first:
             # in fp16 that needs the loss scaling the job always runs fp16 with (tiny unscaled
@@ -340,8 +327,9 @@ class _Experts(torch.autograd.Function):
 
 
 def _expert_backward(xe, gy, u, v, projs, grads, at: int, where: tuple[int, int, int],
-                     dots: torch.Tensor) -> torch.Tensor:
-    """One expert's input gradient (fp32) from its output gradient gy and the saved u, v; the
+                     dots: torch.Tensor, dx: torch.Tensor) -> None:
+    """One expert's input gradient into dx (x's dtype; summed in fp32 where x is fp32 as the stock
+    path does) from its output gradient gy and the saved u, v; the
     LoRA gradients go to grads[at:at+6], each row's gy . y to dots. Matmuls run in xe's compute
     dtype, as in the stock path. `where`: the pass's seed, its rows, this expert's first row
     (the forward's dropout masks are drawn again from them)."""
@@ -352,7 +340,7 @@ def _expert_backward(xe, gy, u, v, projs, grads, at: int, where: tuple[int, int,
                                       drop=_drop(w2), seed=seed + start, dots=dots)
     _lora_weight_grads(gy, w2, hk, grads, at + 4)
     del hk
-    dx = (d13 @ _dequantize((w1, w3), gy.dtype)).float()
+    dx.copy_(d13 @ _dequantize((w1, w3), gy.dtype))
     keys = mask_keys((w1, w3), seed, rows, start)
     ins = lora_inputs(xe, (w1, w3), keys)
     dys = [d13[:, j * ffn:(j + 1) * ffn] for j in range(2)]
@@ -360,7 +348,6 @@ def _expert_backward(xe, gy, u, v, projs, grads, at: int, where: tuple[int, int,
         _lora_weight_grads(dys[j], p, ins[j], grads, at + 2 * j)
     del ins
     add_lora_input_grads(dx, [_lora_input_grad(dy, p) for dy, p in zip(dys, (w1, w3), strict=True)], keys)
-    return dx
 
 
 def _lora_input_grad(gy, p: Proj) -> torch.Tensor | None:

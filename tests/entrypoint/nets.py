@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from entrypoint import model as M
+from entrypoint import moe
 from entrypoint.hyperparams import LoraSpec, TrainingSpec
 
 
@@ -20,3 +21,11 @@ def lora_net(tiny_model, training: TrainingSpec, dtype=torch.float32, dropout: f
             p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p)
     net.train()
     return net
+
+
+def project(x: torch.Tensor, p, lora_in: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """x W^T + s lora_in A^T B^T of a moe.Proj: matmuls in x's (compute) dtype, the sum in acc, as
+    bitsandbytes + PEFT do under autocast (the references the fused passes are tested against)."""
+    y = (x @ moe._dequantize((p,), x.dtype).t()).to(acc)
+    lora = moe._lora(lora_in, p)
+    return y if lora is None else y + lora.to(acc)

@@ -1,7 +1,8 @@
-"""entrypoint.kernels: the Triton SwiGLU kernels (what runs on a GPU) against the torch arithmetic
-(what runs on CPU), executed on this CPU by Triton's interpreter (TRITON_INTERPRET=1, set before
-Triton is imported, hence a subprocess). fp32, because the interpreter rounds to bf16 by
-truncation where a GPU rounds to nearest; bf16 is compared on the H200 (bench/moe_layer.py)."""
+"""entrypoint.kernels: the Triton kernels (SwiGLU, LoRA dropout, the gathers and sums of expert
+order; what runs on a GPU) against the torch arithmetic (what runs on CPU), executed on this CPU by
+Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported, hence a subprocess). fp32,
+because the interpreter rounds to bf16 by truncation where a GPU rounds to nearest; bf16 is compared
+on the H200 (bench/moe_layer.py)."""
 
 from __future__ import annotations
 
@@ -93,6 +94,25 @@ for path in ("triton", "torch"):
         "add": (acc - (base + sum(g * k for g, k in zip(grads, keeps)))).abs().max().item(),
         "distinct": len({tuple((k > 0).flatten().tolist()) for k in keeps}) == 3,
     }
+# gathers into and sums out of expert order, Triton against the torch ops they replace (fp32: the
+# interpreter truncates to bf16); for k <= 2 bit for bit
+out["rows"] = {}
+g = torch.Generator().manual_seed(5)
+for tokens, k, d in [(37, 2, 1500), (9, 8, 300), (5, 1, 64), (0, 2, 64)]:
+    order = torch.randperm(tokens * k, generator=g)
+    rows, extra = torch.randn(tokens * k, d, generator=g), torch.randn(tokens * k, d, generator=g) * 0.1
+    w, src = torch.rand(tokens * k, generator=g), torch.randn(tokens, d, generator=g)
+    got = {}
+    for path in ("triton", "torch"):
+        saved = K.triton
+        if path == "torch":
+            K.triton = None
+        got[path] = [K.sum_rows(rows, order, k, torch.float32, extra, weights=w), K.sum_rows(rows, order, k, torch.float32),
+                     K.gather_rows(src, order // k, torch.float32, w), K.gather_rows(src, order // k, torch.float32)]
+        K.triton = saved
+    out["rows"][f"{tokens}x{k}x{d}"] = [
+        [torch.equal(a, b), (a - b).abs().max().item() if a.numel() else 0.0, list(a.shape)]
+        for a, b in zip(got["triton"], got["torch"])]
 print("RESULT " + json.dumps(out))
 """
 
@@ -114,6 +134,7 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None and
 def test_triton_swiglu_matches_the_torch_arithmetic_and_replays_its_dropout():
     results = dict(run_interpreted())
     results.pop("dropout_rows")
+    results.pop("rows")
     assert results.pop("distinct_masks")
     for case, r in results.items():
         assert r["h"] < 1e-5 and r["uv"] == 0.0, case
@@ -151,7 +172,7 @@ def test_a_triton_launch_that_fails_falls_back_to_torch_once(monkeypatch, capsys
     assert kernels.backend(a13) == "torch"  # not tried again
     kernels.swiglu_forward(a13, l1, None)
     err = capsys.readouterr().err
-    assert err.count("[warn] Triton SwiGLU kernel failed (RuntimeError: Failed to find C compiler") == 1
+    assert err.count("[warn] a Triton kernel failed (RuntimeError: Failed to find C compiler") == 1
 
 
 @needs_triton
@@ -165,3 +186,16 @@ def test_lora_input_dropout_draws_each_mask_again_from_its_seed_on_both_paths():
             assert values == [0.0, round(1 / (1 - drop), 4)], path
         assert r["again"] and r["distinct"], path
         assert r["add"] < 1e-5, path
+
+
+@needs_triton
+def test_the_gathers_and_sums_of_expert_order_match_the_torch_ops_they_replace():
+    """kernels.gather_rows and sum_rows (the MoE pass's way into and out of expert order, with the
+    routing weights and w2's LoRA part folded in) on Triton give the torch ops' values: bit for bit
+    for top-1 and top-2 (Mixtral), within fp32 rounding for top-8, and empty for no tokens."""
+    for case, results in run_interpreted()["rows"].items():
+        tokens, k, d = (int(v) for v in case.split("x"))
+        shapes = [[tokens, d], [tokens, d], [tokens * k, d], [tokens * k, d]]
+        assert [shape for _, _, shape in results] == shapes, case
+        for equal, diff, _ in results:
+            assert equal if k <= 2 else diff < 1e-5, case

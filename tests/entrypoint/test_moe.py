@@ -107,9 +107,9 @@ def reference_moe(block, hidden):
         if n:
             xe = xs[start:start + n]
             in1, in3 = moe.lora_inputs(xe, (w1, w3), moe.mask_keys((w1, w3), seed, xs.shape[0], start))
-            h = (torch.nn.functional.silu(moe._project(xe, w1, in1, x.dtype))
-                 * moe._project(xe, w3, in3, x.dtype))
-            y = moe._project(h, w2, h * kernels.keep_mask(*h.shape, w2.dropout, seed + start, h), x.dtype)
+            h = (torch.nn.functional.silu(nets.project(xe, w1, in1, x.dtype))
+                 * nets.project(xe, w3, in3, x.dtype))
+            y = nets.project(h, w2, h * kernels.keep_mask(*h.shape, w2.dropout, seed + start, h), x.dtype)
             out = out.index_add(0, token[start:start + n], y * ws[start:start + n, None])
         start += n
     return out.view_as(hidden)
@@ -204,7 +204,7 @@ def test_the_gather_back_to_token_order_sums_what_index_add_summed(tokens, exper
     selected = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)] or [torch.zeros(0, k)])
     order, token, _ = moe._order(selected.long().reshape(tokens, k), experts)
     rows = torch.randn(tokens * k, 6, generator=g).to(dtype)
-    got = moe._per_token_sum(rows, order, k)
+    got = kernels.sum_rows(rows, order, k, dtype)
     scattered = torch.zeros(tokens, 6, dtype=dtype).index_add_(0, token, rows)
     if k <= 2:
         assert torch.equal(got, scattered)
@@ -271,8 +271,8 @@ def test_routing_weight_gradients_from_the_row_dots_are_autograds(tokens, expert
             rows = (selected[:, slot] == e).nonzero().flatten()
             if rows.numel():
                 xe = x[rows]
-                h = torch.nn.functional.silu(moe._project(xe, w1, xe, x.dtype)) * moe._project(xe, w3, xe, x.dtype)
-                ref = ref.index_add(0, rows, moe._project(h, w2, h, x.dtype) * weights[rows, slot, None])
+                h = torch.nn.functional.silu(nets.project(xe, w1, xe, x.dtype)) * nets.project(xe, w3, xe, x.dtype)
+                ref = ref.index_add(0, rows, nets.project(h, w2, h, x.dtype) * weights[rows, slot, None])
     want = grads(ref)
     for name, a, b in zip(["x", "logits"] + ["lora"] * len(params), fused, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

@@ -74,10 +74,10 @@ def reference(attn, x):
         seed = int(torch.randint(0, 2**30, (1,)).item())
         return moe.lora_inputs(t, projs, moe.mask_keys(projs, seed, t.reshape(-1, t.shape[-1]).shape[0], 0, first=0))
 
-    outs = [moe._project(x, p, lin, x.dtype) for p, lin in zip(qkv, dropped(x, qkv), strict=True)]
+    outs = [nets.project(x, p, lin, x.dtype) for p, lin in zip(qkv, dropped(x, qkv), strict=True)]
     o = moe.lora_proj(attn.o_proj)
     y = outs[0]
-    return outs, moe._project(y, o, dropped(y, [o])[0], y.dtype)
+    return outs, nets.project(y, o, dropped(y, [o])[0], y.dtype)
 
 
 def test_dropout_masks_drawn_again_in_backward_give_exact_gradients(tiny_model):

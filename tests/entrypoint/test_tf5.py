@@ -21,6 +21,7 @@ from entrypoint import experts_tf5, moe  # noqa: E402
 from entrypoint import model as M  # noqa: E402
 from entrypoint.hyperparams import LoraSpec, TrainingSpec  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
+from tests.entrypoint import nets  # noqa: E402
 
 FP32 = M.Precision(torch.float32, "fp32", "test")
 TF4_PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -308,9 +309,9 @@ def reference_experts(block, hidden, kernels):
         if n:
             xe = xs[start:start + n]
             in1, in3 = moe.lora_inputs(xe, (w1, w3), moe.mask_keys((w1, w3), seed, xs.shape[0], start))
-            h = (torch.nn.functional.silu(moe._project(xe, w1, in1, x.dtype))
-                 * moe._project(xe, w3, in3, x.dtype))
-            y = moe._project(h, w2, h * kernels.keep_mask(*h.shape, w2.dropout, seed + start, h), x.dtype)
+            h = (torch.nn.functional.silu(nets.project(xe, w1, in1, x.dtype))
+                 * nets.project(xe, w3, in3, x.dtype))
+            y = nets.project(h, w2, h * kernels.keep_mask(*h.shape, w2.dropout, seed + start, h), x.dtype)
             out = out.index_add(0, token[start:start + n], y * ws[start:start + n, None])
         start += n
     return out.view_as(hidden)
@@ -320,8 +321,6 @@ def test_offloaded_passes_skip_on_transformers_5_with_the_gradients_of_gpu_held_
     """On transformers 5 the MoE blocks (`mlp`, NF4Experts inside) are marked for the skip in
     offloaded checkpoints too, and with LoRA dropout the loss and LoRA gradients equal those of
     GPU-held checkpoints, which run every pass whole."""
-    from tests.entrypoint import nets
-
     ids = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(2))
     seen = []
     for offload in (False, True):
