@@ -30,7 +30,8 @@ try:  # Triton ships with CUDA builds of torch; CPU builds and old images may la
 except ImportError:  # pragma: no cover - exercised where Triton is absent
     triton = None
 
-BLOCK = 1024
+BLOCK = 1024  # columns a program of the row-wise kernels covers
+TILE_M, TILE_N = 32, 128  # the SwiGLU kernels' tiles (rows x columns): LoRA B is read once per 32 rows
 # Set to the reason when a Triton launch failed once (no compiler for its launcher, an
 # unsupported GPU, ...): the job goes on with the torch arithmetic and says so once.
 failed: str | None = None
@@ -58,8 +59,9 @@ def warm_up(device: torch.device) -> str:
     if use_triton(probe):
         uv = torch.zeros(2, 1, BLOCK, device=device)
         side = probe[:, :BLOCK].contiguous()
-        swiglu_forward(probe, side, side, uv[0], uv[1], drop=0.1, seed=1)
-        swiglu_backward(side, side, uv[0], uv[1], drop=0.1, seed=1, dots=torch.zeros(1, device=device))
+        t, b = probe.new_zeros(1, 16), probe.new_zeros(BLOCK, 16)
+        swiglu_forward(probe, (t, b), (t, b), uv[0], uv[1], drop=0.1, seed=1)
+        swiglu_backward(side, (t, b.t().contiguous()), uv[0], uv[1], drop=0.1, seed=1, dots=torch.zeros(1, device=device))
         for n in (1, 2, 3):
             outs = dropout_rows(side, (0.1,) * n, tuple(range(1, n + 1)))
             add_dropped(uv[0], outs, (0.1,) * n, tuple(range(1, n + 1)))
@@ -87,32 +89,49 @@ def _launch(kernel, grid, *args, **meta) -> bool:
         return False
 
 
-def swiglu_forward(a13: torch.Tensor, l1: torch.Tensor | None, l3: torch.Tensor | None,
+Lora = tuple[torch.Tensor, torch.Tensor]  # a LoRA term as its two factors: the term is their product
+
+
+def _rank_block(*loras: Lora | None) -> int:
+    """The rank dimension of the kernels' LoRA tiles: the rank padded to a power of two, 16 at least
+    (tl.dot's least)."""
+    r = max((lora[0].shape[1] for lora in loras if lora is not None), default=1)
+    return max(16, triton.next_power_of_2(r))
+
+
+def swiglu_forward(a13: torch.Tensor, l1: Lora | None, l3: Lora | None,
                    u_out: torch.Tensor | None = None, v_out: torch.Tensor | None = None,
                    drop: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """h = silu(a1 + l1) * (a3 + l3) in a13's dtype, where a13 = [a1 | a3] is (n, 2f) and l1, l3
-    (n, f) or None. Returns h and h * keep, keep being dropout(drop) drawn from seed (the input
-    of w2's LoRA; h itself when drop is 0); row i's mask is keyed on seed + i. The fp32
-    u = a1 + l1 and v = a3 + l3 go to u_out and v_out when given."""
-    a13, l1, l3 = (t if t is None or t.is_contiguous() else t.contiguous() for t in (a13, l1, l3))
+    are None or w1's and w3's LoRA terms as factors (t, b): the term t b^T (t (n, r): the input's
+    down-projection, scaled; b (f, r): LoRA B), rounded to a13's dtype, computed tile by tile on
+    Triton and never stored. Returns h and h * keep, keep being dropout(drop) drawn from seed (the
+    input of w2's LoRA; h itself when drop is 0); row i's mask is at offset i f of seed's stream.
+    The fp32 u = a1 + l1 and v = a3 + l3 go to u_out and v_out when given."""
+    a13 = a13 if a13.is_contiguous() else a13.contiguous()
+    l1, l3 = (None if lo is None else tuple(t if t.is_contiguous() else t.contiguous() for t in lo) for lo in (l1, l3))
     n, f = a13.shape[0], a13.shape[1] // 2
     h = a13.new_empty(n, f)
     hk = a13.new_empty(n, f) if drop else h
     if n == 0:
         return h, hk
     save = u_out is not None
-    if use_triton(a13) and _launch(
-            _swiglu_fwd, (n, triton.cdiv(f, BLOCK)),
-            a13, l1 if l1 is not None else a13, l3 if l3 is not None else a13, h, hk,
-            u_out if save else h, v_out if save else h, f, drop, seed,
-            HAS_L1=l1 is not None, HAS_L3=l3 is not None, SAVE=save, DROP=drop > 0, BLOCK=BLOCK):
-        return h, hk
+    ranks = {lo[0].shape[1] for lo in (l1, l3) if lo is not None}
+    if use_triton(a13) and len(ranks) <= 1:
+        t1, b1 = l1 if l1 is not None else (a13, a13)
+        t3, b3 = l3 if l3 is not None else (a13, a13)
+        r = ranks.pop() if ranks else 1
+        if _launch(_swiglu_fwd, (triton.cdiv(n, TILE_M), triton.cdiv(f, TILE_N)),
+                   a13, t1, b1, t3, b3, h, hk, u_out if save else h, v_out if save else h, n, f, r, drop, seed,
+                   HAS_L1=l1 is not None, HAS_L3=l3 is not None, SAVE=save, DROP=drop > 0,
+                   BM=TILE_M, BN=TILE_N, R=_rank_block(l1, l3)):
+            return h, hk
     u = a13[:, :f].float()
     v = a13[:, f:].float()
     if l1 is not None:
-        u = u + l1
+        u = u + l1[0] @ l1[1].t()
     if l3 is not None:
-        v = v + l3
+        v = v + l3[0] @ l3[1].t()
     h.copy_(F.silu(u) * v)
     if drop:
         hk.copy_(h.float() * keep_mask(n, f, drop, seed, h))
@@ -122,32 +141,37 @@ def swiglu_forward(a13: torch.Tensor, l1: torch.Tensor | None, l3: torch.Tensor 
     return h, hk
 
 
-def swiglu_backward(dh: torch.Tensor, dh_lora: torch.Tensor | None, u: torch.Tensor,
+def swiglu_backward(dh: torch.Tensor, dh_lora: Lora | None, u: torch.Tensor,
                     v: torch.Tensor, drop: float = 0.0, seed: int = 0,
                     dots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Given d(loss)/dh as dh + keep * dh_lora (base and LoRA parts of w2's input gradient, keep
-    the forward's dropout mask) and the saved fp32 u, v: returns d13 = [du | dv] (n, 2f) and
+    the forward's dropout mask; dh_lora as factors (g, a), the part being g a rounded to dh's dtype,
+    computed tile by tile on Triton) and the saved fp32 u, v: returns d13 = [du | dv] (n, 2f) and
     h * keep, both in dh's dtype. With `dots` (n, fp32), adds each row's d(loss)/dh . h to it: the
     output gradient times w2's output, y . dy = (dh W2) . h + the LoRA part, without y."""
-    dh, dh_lora = (t if t is None or t.is_contiguous() else t.contiguous() for t in (dh, dh_lora))
+    dh = dh if dh.is_contiguous() else dh.contiguous()
+    dh_lora = None if dh_lora is None else tuple(t if t.is_contiguous() else t.contiguous() for t in dh_lora)
     n, f = u.shape
     d13 = dh.new_empty(n, 2 * f)
     hk = dh.new_empty(n, f)
     if n == 0:
         return d13, hk
-    blocks = -(-f // BLOCK)
-    partial = torch.empty(n, blocks, dtype=torch.float32, device=dh.device) if dots is not None else None
-    if use_triton(dh) and _launch(
-            _swiglu_bwd, (n, blocks),
-            dh, dh_lora if dh_lora is not None else dh, u, v, d13, hk, partial if dots is not None else u,
-            f, blocks, drop, seed, HAS_LORA=dh_lora is not None, DROP=drop > 0, DOTS=dots is not None, BLOCK=BLOCK):
-        if dots is not None:
-            dots += partial.sum(1)  # per-block sums, added in a fixed order: the same bits every run
-        return d13, hk
+    if use_triton(dh):
+        blocks = triton.cdiv(f, TILE_N)
+        partial = torch.empty(n, blocks, dtype=torch.float32, device=dh.device) if dots is not None else u
+        g2, a2 = dh_lora if dh_lora is not None else (dh, dh)
+        if _launch(_swiglu_bwd, (triton.cdiv(n, TILE_M), blocks),
+                   dh, g2, a2, u, v, d13, hk, partial, n, f, g2.shape[1] if dh_lora is not None else 1, blocks,
+                   drop, seed, HAS_LORA=dh_lora is not None, DROP=drop > 0, DOTS=dots is not None,
+                   BM=TILE_M, BN=TILE_N, R=_rank_block(dh_lora)):
+            if dots is not None:
+                dots += partial.sum(1)  # per-tile sums, added in a fixed order: the same bits every run
+            return d13, hk
     keep = keep_mask(n, f, drop, seed, dh) if drop else None
     g = dh.float()
     if dh_lora is not None:
-        g = g + (dh_lora if keep is None else (dh_lora.float() * keep).to(dh.dtype)).float()
+        lora = dh_lora[0] @ dh_lora[1]
+        g = g + (lora if keep is None else (lora.float() * keep).to(dh.dtype)).float()
     sig = torch.sigmoid(u)
     silu = u * sig
     d13[:, :f] = (g * v) * (sig * (1 + u * (1 - sig)))  # torch's silu_backward, after mul's
@@ -286,51 +310,74 @@ if triton is not None:
         return tl.where(tl.rand(seed + row, cols) >= drop, 1.0 / (1.0 - drop), 0.0)
 
     @triton.jit
-    def _swiglu_fwd(a13, l1, l3, h, hk, u_out, v_out, f, drop, seed, HAS_L1: tl.constexpr,
-                    HAS_L3: tl.constexpr, SAVE: tl.constexpr, DROP: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < f
-        at = row * f + cols
-        u = tl.load(a13 + row * 2 * f + cols, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(a13 + row * 2 * f + f + cols, mask=mask, other=0.0).to(tl.float32)
+    def _keep_tile(seed, rows, cols, f, drop):
+        """w2's LoRA dropout over a tile: 1/(1-drop) or 0, Philox keyed on seed (callers give each
+        expert seed + its first row in the layer) at offset row f + column."""
+        return tl.where(tl.rand(seed, rows[:, None] * f + cols[None, :]) >= drop, 1.0 / (1.0 - drop), 0.0)
+
+    @triton.jit
+    def _lora_tile(t, b, rows, cols, n, f, r, R: tl.constexpr, B_ROWS_ARE_COLS: tl.constexpr):
+        """(rows x cols) of t b^T (b (f, r): LoRA B) or of t b (b (r, f): LoRA A), t (n, r), in fp32."""
+        ks = tl.arange(0, R)
+        tt = tl.load(t + rows[:, None] * r + ks[None, :], mask=(rows[:, None] < n) & (ks[None, :] < r), other=0.0)
+        if B_ROWS_ARE_COLS:
+            bb = tl.load(b + cols[None, :] * r + ks[:, None], mask=(cols[None, :] < f) & (ks[:, None] < r), other=0.0)
+        else:
+            bb = tl.load(b + ks[:, None] * f + cols[None, :], mask=(ks[:, None] < r) & (cols[None, :] < f), other=0.0)
+        return tl.dot(tt, bb, input_precision="ieee")
+
+    @triton.jit
+    def _swiglu_fwd(a13, t1, b1, t3, b3, h, hk, u_out, v_out, n, f, r, drop, seed, HAS_L1: tl.constexpr,
+                    HAS_L3: tl.constexpr, SAVE: tl.constexpr, DROP: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, R: tl.constexpr):
+        rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask = (rows[:, None] < n) & (cols[None, :] < f)
+        at = rows[:, None] * f + cols[None, :]
+        src = rows[:, None] * 2 * f + cols[None, :]
+        dt = h.dtype.element_ty
+        u = tl.load(a13 + src, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(a13 + src + f, mask=mask, other=0.0).to(tl.float32)
         if HAS_L1:
-            u += tl.load(l1 + at, mask=mask, other=0.0).to(tl.float32)
+            u += _lora_tile(t1, b1, rows, cols, n, f, r, R, True).to(dt).to(tl.float32)
         if HAS_L3:
-            v += tl.load(l3 + at, mask=mask, other=0.0).to(tl.float32)
-        out = (u * tl.sigmoid(u) * v).to(h.dtype.element_ty)
+            v += _lora_tile(t3, b3, rows, cols, n, f, r, R, True).to(dt).to(tl.float32)
+        out = (u * tl.sigmoid(u) * v).to(dt)
         tl.store(h + at, out, mask=mask)
         if DROP:
-            tl.store(hk + at, (out * _keep(seed, row, cols, drop)).to(h.dtype.element_ty), mask=mask)
+            tl.store(hk + at, (out * _keep_tile(seed, rows, cols, f, drop)).to(dt), mask=mask)
         if SAVE:
             tl.store(u_out + at, u, mask=mask)
             tl.store(v_out + at, v, mask=mask)
 
     @triton.jit
-    def _swiglu_bwd(dh, dh_lora, u_in, v_in, d13, hk, partial, f, blocks, drop, seed, HAS_LORA: tl.constexpr,
-                    DROP: tl.constexpr, DOTS: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < f
-        at = row * f + cols
+    def _swiglu_bwd(dh, g2, a2, u_in, v_in, d13, hk, partial, n, f, r, blocks, drop, seed, HAS_LORA: tl.constexpr,
+                    DROP: tl.constexpr, DOTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr):
+        rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        mask = (rows[:, None] < n) & (cols[None, :] < f)
+        at = rows[:, None] * f + cols[None, :]
+        dst = rows[:, None] * 2 * f + cols[None, :]
+        dt = dh.dtype.element_ty
         g = tl.load(dh + at, mask=mask, other=0.0).to(tl.float32)
         if DROP:
-            keep = _keep(seed, row, cols, drop)
+            keep = _keep_tile(seed, rows, cols, f, drop)
         if HAS_LORA:
-            gl = tl.load(dh_lora + at, mask=mask, other=0.0)
+            gl = _lora_tile(g2, a2, rows, cols, n, f, r, R, False).to(dt)
             if DROP:
-                gl = (gl * keep).to(dh.dtype.element_ty)
+                gl = (gl * keep).to(dt)
             g += gl.to(tl.float32)
         u = tl.load(u_in + at, mask=mask, other=0.0)
         v = tl.load(v_in + at, mask=mask, other=0.0)
         sig = tl.sigmoid(u)
         silu = u * sig
         du = (g * v) * (sig * (1.0 + u * (1.0 - sig)))
-        tl.store(d13 + row * 2 * f + cols, du.to(d13.dtype.element_ty), mask=mask)
-        tl.store(d13 + row * 2 * f + f + cols, (g * silu).to(d13.dtype.element_ty), mask=mask)
+        tl.store(d13 + dst, du.to(d13.dtype.element_ty), mask=mask)
+        tl.store(d13 + dst + f, (g * silu).to(d13.dtype.element_ty), mask=mask)
         out = (silu * v).to(hk.dtype.element_ty)
         if DOTS:
-            tl.store(partial + row * blocks + tl.program_id(1), tl.sum(g * out.to(tl.float32), axis=0))
+            tl.store(partial + rows * blocks + tl.program_id(1), tl.sum(g * out.to(tl.float32), axis=1),
+                     mask=rows < n)
         if DROP:
             out = (out * keep).to(hk.dtype.element_ty)
         tl.store(hk + at, out, mask=mask)

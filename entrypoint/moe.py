@@ -228,12 +228,19 @@ def _drop(p: Proj) -> float:
     return p.dropout if p.lora_a is not None else 0.0
 
 
-def _lora(lin: torch.Tensor, p: Proj) -> torch.Tensor | None:
-    """s (lin A^T) B^T in lin's (compute) dtype, lin being the LoRA input after dropout."""
+def _lora_factors(lin: torch.Tensor | None, p: Proj) -> kernels.Lora | None:
+    """p's LoRA term s (lin A^T) B^T as its factors (s lin A^T, B), in lin's (compute) dtype, lin
+    being the LoRA input after dropout: the SwiGLU kernel multiplies them tile by tile."""
     if p.lora_a is None:
         return None
     dtype = lin.dtype
-    return (lin @ p.lora_a.to(dtype).t() * p.scaling) @ p.lora_b.to(dtype).t()
+    return lin @ p.lora_a.to(dtype).t() * p.scaling, p.lora_b.to(dtype)
+
+
+def _lora(lin: torch.Tensor | None, p: Proj) -> torch.Tensor | None:
+    """s (lin A^T) B^T in lin's (compute) dtype, lin being the LoRA input after dropout."""
+    factors = _lora_factors(lin, p)
+    return None if factors is None else factors[0] @ factors[1].t()
 
 
 def _order(selected: torch.Tensor, experts: int):
@@ -272,7 +279,7 @@ class _Experts(torch.autograd.Function):
                     in1, in3 = lora_inputs(xe, (w1, w3), mask_keys((w1, w3), seed, xs.shape[0], start))
                     a13 = xe @ _dequantize((w1, w3), compute).t()
                     h, hk = kernels.swiglu_forward(
-                        a13, _lora(in1, w1), _lora(in3, w3),
+                        a13, _lora_factors(in1, w1), _lora_factors(in3, w3),
                         *((uv[0, sl], uv[1, sl]) if keep_uv else (None, None)),
                         drop=_drop(w2) if output else 0.0, seed=seed + start)
                     del a13, in1, in3
@@ -336,7 +343,7 @@ def _expert_backward(xe, gy, u, v, projs, grads, at: int, where: tuple[int, int,
     seed, rows, start = where
     w1, w3, w2 = projs
     ffn = u.shape[1]
-    d13, hk = kernels.swiglu_backward(gy @ _dequantize((w2,), gy.dtype), _lora_input_grad(gy, w2), u, v,
+    d13, hk = kernels.swiglu_backward(gy @ _dequantize((w2,), gy.dtype), _lora_input_factors(gy, w2), u, v,
                                       drop=_drop(w2), seed=seed + start, dots=dots)
     _lora_weight_grads(gy, w2, hk, grads, at + 4)
     del hk
@@ -350,11 +357,17 @@ def _expert_backward(xe, gy, u, v, projs, grads, at: int, where: tuple[int, int,
     add_lora_input_grads(dx, [_lora_input_grad(dy, p) for dy, p in zip(dys, (w1, w3), strict=True)], keys)
 
 
-def _lora_input_grad(gy, p: Proj) -> torch.Tensor | None:
-    """d(lora_in) of y = ... + s lora_in A^T B^T, in gy's dtype (before the dropout mask)."""
+def _lora_input_factors(gy, p: Proj) -> kernels.Lora | None:
+    """d(lora_in) of y = ... + s lora_in A^T B^T as its factors (s gy B, A), in gy's dtype."""
     if p.lora_a is None:
         return None
-    return (gy @ p.lora_b.to(gy.dtype) * p.scaling) @ p.lora_a.to(gy.dtype)
+    return gy @ p.lora_b.to(gy.dtype) * p.scaling, p.lora_a.to(gy.dtype)
+
+
+def _lora_input_grad(gy, p: Proj) -> torch.Tensor | None:
+    """d(lora_in) of y = ... + s lora_in A^T B^T, in gy's dtype (before the dropout mask)."""
+    factors = _lora_input_factors(gy, p)
+    return None if factors is None else factors[0] @ factors[1]
 
 
 def _lora_weight_grads(gy, p: Proj, lora_in, grads, at: int) -> None:

@@ -23,10 +23,14 @@ import json, torch
 from entrypoint import kernels as K
 assert K.triton is not None
 out = {}
-for n, f, lora, drop in [(37, 1500, True, 0.0), (5, 1024, False, 0.0), (64, 700, True, 0.3), (0, 256, True, 0.1)]:
+# LoRA terms go in as factors (rank 8 and 20: padded to 16 and 32 in the kernels' tiles)
+for n, f, lora, drop, r in [(37, 1500, True, 0.0, 8), (5, 1024, False, 0.0, 8), (64, 700, True, 0.3, 20),
+                            (0, 256, True, 0.1, 16)]:
     g = torch.Generator().manual_seed(n)
     a13 = torch.randn(n, 2 * f, generator=g)
-    l1, l3, dh, dl = (torch.randn(n, f, generator=g) * s for s in (0.1, 0.1, 1.0, 0.1))
+    dh = torch.randn(n, f, generator=g)
+    l1, l3 = ((torch.randn(n, r, generator=g) * 0.3, torch.randn(f, r, generator=g) * 0.1) for _ in range(2))
+    dl = (torch.randn(n, r, generator=g) * 0.3, torch.randn(r, f, generator=g) * 0.1)
     if not lora:
         l1 = l3 = dl = None
     got = {}
@@ -43,15 +47,15 @@ for n, f, lora, drop in [(37, 1500, True, 0.0), (5, 1024, False, 0.0), (64, 700,
     t, c = got["triton"], got["torch"]
     keep = torch.where(t["h"] != 0, t["hk"] / t["h"], torch.ones_like(t["h"]))  # the kernel's own mask
     # the torch arithmetic with the kernel's mask: what the kernel's backward must equal
-    gsum = dh + (dl * keep if lora else 0)
+    gsum = dh + (dl[0] @ dl[1] * keep if lora else 0)
     sig = torch.sigmoid(c["u"])
     d13 = torch.cat([(gsum * c["v"]) * (sig * (1 + c["u"] * (1 - sig))), gsum * c["u"] * sig], 1)
     dots_err = 0.0
     for r in (t, c):  # d(loss)/dh . h, row by row, each path with its own dropout mask
         mask = torch.where(r["h"] != 0, r["hk"] / r["h"], torch.ones_like(r["h"]))
-        want = 0.5 + ((dh + (dl * mask if lora else 0)) * r["h"]).sum(1)
+        want = 0.5 + ((dh + (dl[0] @ dl[1] * mask if lora else 0)) * r["h"]).sum(1)
         dots_err = max(dots_err, ((r["dots"] - want).abs() / (1 + want.abs())).max().item() if n else 0.0)
-    out[f"{n}x{f} lora={lora} drop={drop}"] = {
+    out[f"{n}x{f} lora={lora} drop={drop} r={r}"] = {
         "dots": dots_err,
         "h": (t["h"] - c["h"]).abs().max().item() if n else 0.0,
         "uv": max((t[k] - c[k]).abs().max().item() for k in "uv") if n else 0.0,
@@ -141,7 +145,7 @@ def test_triton_swiglu_matches_the_torch_arithmetic_and_replays_its_dropout():
         assert r["d13"] < 1e-5, case  # du, dv with the LoRA gradient masked as in forward
         assert r["hk_replayed"], case  # backward redraws exactly the forward's mask
         assert r["dots"] < 1e-5, case  # each row's output gradient . h, both paths
-        drop = float(case.split("drop=")[1])
+        drop = float(case.split("drop=")[1].split()[0])
         if drop and case.startswith("64"):
             assert r["keep_values"] == [0.0, round(1 / (1 - drop), 5)], case
             assert abs(r["kept"] - (1 - drop)) < 0.02 and abs(r["torch_kept"] - (1 - drop)) < 0.02, case
@@ -161,14 +165,15 @@ def test_a_triton_launch_that_fails_falls_back_to_torch_once(monkeypatch, capsys
                 raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
             return launch
 
-    monkeypatch.setattr(kernels, "triton", type("T", (), {"cdiv": staticmethod(lambda a, b: -(-a // b))}))
+    monkeypatch.setattr(kernels, "triton", type("T", (), {"cdiv": staticmethod(lambda a, b: -(-a // b)),
+                                                          "next_power_of_2": staticmethod(lambda n: 16)}))
     monkeypatch.setattr(kernels, "_swiglu_fwd", Broken(), raising=False)
     monkeypatch.setattr(kernels, "failed", None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    a13, l1 = torch.randn(4, 16), torch.randn(4, 8)
+    a13, l1 = torch.randn(4, 16), (torch.randn(4, 2), torch.randn(8, 2))
     assert kernels.backend(a13) == "triton"
     h, _ = kernels.swiglu_forward(a13, l1, None)
-    torch.testing.assert_close(h, torch.nn.functional.silu(a13[:, :8] + l1) * a13[:, 8:])
+    torch.testing.assert_close(h, torch.nn.functional.silu(a13[:, :8] + l1[0] @ l1[1].t()) * a13[:, 8:])
     assert kernels.backend(a13) == "torch"  # not tried again
     kernels.swiglu_forward(a13, l1, None)
     err = capsys.readouterr().err
