@@ -271,7 +271,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--unique", type=int, default=4, help="distinct random layers, copied up to --layers")
     ap.add_argument("--rows", type=int, default=8)
-    ap.add_argument("--extra-rows", type=int, nargs="*", default=[], help="ours-bf16 at these rows too, every repeat")
+    ap.add_argument("--extra-rows", type=int, nargs="*", default=[], help="--extra-recipe at these rows too, every repeat")
+    ap.add_argument("--extra-recipe", default="ours-bf16", choices=list(RECIPES), help="the recipe --extra-rows runs")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
@@ -314,12 +315,12 @@ def main() -> None:
     def save():
         out["ratio_vs_plain"] = {f"{r}-r{n}": ratios(out["runs"], r, n) for r, n in
                                  [(r, args.rows) for r in args.recipes if r != "plain"]
-                                 + [("ours-bf16", n) for n in args.extra_rows]}
+                                 + [(args.extra_recipe, n) for n in args.extra_rows]}
         if args.out:
             args.out.write_text(json.dumps(out, indent=2))
 
     plan = [(rep, recipe, rows) for rep in range(args.repeats)
-            for recipe, rows in [(r, args.rows) for r in args.recipes] + [("ours-bf16", n) for n in args.extra_rows]]
+            for recipe, rows in [(r, args.rows) for r in args.recipes] + [(args.extra_recipe, n) for n in args.extra_rows]]
     for rep, recipe, rows in plan:
         if time.time() - t0 > args.budget_s:
             print(f"time budget spent: skipped #{rep} {recipe} rows={rows} and after", flush=True)
