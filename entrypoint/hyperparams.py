@@ -115,13 +115,14 @@ class TrainingSpec(Strict):
     bf16_residual: bool = False
     # CUDA: RMSNorm and the rotary embedding through torch.compile (entrypoint.model.compile_small_ops):
     # +2-8% tokens/s at 32 layers of Mixtral on an H100 (bench/README.md, 2026-12-06). Off by default:
-    # at 2 layers its LoRA gradients are at cosine 0.99905 of the stock path's (the defaults: 0.99946;
-    # the bar is 0.999), 0.99886 with fused_attention. CPU runs ignore it.
+    # at 2 layers its LoRA gradients are at cosine 0.99905 (r4) and 0.99886 (r8) of the stock path's
+    # (the defaults: 0.99946; the bar is 0.999). CPU runs ignore it.
     compile_small_ops: bool = False
     # 4-bit attention projections with LoRA (q, k, v, o): q, k and v as one matmul on one cast of the
     # input, NF4 dequantized once per pass, LoRA beside it with its dropout masks drawn again instead of
     # stored (entrypoint.projections). The same adapter format and, on an H100, the same gradients as
-    # the defaults at 2 layers and 0.63 GiB less peak memory at 32, but no speed gain measured.
+    # the defaults at 2 layers and 0.4-0.6 GiB less peak memory at 32; speed within the noise of the
+    # defaults (r5: the same; r8: -1% and +4%).
     fused_attention: bool = False
     # CUDA: attention through FlexAttention with the packed rows' document mask as a BlockMask, so the
     # blocks across examples are skipped (entrypoint.model.use_flex_attention): +5-6% tokens/s at 32
