@@ -327,14 +327,19 @@ if triton is not None:
         return tl.dot(tt, bb, input_precision="ieee")
 
     @triton.jit
-    def _swiglu_fwd(a13, t1, b1, t3, b3, h, hk, u_out, v_out, n, f, r, drop, seed, HAS_L1: tl.constexpr,
-                    HAS_L3: tl.constexpr, SAVE: tl.constexpr, DROP: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, R: tl.constexpr):
+    def _tile(n, f, BM: tl.constexpr, BN: tl.constexpr):
+        """This program's tile of (n, f): its rows, columns, bounds mask, offsets in an (n, f)
+        tensor and in an (n, 2f) one ([u | v] side by side)."""
         rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         mask = (rows[:, None] < n) & (cols[None, :] < f)
-        at = rows[:, None] * f + cols[None, :]
-        src = rows[:, None] * 2 * f + cols[None, :]
+        return rows, cols, mask, rows[:, None] * f + cols[None, :], rows[:, None] * 2 * f + cols[None, :]
+
+    @triton.jit
+    def _swiglu_fwd(a13, t1, b1, t3, b3, h, hk, u_out, v_out, n, f, r, drop, seed, HAS_L1: tl.constexpr,
+                    HAS_L3: tl.constexpr, SAVE: tl.constexpr, DROP: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, R: tl.constexpr):
+        rows, cols, mask, at, src = _tile(n, f, BM, BN)
         dt = h.dtype.element_ty
         u = tl.load(a13 + src, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(a13 + src + f, mask=mask, other=0.0).to(tl.float32)
@@ -353,11 +358,7 @@ if triton is not None:
     @triton.jit
     def _swiglu_bwd(dh, g2, a2, u_in, v_in, d13, hk, partial, n, f, r, blocks, drop, seed, HAS_LORA: tl.constexpr,
                     DROP: tl.constexpr, DOTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr):
-        rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        mask = (rows[:, None] < n) & (cols[None, :] < f)
-        at = rows[:, None] * f + cols[None, :]
-        dst = rows[:, None] * 2 * f + cols[None, :]
+        rows, cols, mask, at, dst = _tile(n, f, BM, BN)
         dt = dh.dtype.element_ty
         g = tl.load(dh + at, mask=mask, other=0.0).to(tl.float32)
         if DROP:
@@ -383,12 +384,16 @@ if triton is not None:
         tl.store(hk + at, out, mask=mask)
 
     @triton.jit
-    def _dropout_rows(x, o1, o2, o3, d, drop1, drop2, drop3, seed1, seed2, seed3, N: tl.constexpr,
-                      BLOCK: tl.constexpr):
+    def _row_block(d, BLOCK: tl.constexpr):
+        """This program's row, its block of columns of d, their bounds mask and offsets."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < d
-        at = row * d + cols
+        return row, cols, cols < d, row * d + cols
+
+    @triton.jit
+    def _dropout_rows(x, o1, o2, o3, d, drop1, drop2, drop3, seed1, seed2, seed3, N: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        row, cols, mask, at = _row_block(d, BLOCK)
         v = tl.load(x + at, mask=mask, other=0.0).to(tl.float32)
         tl.store(o1 + at, (v * _keep(seed1, row, cols, drop1)).to(o1.dtype.element_ty), mask=mask)
         if N > 1:
@@ -399,10 +404,7 @@ if triton is not None:
     @triton.jit
     def _add_dropped(acc, g1, g2, g3, d, drop1, drop2, drop3, seed1, seed2, seed3, N: tl.constexpr,
                      BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < d
-        at = row * d + cols
+        row, cols, mask, at = _row_block(d, BLOCK)
         total = tl.load(acc + at, mask=mask, other=0.0)
         total += tl.load(g1 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed1, row, cols, drop1)
         if N > 1:
