@@ -335,7 +335,7 @@ class _Experts(torch.autograd.Function):
 
 def _expert_backward(xe, gy, u, v, projs, grads, at: int, where: tuple[int, int, int],
                      dots: torch.Tensor, dx: torch.Tensor) -> None:
-    """One expert's input gradient into dx (x's dtype; summed in fp32 where x is fp32 as the stock
+    """One expert's input gradient into dx (x's dtype; its parts summed in fp32 first, as the stock
     path does) from its output gradient gy and the saved u, v; the
     LoRA gradients go to grads[at:at+6], each row's gy . y to dots. Matmuls run in xe's compute
     dtype, as in the stock path. `where`: the pass's seed, its rows, this expert's first row
@@ -347,14 +347,17 @@ def _expert_backward(xe, gy, u, v, projs, grads, at: int, where: tuple[int, int,
                                       drop=_drop(w2), seed=seed + start, dots=dots)
     _lora_weight_grads(gy, w2, hk, grads, at + 4)
     del hk
-    dx.copy_(d13 @ _dequantize((w1, w3), gy.dtype))
+    acc = dx if dx.dtype == torch.float32 else torch.empty(dx.shape, dtype=torch.float32, device=dx.device)
+    acc.copy_(d13 @ _dequantize((w1, w3), gy.dtype))
     keys = mask_keys((w1, w3), seed, rows, start)
     ins = lora_inputs(xe, (w1, w3), keys)
     dys = [d13[:, j * ffn:(j + 1) * ffn] for j in range(2)]
     for j, p in enumerate((w1, w3)):
         _lora_weight_grads(dys[j], p, ins[j], grads, at + 2 * j)
     del ins
-    add_lora_input_grads(dx, [_lora_input_grad(dy, p) for dy, p in zip(dys, (w1, w3), strict=True)], keys)
+    add_lora_input_grads(acc, [_lora_input_grad(dy, p) for dy, p in zip(dys, (w1, w3), strict=True)], keys)
+    if acc is not dx:  # a bf16 residual stream: rounded once, after the sum
+        dx.copy_(acc)
 
 
 def _lora_input_factors(gy, p: Proj) -> kernels.Lora | None:

@@ -67,3 +67,24 @@ def test_bf16_residual_leaves_fp16_and_fp32_models_in_fp32(tiny_model, dtype):
     gain: the switch changes nothing there."""
     net = lora_net(tiny_model, True, dtype=dtype)
     assert {p.dtype for p in M.residual_params(net)} == {torch.float32}
+
+
+def test_bf16_residual_trains_with_lora_dropout_and_offloaded_checkpoints_as_gpu_held(tiny_model):
+    """The bf16 stream with LoRA dropout (the experts' input gradients then sum their LoRA parts through
+    the masks before rounding to bf16): every LoRA weight gets a finite gradient, and offloaded
+    checkpoints give the loss and gradients of GPU-held ones bit for bit."""
+    ids = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(2))
+    seen = []
+    for offload in (False, True):
+        net = nets.lora_net(tiny_model, TrainingSpec(bf16_residual=True, offload_checkpoints=offload),
+                            torch.bfloat16, dropout=0.2)
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = [p.grad for p in net.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        seen.append((loss.item(), grads))
+    (held_loss, held), (host_loss, host) = seen
+    assert host_loss == held_loss
+    assert all(torch.equal(a, b) for a, b in zip(host, held, strict=True))
