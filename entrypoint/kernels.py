@@ -32,6 +32,7 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent
 
 BLOCK = 1024  # columns a program of the row-wise kernels covers
 TILE_M, TILE_N = 32, 128  # the SwiGLU kernels' tiles (rows x columns): LoRA B is read once per 32 rows
+MAX_RANK = 128  # the largest LoRA rank the SwiGLU tiles take (larger: the torch ops, for the whole layer)
 # Set to the reason when a Triton launch failed once (no compiler for its launcher, an
 # unsupported GPU, ...): the job goes on with the torch arithmetic and says so once.
 failed: str | None = None
@@ -99,9 +100,17 @@ def _rank_block(*loras: Lora | None) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def tiles_fit(ranks: set[int]) -> bool:
+    """Whether the SwiGLU kernels can take LoRA terms of these ranks (one rank, at most MAX_RANK:
+    a tile holds the whole rank, and its shared memory grows with it). Decided once per layer from
+    all its experts' ranks, so that forward and backward take the same path and draw w2's dropout
+    mask the same way."""
+    return len(ranks) <= 1 and max(ranks, default=1) <= MAX_RANK
+
+
 def swiglu_forward(a13: torch.Tensor, l1: Lora | None, l3: Lora | None,
                    u_out: torch.Tensor | None = None, v_out: torch.Tensor | None = None,
-                   drop: float = 0.0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   drop: float = 0.0, seed: int = 0, tiles: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """h = silu(a1 + l1) * (a3 + l3) in a13's dtype, where a13 = [a1 | a3] is (n, 2f) and l1, l3
     are None or w1's and w3's LoRA terms as factors (t, b): the term t b^T (t (n, r): the input's
     down-projection, scaled; b (f, r): LoRA B), rounded to a13's dtype, computed tile by tile on
@@ -117,7 +126,7 @@ def swiglu_forward(a13: torch.Tensor, l1: Lora | None, l3: Lora | None,
         return h, hk
     save = u_out is not None
     ranks = {lo[0].shape[1] for lo in (l1, l3) if lo is not None}
-    if use_triton(a13) and len(ranks) <= 1:
+    if use_triton(a13) and tiles and tiles_fit(ranks):
         t1, b1 = l1 if l1 is not None else (a13, a13)
         t3, b3 = l3 if l3 is not None else (a13, a13)
         r = ranks.pop() if ranks else 1
@@ -143,7 +152,7 @@ def swiglu_forward(a13: torch.Tensor, l1: Lora | None, l3: Lora | None,
 
 def swiglu_backward(dh: torch.Tensor, dh_lora: Lora | None, u: torch.Tensor,
                     v: torch.Tensor, drop: float = 0.0, seed: int = 0,
-                    dots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    dots: torch.Tensor | None = None, tiles: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Given d(loss)/dh as dh + keep * dh_lora (base and LoRA parts of w2's input gradient, keep
     the forward's dropout mask; dh_lora as factors (g, a), the part being g a rounded to dh's dtype,
     computed tile by tile on Triton) and the saved fp32 u, v: returns d13 = [du | dv] (n, 2f) and
@@ -156,7 +165,7 @@ def swiglu_backward(dh: torch.Tensor, dh_lora: Lora | None, u: torch.Tensor,
     hk = dh.new_empty(n, f)
     if n == 0:
         return d13, hk
-    if use_triton(dh):
+    if use_triton(dh) and tiles and tiles_fit({dh_lora[0].shape[1]} if dh_lora is not None else set()):
         blocks = triton.cdiv(f, TILE_N)
         partial = torch.empty(n, blocks, dtype=torch.float32, device=dh.device) if dots is not None else u
         g2, a2 = dh_lora if dh_lora is not None else (dh, dh)
@@ -186,7 +195,7 @@ def swiglu_backward(dh: torch.Tensor, dh_lora: Lora | None, u: torch.Tensor,
 def dropout_rows(x: torch.Tensor, drops: tuple[float, ...], seeds: tuple[int, ...],
                  dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """x * keep_j for each (drops[j], seeds[j]), in `dtype` (x's by default), in one pass over x
-    (up to 3 masks). keep_j is 0 or 1/(1-drop) in fp32, keyed on (seeds[j] + row, column) of x
+    (up to 3 masks). keep_j is 0 or 1/(1-drop) in fp32, keyed on seeds[j] at offset row d + column of x
     seen as rows of its last dim, as w2's mask in the SwiGLU kernels: the same seed gives the same
     mask again in backward, so no mask is stored; a product is rounded once, as dropout on fp32 is."""
     assert 1 <= len(drops) == len(seeds) <= 3
@@ -210,8 +219,13 @@ def add_dropped(acc: torch.Tensor, grads: list[torch.Tensor], drops: tuple[float
     seeds and shape), in fp32: the gradients that reach the input through the dropped copies."""
     assert 1 <= len(grads) == len(drops) == len(seeds) <= 3 and acc.dtype == torch.float32
     grads = [g.reshape(acc.shape) if g.is_contiguous() else g.reshape(acc.shape).contiguous() for g in grads]
+    if not acc.is_contiguous():  # the kernel's masks, on a contiguous copy
+        whole = acc.contiguous()
+        add_dropped(whole, grads, drops, seeds)
+        acc.copy_(whole)
+        return
     n, d = acc.shape
-    if n and acc.is_contiguous() and use_triton(acc) and _launch(
+    if n and use_triton(acc) and _launch(
             _add_dropped, (n, triton.cdiv(d, BLOCK)), acc, *_three(grads), d, *_three(drops), *_three(seeds),
             N=len(grads), BLOCK=BLOCK):
         return
@@ -304,10 +318,10 @@ class _Dropout(torch.autograd.Function):
 
 if triton is not None:
     @triton.jit
-    def _keep(seed, row, cols, drop):
-        """1/(1-drop) or 0; Philox keyed on (seed + row, column): callers give each expert's rows
-        of a layer seed + (their first row in the layer), so no two rows share a key."""
-        return tl.where(tl.rand(seed + row, cols) >= drop, 1.0 / (1.0 - drop), 0.0)
+    def _keep(seed, at, drop):
+        """1/(1-drop) or 0; Philox keyed on seed at offset `at` (row d + column): every call and
+        mask has its own key (moe.mask_keys), so no two share a stream, shifted or not."""
+        return tl.where(tl.rand(seed, at) >= drop, 1.0 / (1.0 - drop), 0.0)
 
     @triton.jit
     def _keep_tile(seed, rows, cols, f, drop):
@@ -395,22 +409,22 @@ if triton is not None:
                       BLOCK: tl.constexpr):
         row, cols, mask, at = _row_block(d, BLOCK)
         v = tl.load(x + at, mask=mask, other=0.0).to(tl.float32)
-        tl.store(o1 + at, (v * _keep(seed1, row, cols, drop1)).to(o1.dtype.element_ty), mask=mask)
+        tl.store(o1 + at, (v * _keep(seed1, at, drop1)).to(o1.dtype.element_ty), mask=mask)
         if N > 1:
-            tl.store(o2 + at, (v * _keep(seed2, row, cols, drop2)).to(o2.dtype.element_ty), mask=mask)
+            tl.store(o2 + at, (v * _keep(seed2, at, drop2)).to(o2.dtype.element_ty), mask=mask)
         if N > 2:
-            tl.store(o3 + at, (v * _keep(seed3, row, cols, drop3)).to(o3.dtype.element_ty), mask=mask)
+            tl.store(o3 + at, (v * _keep(seed3, at, drop3)).to(o3.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _add_dropped(acc, g1, g2, g3, d, drop1, drop2, drop3, seed1, seed2, seed3, N: tl.constexpr,
                      BLOCK: tl.constexpr):
         row, cols, mask, at = _row_block(d, BLOCK)
         total = tl.load(acc + at, mask=mask, other=0.0)
-        total += tl.load(g1 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed1, row, cols, drop1)
+        total += tl.load(g1 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed1, at, drop1)
         if N > 1:
-            total += tl.load(g2 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed2, row, cols, drop2)
+            total += tl.load(g2 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed2, at, drop2)
         if N > 2:
-            total += tl.load(g3 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed3, row, cols, drop3)
+            total += tl.load(g3 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed3, at, drop3)
         tl.store(acc + at, total, mask=mask)
 
     @triton.jit

@@ -164,7 +164,9 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, 
     # No dropout (evaluation), no draw: evaluating must not move the training run's RNG.
     dropping = any(p.dropout > 0 for projs in plan for p in projs)
     seed = int(torch.randint(0, 2**30, (1,)).item()) if dropping else 0
-    return _Experts.apply(x, weights, selected, (plan, compute, backward, seed, skip), *params)
+    # one SwiGLU path for the whole layer, both ways (w2's dropout mask is drawn by either)
+    tiles = kernels.tiles_fit({p.lora_a.shape[0] for projs in plan for p in projs if p.lora_a is not None})
+    return _Experts.apply(x, weights, selected, (plan, compute, backward, seed, skip, tiles), *params)
 
 
 def _dequantize(projs: tuple[Proj, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -253,8 +255,8 @@ def _order(selected: torch.Tensor, experts: int):
 class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, selected, how, *params):
-        plan, compute, backward, seed, skip = how
-        ctx.plan, ctx.compute, ctx.seed = plan, compute, seed
+        plan, compute, backward, seed, skip, tiles = how
+        ctx.plan, ctx.compute, ctx.seed, ctx.tiles = plan, compute, seed, tiles
         # Inside an offloaded checkpoint each pass skips what it would throw away: the forward
         # does not write u, v (the checkpoint drops what a layer saves), the recomputation
         # stops at u, v (only what the layer saves is used: not w2, not the output)
@@ -281,7 +283,7 @@ class _Experts(torch.autograd.Function):
                     h, hk = kernels.swiglu_forward(
                         a13, _lora_factors(in1, w1), _lora_factors(in3, w3),
                         *((uv[0, sl], uv[1, sl]) if keep_uv else (None, None)),
-                        drop=_drop(w2) if output else 0.0, seed=seed + start)
+                        drop=_drop(w2) if output else 0.0, seed=seed + start, tiles=tiles)
                     del a13, in1, in3
                     if output:
                         torch.matmul(h, _dequantize((w2,), compute).t(), out=y_base[sl])
@@ -321,7 +323,7 @@ class _Experts(torch.autograd.Function):
                 if n:
                     sl = slice(start, start + n)
                     _expert_backward(xs[sl], gy_all[sl], uv[0, sl], uv[1, sl], projs, grads, 6 * e,
-                                     (ctx.seed, xs.shape[0], start), dots[sl], dxs[sl])
+                                     (ctx.seed, xs.shape[0], start, ctx.tiles), dots[sl], dxs[sl])
                 start += n
             dx = kernels.sum_rows(dxs, order, weights.shape[1], x.dtype)
             # d loss / d w = g . y = (gy . y) / w; a weight of exactly 0 gets 0 (softmax's backward
@@ -333,18 +335,18 @@ class _Experts(torch.autograd.Function):
         return (dx, grad_w.view_as(weights).to(weights.dtype), None, None, *grads)
 
 
-def _expert_backward(xe, gy, u, v, projs, grads, at: int, where: tuple[int, int, int],
+def _expert_backward(xe, gy, u, v, projs, grads, at: int, where: tuple[int, int, int, bool],
                      dots: torch.Tensor, dx: torch.Tensor) -> None:
     """One expert's input gradient into dx (x's dtype; its parts summed in fp32 first, as the stock
     path does) from its output gradient gy and the saved u, v; the
     LoRA gradients go to grads[at:at+6], each row's gy . y to dots. Matmuls run in xe's compute
     dtype, as in the stock path. `where`: the pass's seed, its rows, this expert's first row
-    (the forward's dropout masks are drawn again from them)."""
-    seed, rows, start = where
+    (the forward's dropout masks are drawn again from them), whether the SwiGLU tiles run."""
+    seed, rows, start, tiles = where
     w1, w3, w2 = projs
     ffn = u.shape[1]
     d13, hk = kernels.swiglu_backward(gy @ _dequantize((w2,), gy.dtype), _lora_input_factors(gy, w2), u, v,
-                                      drop=_drop(w2), seed=seed + start, dots=dots)
+                                      drop=_drop(w2), seed=seed + start, dots=dots, tiles=tiles)
     _lora_weight_grads(gy, w2, hk, grads, at + 4)
     del hk
     acc = dx if dx.dtype == torch.float32 else torch.empty(dx.shape, dtype=torch.float32, device=dx.device)
