@@ -110,13 +110,14 @@ def tiles_fit(ranks: set[int]) -> bool:
 
 def swiglu_forward(a13: torch.Tensor, l1: Lora | None, l3: Lora | None,
                    u_out: torch.Tensor | None = None, v_out: torch.Tensor | None = None,
-                   drop: float = 0.0, seed: int = 0, tiles: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                   drop: float = 0.0, seed: int = 0, tiles: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """h = silu(a1 + l1) * (a3 + l3) in a13's dtype, where a13 = [a1 | a3] is (n, 2f) and l1, l3
     are None or w1's and w3's LoRA terms as factors (t, b): the term t b^T (t (n, r): the input's
     down-projection, scaled; b (f, r): LoRA B), rounded to a13's dtype, computed tile by tile on
     Triton and never stored. Returns h and h * keep, keep being dropout(drop) drawn from seed (the
     input of w2's LoRA; h itself when drop is 0); row i's mask is at offset i f of seed's stream.
-    The fp32 u = a1 + l1 and v = a3 + l3 go to u_out and v_out when given."""
+    The fp32 u = a1 + l1 and v = a3 + l3 go to u_out and v_out when given. `tiles`: whether the
+    Triton tiles may run (the caller's tiles_fit over the whole layer); None: tiles_fit of l1, l3."""
     a13 = a13 if a13.is_contiguous() else a13.contiguous()
     l1, l3 = (None if lo is None else tuple(t if t.is_contiguous() else t.contiguous() for t in lo) for lo in (l1, l3))
     n, f = a13.shape[0], a13.shape[1] // 2
@@ -126,7 +127,7 @@ def swiglu_forward(a13: torch.Tensor, l1: Lora | None, l3: Lora | None,
         return h, hk
     save = u_out is not None
     ranks = {lo[0].shape[1] for lo in (l1, l3) if lo is not None}
-    if use_triton(a13) and tiles and tiles_fit(ranks):
+    if use_triton(a13) and (tiles if tiles is not None else tiles_fit(ranks)):
         t1, b1 = l1 if l1 is not None else (a13, a13)
         t3, b3 = l3 if l3 is not None else (a13, a13)
         r = ranks.pop() if ranks else 1
@@ -152,12 +153,13 @@ def swiglu_forward(a13: torch.Tensor, l1: Lora | None, l3: Lora | None,
 
 def swiglu_backward(dh: torch.Tensor, dh_lora: Lora | None, u: torch.Tensor,
                     v: torch.Tensor, drop: float = 0.0, seed: int = 0,
-                    dots: torch.Tensor | None = None, tiles: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    dots: torch.Tensor | None = None, tiles: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Given d(loss)/dh as dh + keep * dh_lora (base and LoRA parts of w2's input gradient, keep
     the forward's dropout mask; dh_lora as factors (g, a), the part being g a rounded to dh's dtype,
     computed tile by tile on Triton) and the saved fp32 u, v: returns d13 = [du | dv] (n, 2f) and
     h * keep, both in dh's dtype. With `dots` (n, fp32), adds each row's d(loss)/dh . h to it: the
-    output gradient times w2's output, y . dy = (dh W2) . h + the LoRA part, without y."""
+    output gradient times w2's output, y . dy = (dh W2) . h + the LoRA part, without y. `tiles` as
+    for swiglu_forward (None: tiles_fit of dh_lora)."""
     dh = dh if dh.is_contiguous() else dh.contiguous()
     dh_lora = None if dh_lora is None else tuple(t if t.is_contiguous() else t.contiguous() for t in dh_lora)
     n, f = u.shape
@@ -165,7 +167,8 @@ def swiglu_backward(dh: torch.Tensor, dh_lora: Lora | None, u: torch.Tensor,
     hk = dh.new_empty(n, f)
     if n == 0:
         return d13, hk
-    if use_triton(dh) and tiles and tiles_fit({dh_lora[0].shape[1]} if dh_lora is not None else set()):
+    ranks = {dh_lora[0].shape[1]} if dh_lora is not None else set()
+    if use_triton(dh) and (tiles if tiles is not None else tiles_fit(ranks)):
         blocks = triton.cdiv(f, TILE_N)
         partial = torch.empty(n, blocks, dtype=torch.float32, device=dh.device) if dots is not None else u
         g2, a2 = dh_lora if dh_lora is not None else (dh, dh)
@@ -287,7 +290,6 @@ def keep_mask(n: int, f: int, drop: float, seed: int, like: torch.Tensor) -> tor
     return keep.float() / (1 - drop)
 
 
-
 class SeededDropout(torch.nn.Dropout):
     """nn.Dropout for a LoRA module's input (PEFT's lora_dropout) whose mask is drawn in-kernel
     from a seed (dropout_rows) and drawn again in backward: nothing is kept for backward but the
@@ -319,15 +321,10 @@ class _Dropout(torch.autograd.Function):
 if triton is not None:
     @triton.jit
     def _keep(seed, at, drop):
-        """1/(1-drop) or 0; Philox keyed on seed at offset `at` (row d + column): every call and
-        mask has its own key (moe.mask_keys), so no two share a stream, shifted or not."""
+        """1/(1-drop) or 0; Philox keyed on seed at offset `at` (row width + column; the SwiGLU
+        kernels' w2 mask and the LoRA inputs' masks alike): every call and mask has its own key
+        (moe.mask_keys), so no two share a stream, shifted or not."""
         return tl.where(tl.rand(seed, at) >= drop, 1.0 / (1.0 - drop), 0.0)
-
-    @triton.jit
-    def _keep_tile(seed, rows, cols, f, drop):
-        """w2's LoRA dropout over a tile: 1/(1-drop) or 0, Philox keyed on seed (callers give each
-        expert seed + its first row in the layer) at offset row f + column."""
-        return tl.where(tl.rand(seed, rows[:, None] * f + cols[None, :]) >= drop, 1.0 / (1.0 - drop), 0.0)
 
     @triton.jit
     def _lora_tile(t, b, rows, cols, n, f, r, R: tl.constexpr, B_ROWS_ARE_COLS: tl.constexpr):
@@ -364,7 +361,7 @@ if triton is not None:
         out = (u * tl.sigmoid(u) * v).to(dt)
         tl.store(h + at, out, mask=mask)
         if DROP:
-            tl.store(hk + at, (out * _keep_tile(seed, rows, cols, f, drop)).to(dt), mask=mask)
+            tl.store(hk + at, (out * _keep(seed, at, drop)).to(dt), mask=mask)
         if SAVE:
             tl.store(u_out + at, u, mask=mask)
             tl.store(v_out + at, v, mask=mask)
@@ -376,7 +373,7 @@ if triton is not None:
         dt = dh.dtype.element_ty
         g = tl.load(dh + at, mask=mask, other=0.0).to(tl.float32)
         if DROP:
-            keep = _keep_tile(seed, rows, cols, f, drop)
+            keep = _keep(seed, at, drop)
         if HAS_LORA:
             gl = _lora_tile(g2, a2, rows, cols, n, f, r, R, False).to(dt)
             if DROP:
@@ -407,7 +404,7 @@ if triton is not None:
     @triton.jit
     def _dropout_rows(x, o1, o2, o3, d, drop1, drop2, drop3, seed1, seed2, seed3, N: tl.constexpr,
                       BLOCK: tl.constexpr):
-        row, cols, mask, at = _row_block(d, BLOCK)
+        _, _, mask, at = _row_block(d, BLOCK)
         v = tl.load(x + at, mask=mask, other=0.0).to(tl.float32)
         tl.store(o1 + at, (v * _keep(seed1, at, drop1)).to(o1.dtype.element_ty), mask=mask)
         if N > 1:
@@ -418,7 +415,7 @@ if triton is not None:
     @triton.jit
     def _add_dropped(acc, g1, g2, g3, d, drop1, drop2, drop3, seed1, seed2, seed3, N: tl.constexpr,
                      BLOCK: tl.constexpr):
-        row, cols, mask, at = _row_block(d, BLOCK)
+        _, _, mask, at = _row_block(d, BLOCK)
         total = tl.load(acc + at, mask=mask, other=0.0)
         total += tl.load(g1 + at, mask=mask, other=0.0).to(tl.float32) * _keep(seed1, at, drop1)
         if N > 1:
@@ -429,21 +426,16 @@ if triton is not None:
 
     @triton.jit
     def _gather_rows(src, index, w, out, d, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < d
-        at = tl.load(index + row).to(tl.int64)
-        v = tl.load(src + at * d + cols, mask=mask, other=0.0)
+        row, cols, mask, at = _row_block(d, BLOCK)
+        v = tl.load(src + tl.load(index + row).to(tl.int64) * d + cols, mask=mask, other=0.0)
         if HAS_W:
             v = (v.to(tl.float32) * tl.load(w + row).to(src.dtype.element_ty).to(tl.float32)).to(src.dtype.element_ty)
-        tl.store(out + row * d + cols, v.to(out.dtype.element_ty), mask=mask)
+        tl.store(out + at, v.to(out.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _sum_rows(rows, extra, w, inverse, out, d, K: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_W: tl.constexpr,
                   BLOCK: tl.constexpr):
-        token = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < d
+        token, cols, mask, here = _row_block(d, BLOCK)
         dt = out.dtype.element_ty
         total = tl.zeros((BLOCK,), dtype=tl.float32)
         for j in tl.static_range(K):
@@ -454,4 +446,4 @@ if triton is not None:
             if HAS_W:
                 y = (y * tl.load(w + at).to(dt).to(tl.float32)).to(dt).to(tl.float32)
             total += y
-        tl.store(out + token * d + cols, total.to(dt), mask=mask)
+        tl.store(out + here, total.to(dt), mask=mask)

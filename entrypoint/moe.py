@@ -158,9 +158,10 @@ def run_experts(x: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, 
     params = [t for projs in plan for p in projs for t in (p.lora_a, p.lora_b)]
     backward = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad
                                              or any(t is not None and t.requires_grad for t in params))
-    # The experts' LoRA dropout masks are drawn inside kernels from this seed (mask_keys: w2's row i
-    # of the layer's expert-sorted rows on seed + i, w1's and w3's on seed + rows + i, + 2 rows + i);
-    # the CPU generator it comes from is what layer checkpointing replays.
+    # The experts' LoRA dropout masks are drawn inside kernels from this seed (mask_keys: each
+    # expert's w2 mask keyed on seed + its first row, w1's and w3's on seed + rows + that row and
+    # seed + 2 rows + that row; a row's mask at its offset in the key's stream); the CPU generator
+    # it comes from is what layer checkpointing replays.
     # No dropout (evaluation), no draw: evaluating must not move the training run's RNG.
     dropping = any(p.dropout > 0 for projs in plan for p in projs)
     seed = int(torch.randint(0, 2**30, (1,)).item()) if dropping else 0
@@ -190,14 +191,14 @@ def _dequantize(projs: tuple[Proj, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([bnbf.dequantize_4bit(data, state).to(dtype) for data, state in parts])
 
 
-Key = tuple[float, int]  # a dropout mask: (probability, seed of its first row)
+Key = tuple[float, int]  # a dropout mask: (probability, its Philox key)
 
 
 def mask_keys(projs, seed: int, rows: int, start: int, first: int = 1) -> list[Key | None]:
     """The dropout mask of each projection's LoRA input (None: no LoRA or no dropout) for the rows
-    start.. of a pass over `rows` rows: projection j's row i is keyed on seed + (first + j) rows + i
-    (kernels.dropout_rows), so no two rows or projections of a pass share one (w2's mask, drawn
-    in the SwiGLU kernel, has first 0). Projections sharing their LoRA A (transformers 5's
+    start.. of a pass over `rows` rows: projection j's rows are keyed on seed + (first + j) rows +
+    start, each row at its offset in that key's stream (kernels.dropout_rows), so no two experts or
+    projections of a pass share a key (w2's mask, drawn in the SwiGLU kernel, has first 0). Projections sharing their LoRA A (transformers 5's
     gate_up_proj: one adapter, whose input is dropped once) share one mask."""
     keys: list[Key | None] = []
     for j, p in enumerate(projs):
