@@ -213,9 +213,9 @@ def measure(net, recipe: str, batches: list[dict], steps: int) -> dict:
             "all_step_s": times}
 
 
-def loss_and_grads(net, recipe: str, batch: dict) -> tuple[float, torch.Tensor]:
+def loss_and_grads(net, recipe: str, batch: dict, autocast: bool = True) -> tuple[float, torch.Tensor]:
     switch(net, recipe)
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16):
+    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast):
         loss = net(**batch).loss
     loss.backward()
     g = torch.cat([p.grad.flatten().float() for p in net.parameters() if p.requires_grad and p.grad is not None])
@@ -235,6 +235,12 @@ def numerics(net, rows: int, seq: int, recipes=("plain", "ours", "ours-bf16")) -
     try:
         stock_loss, stock = loss_and_grads(net, "plain", batch)
         out, grads = {"rows": rows, "stock_loss": stock_loss}, {}
+        try:
+            reference = fp32_reference(net, batch)
+            out["stock_vs_fp32"] = compare(reference, stock)
+        except Exception as e:  # noqa: BLE001 - a reference that cannot run here must not stop the run
+            reference, out["stock_vs_fp32"] = None, {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            net.zero_grad(set_to_none=True)
         for recipe in ("plain", *[r for r in recipes if r != "plain"]):
             try:
                 loss, g = loss_and_grads(net, recipe, batch)
@@ -244,13 +250,35 @@ def numerics(net, rows: int, seq: int, recipes=("plain", "ours", "ours-bf16")) -
                 continue
             grads[recipe] = g
             out["stock-again" if recipe == "plain" else recipe] = compare(stock, g) | {
-                "loss": loss, "loss_rel_diff": abs(loss - stock_loss) / abs(stock_loss)}
+                "loss": loss, "loss_rel_diff": abs(loss - stock_loss) / abs(stock_loss),
+                "cosine_vs_fp32": None if reference is None else compare(reference, g)["cosine"]}
         if "ours" in grads and "ours-bf16" in grads:  # the bf16 residual alone, both with the fused MoE pass
             out["ours-bf16_vs_ours"] = compare(grads["ours"], grads["ours-bf16"])
     finally:
         for m, p in zip(drops, kept, strict=True):
             m.p = p
     return out
+
+
+def fp32_reference(net, batch: dict) -> torch.Tensor:
+    """The stock path's LoRA gradients computed in fp32 throughout (no autocast, the 4-bit weights
+    dequantized to fp32, TF32 off): the arithmetic every bf16 recipe approximates. Each recipe's
+    cosine against it sits beside the stock path's own, so a recipe that rounds differently from
+    the stock path can be told from one that is less accurate."""
+    import bitsandbytes as bnb
+
+    fours = [m for m in net.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    kept = [m.compute_dtype for m in fours]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for m in fours:
+        m.compute_dtype = torch.float32
+    try:
+        return loss_and_grads(net, "plain", batch, autocast=False)[1]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for m, dtype in zip(fours, kept, strict=True):
+            m.compute_dtype = dtype
 
 
 def ratios(runs: list[dict], recipe: str, rows: int) -> dict:
@@ -279,11 +307,16 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--recipes", nargs="+", default=["plain", "ours", "ours-bf16"], choices=list(RECIPES))
     ap.add_argument("--numerics-layers", type=int, nargs="*", default=[2],
                     help="also check numerics on models this deep (distinct layers), before the timed one")
+    ap.add_argument("--numerics-recipes", nargs="*", choices=list(RECIPES), metavar="RECIPE",
+                    help="the recipes the numerics check compares (default: --recipes)")
     ap.add_argument("--no-deep-numerics", action="store_true",
                     help="skip the numerics check on the timed (deep, copied-layer) model")
     ap.add_argument("--budget-s", type=float, default=520, help="start no measurement after this many seconds")
     ap.add_argument("--profile", nargs="*", default=[], choices=list(RECIPES), metavar="RECIPE",
                     help="at the end, where a step of each of these recipes spends its GPU time")
+    ap.add_argument("--profile-ops", nargs="*", default=[], choices=list(RECIPES), metavar="RECIPE",
+                    help="at the end, the GPU time of one step of each of these recipes by the torch op and the "
+                         "Python lines that launched it")
     ap.add_argument("--phases", nargs="*", default=[], choices=list(RECIPES), metavar="RECIPE",
                     help="at the end, each phase of these recipes' steps timed on its own (synced)")
     ap.add_argument("--out", type=Path)
@@ -299,7 +332,8 @@ def main() -> None:
     out["numerics"] = []
     for layers in args.numerics_layers:  # shallow: deeper, random weights amplify any bf16 rounding (README)
         small = lora_model(deep_model(args.shape, layers, layers, precision), True)
-        out["numerics"].append(numerics(small, min(4, args.rows), args.seq, args.recipes) | {"layers": layers})
+        out["numerics"].append(numerics(small, min(4, args.rows), args.seq, args.numerics_recipes or args.recipes)
+                               | {"layers": layers})
         print("numerics:", json.dumps(out["numerics"][-1]), flush=True)
         del small
         torch.cuda.empty_cache()
@@ -307,7 +341,8 @@ def main() -> None:
     out["build_s"] = time.time() - t0
     print(f"{args.layers} layers ({args.unique} unique) built in {out['build_s']:.0f} s", flush=True)
     if not args.no_deep_numerics:
-        out["numerics"].append(numerics(net, min(4, args.rows), args.seq, args.recipes) | {"layers": args.layers})
+        out["numerics"].append(numerics(net, min(4, args.rows), args.seq, args.numerics_recipes or args.recipes)
+                               | {"layers": args.layers})
         print("numerics:", json.dumps(out["numerics"][-1]), flush=True)
     plain = padded_batches(args.steps, args.seq)
     packed = {rows: [packed_batch(rows, args.seq)] for rows in {args.rows, *args.extra_rows}}
@@ -345,6 +380,8 @@ def main() -> None:
         save()
     for recipe in args.profile:
         profile(net, recipe, packed[args.rows])
+    for recipe in args.profile_ops:
+        profile_ops(net, recipe, packed[args.rows])
 
 
 def phases(net, recipe: str, batches: list[dict], steps: int = 4) -> dict:
@@ -405,6 +442,23 @@ def profile(net, recipe: str, batches: list[dict], steps: int = 2) -> None:
     print(f"{recipe}: kernel time per step {total:.1f} ms of a {wall:.1f} ms step (profiled)")
     for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<12} {ms:8.1f} ms  {100 * ms / total:5.1f}%", flush=True)
+
+
+def profile_ops(net, recipe: str, batches: list[dict]) -> None:
+    """One step's GPU time by the torch op that launched it, with its input shapes, then by the
+    Python lines above it (the model's, PEFT's, ours): which casts, adds and copies are left."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as run
+
+    measure(net, recipe, batches, 1)
+    with run(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_stack=True) as prof:
+        measure(net, recipe, batches, 1)
+    print(f"ops of {recipe} (one step):", flush=True)
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=45, max_shapes_column_width=90), flush=True)
+    print(f"Python lines of {recipe} (one step):", flush=True)
+    print(prof.key_averages(group_by_stack_n=6).table(
+        sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=45, max_src_column_width=110), flush=True)
 
 
 if __name__ == "__main__":
