@@ -137,17 +137,20 @@ def kernel_check() -> dict:
     torch.manual_seed(4)
     n, f = 3000, 14336
     a13 = torch.randn(n, 2 * f, device="cuda").bfloat16()
-    l1, l3, dh, dl = (torch.randn(n, f, device="cuda").bfloat16() * s for s in (0.1, 0.1, 1, 0.1))
+    dh = torch.randn(n, f, device="cuda").bfloat16()
+    r = 16  # LoRA terms as their factors, as entrypoint.moe passes them
+    l1, l3 = ((torch.randn(n, r, device="cuda").bfloat16() * 0.3, torch.randn(f, r, device="cuda").bfloat16() * 0.1)
+              for _ in range(2))
+    dl = (torch.randn(n, r, device="cuda").bfloat16() * 0.3, torch.randn(r, f, device="cuda").bfloat16() * 0.1)
     got = {}
     for triton in (kernels.triton, None):
         saved, kernels.triton = kernels.triton, triton
-        u, v = torch.empty(2, n, f, device="cuda")
-        h, _ = kernels.swiglu_forward(a13, l1, l3, u, v)
-        d13, h2 = kernels.swiglu_backward(dh, dl, u, v)
-        got[triton is None] = [h, u, v, d13, h2]
+        h, _ = kernels.swiglu_forward(a13, l1, l3)
+        d13, h2 = kernels.swiglu_backward(dh, dl, a13, l1, l3)
+        got[triton is None] = [h, d13, h2]
         kernels.triton = saved
     out = {}
-    for name, a, b in zip(("h", "u", "v", "d13", "h_bwd"), got[False], got[True], strict=True):
+    for name, a, b in zip(("h", "d13", "h_bwd"), got[False], got[True], strict=True):
         out[name] = {"max_abs": (a.float() - b.float()).abs().max().item(), "mismatch": (a != b).float().mean().item()}
     print(f"kernel vs torch (bf16, {n}x{f}): {out}", flush=True)
     return out

@@ -6,10 +6,11 @@ rounding steps of the torch ops they replace.
 The expert computes u = x W1^T + lora1(x), v = x W3^T + lora3(x), h = silu(u) * v. transformers
 + bitsandbytes + PEFT under autocast do that in fp32, one kernel per operation over
 (tokens x 14336) tensors, and keep each result for backward. Here one pass reads the matmul
-outputs (bf16/fp16), does the same fp32 arithmetic and writes h once; it saves u and v (fp32)
-when a backward will follow. The backward pass reads the output gradient and u, v and writes
-du and dv side by side (so one matmul takes them to the input gradient) and h again (for the
-w2 LoRA gradients), instead of keeping h.
+outputs (bf16/fp16) and the LoRA terms' factors, does the same fp32 arithmetic and writes h once;
+it stores no u and v. The backward pass reads the output gradient and a13 again (half the bytes of
+fp32 u, v), computes u and v again with the forward's code, and writes du and dv side by side (so
+one matmul takes them to the input gradient) and h again (for the w2 LoRA gradients), instead of
+keeping h.
 
 Triton runs it on CUDA GPUs of compute capability 8.0+; elsewhere (CPU, V100/T4, Triton missing
 or failing to launch) torch does the same arithmetic, in the same order as the stock path.
@@ -61,8 +62,9 @@ def warm_up(device: torch.device) -> str:
         uv = torch.zeros(2, 1, BLOCK, device=device)
         side = probe[:, :BLOCK].contiguous()
         t, b = probe.new_zeros(1, 16), probe.new_zeros(BLOCK, 16)
-        swiglu_forward(probe, (t, b), (t, b), uv[0], uv[1], drop=0.1, seed=1)
-        swiglu_backward(side, (t, b.t().contiguous()), uv[0], uv[1], drop=0.1, seed=1, dots=torch.zeros(1, device=device))
+        swiglu_forward(probe, (t, b), (t, b), drop=0.1, seed=1)
+        swiglu_backward(side, (t, b.t().contiguous()), probe, (t, b), (t, b), drop=0.1, seed=1,
+                        dots=torch.zeros(1, device=device))
         for n in (1, 2, 3):
             outs = dropout_rows(side, (0.1,) * n, tuple(range(1, n + 1)))
             add_dropped(uv[0], outs, (0.1,) * n, tuple(range(1, n + 1)))
@@ -108,84 +110,99 @@ def tiles_fit(ranks: set[int]) -> bool:
     return len(ranks) <= 1 and max(ranks, default=1) <= MAX_RANK
 
 
-def swiglu_forward(a13: torch.Tensor, l1: Lora | None, l3: Lora | None,
-                   u_out: torch.Tensor | None = None, v_out: torch.Tensor | None = None,
-                   drop: float = 0.0, seed: int = 0, tiles: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = silu(a1 + l1) * (a3 + l3) in a13's dtype, where a13 = [a1 | a3] is (n, 2f) and l1, l3
-    are None or w1's and w3's LoRA terms as factors (t, b): the term t b^T (t (n, r): the input's
-    down-projection, scaled; b (f, r): LoRA B), rounded to a13's dtype, computed tile by tile on
-    Triton and never stored. Returns h and h * keep, keep being dropout(drop) drawn from seed (the
-    input of w2's LoRA; h itself when drop is 0); row i's mask is at offset i f of seed's stream.
-    The fp32 u = a1 + l1 and v = a3 + l3 go to u_out and v_out when given. `tiles`: whether the
-    Triton tiles may run (the caller's tiles_fit over the whole layer); None: tiles_fit of l1, l3."""
-    a13 = a13 if a13.is_contiguous() else a13.contiguous()
-    l1, l3 = (None if lo is None else tuple(t if t.is_contiguous() else t.contiguous() for t in lo) for lo in (l1, l3))
-    n, f = a13.shape[0], a13.shape[1] // 2
-    h = a13.new_empty(n, f)
-    hk = a13.new_empty(n, f) if drop else h
-    if n == 0:
-        return h, hk
-    save = u_out is not None
-    ranks = {lo[0].shape[1] for lo in (l1, l3) if lo is not None}
-    if use_triton(a13) and (tiles if tiles is not None else tiles_fit(ranks)):
-        t1, b1 = l1 if l1 is not None else (a13, a13)
-        t3, b3 = l3 if l3 is not None else (a13, a13)
-        r = ranks.pop() if ranks else 1
-        if _launch(_swiglu_fwd, (triton.cdiv(n, TILE_M), triton.cdiv(f, TILE_N)),
-                   a13, t1, b1, t3, b3, h, hk, u_out if save else h, v_out if save else h, n, f, r, drop, seed,
-                   HAS_L1=l1 is not None, HAS_L3=l3 is not None, SAVE=save, DROP=drop > 0,
-                   BM=TILE_M, BN=TILE_N, R=_rank_block(l1, l3)):
-            return h, hk
+def _torch_uv(a13: torch.Tensor, l1: Lora | None, l3: Lora | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path's fp32 u = a1 + l1 and v = a3 + l3 (each LoRA term rounded to a13's dtype by
+    its matmul): forward and backward compute them with these same ops, so alike."""
+    f = a13.shape[1] // 2
     u = a13[:, :f].float()
     v = a13[:, f:].float()
     if l1 is not None:
         u = u + l1[0] @ l1[1].t()
     if l3 is not None:
         v = v + l3[0] @ l3[1].t()
+    return u, v
+
+
+def _contiguous(lora: Lora | None) -> Lora | None:
+    return None if lora is None else tuple(t if t.is_contiguous() else t.contiguous() for t in lora)
+
+
+def _factors(lora: Lora | None, like: torch.Tensor) -> Lora:
+    """A LoRA term's factors as kernel arguments (any tensor stands in for an absent term)."""
+    return lora if lora is not None else (like, like)
+
+
+def swiglu_forward(a13: torch.Tensor, l1: Lora | None, l3: Lora | None, drop: float = 0.0, seed: int = 0,
+                   tiles: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = silu(a1 + l1) * (a3 + l3) in a13's dtype, where a13 = [a1 | a3] is (n, 2f) and l1, l3
+    are None or w1's and w3's LoRA terms as factors (t, b): the term t b^T (t (n, r): the input's
+    down-projection, scaled; b (f, r): LoRA B), rounded to a13's dtype, computed tile by tile on
+    Triton and never stored; u = a1 + l1 and v = a3 + l3 in fp32, never stored either (backward
+    computes them again from a13 and the same factors). Returns h and h * keep, keep being
+    dropout(drop) drawn from seed (the input of w2's LoRA; h itself when drop is 0); row i's mask is
+    at offset i f of seed's stream. `tiles`: whether the Triton tiles may run (the caller's
+    tiles_fit over the whole layer); None: tiles_fit of l1, l3."""
+    a13 = a13 if a13.is_contiguous() else a13.contiguous()
+    l1, l3 = _contiguous(l1), _contiguous(l3)
+    n, f = a13.shape[0], a13.shape[1] // 2
+    h = a13.new_empty(n, f)
+    hk = a13.new_empty(n, f) if drop else h
+    if n == 0:
+        return h, hk
+    ranks = {lo[0].shape[1] for lo in (l1, l3) if lo is not None}
+    if use_triton(a13) and (tiles if tiles is not None else tiles_fit(ranks)):
+        r = ranks.pop() if ranks else 1
+        if _launch(_swiglu_fwd, (triton.cdiv(n, TILE_M), triton.cdiv(f, TILE_N)),
+                   a13, *_factors(l1, a13), *_factors(l3, a13), h, hk, n, f, r, drop, seed,
+                   HAS_L1=l1 is not None, HAS_L3=l3 is not None, DROP=drop > 0,
+                   BM=TILE_M, BN=TILE_N, R=_rank_block(l1, l3)):
+            return h, hk
+    u, v = _torch_uv(a13, l1, l3)
     h.copy_(F.silu(u) * v)
     if drop:
         hk.copy_(h.float() * keep_mask(n, f, drop, seed, h))
-    if u_out is not None:
-        u_out.copy_(u)
-        v_out.copy_(v)
     return h, hk
 
 
-def swiglu_backward(dh: torch.Tensor, dh_lora: Lora | None, u: torch.Tensor,
-                    v: torch.Tensor, drop: float = 0.0, seed: int = 0,
-                    dots: torch.Tensor | None = None, tiles: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def swiglu_backward(dh: torch.Tensor, dh_lora: Lora | None, a13: torch.Tensor, l1: Lora | None,
+                    l3: Lora | None, drop: float = 0.0, seed: int = 0, dots: torch.Tensor | None = None,
+                    tiles: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Given d(loss)/dh as dh + keep * dh_lora (base and LoRA parts of w2's input gradient, keep
     the forward's dropout mask; dh_lora as factors (g, a), the part being g a rounded to dh's dtype,
-    computed tile by tile on Triton) and the saved fp32 u, v: returns d13 = [du | dv] (n, 2f) and
-    h * keep, both in dh's dtype. With `dots` (n, fp32), adds each row's d(loss)/dh . h to it: the
-    output gradient times w2's output, y . dy = (dh W2) . h + the LoRA part, without y. `tiles` as
-    for swiglu_forward (None: tiles_fit of dh_lora)."""
+    computed tile by tile on Triton) and the forward's a13, l1, l3 (u and v are computed again from
+    them, as swiglu_forward computes them): returns d13 = [du | dv] (n, 2f) and h * keep, both in
+    dh's dtype. With `dots` (n, fp32), adds each row's d(loss)/dh . h to it: the output gradient
+    times w2's output, y . dy = (dh W2) . h + the LoRA part, without y. `tiles` as for
+    swiglu_forward (None: tiles_fit of all three LoRA terms)."""
     dh = dh if dh.is_contiguous() else dh.contiguous()
-    dh_lora = None if dh_lora is None else tuple(t if t.is_contiguous() else t.contiguous() for t in dh_lora)
-    n, f = u.shape
+    a13 = a13 if a13.is_contiguous() else a13.contiguous()
+    dh_lora, l1, l3 = _contiguous(dh_lora), _contiguous(l1), _contiguous(l3)
+    n, f = a13.shape[0], a13.shape[1] // 2
     d13 = dh.new_empty(n, 2 * f)
     hk = dh.new_empty(n, f)
     if n == 0:
         return d13, hk
-    ranks = {dh_lora[0].shape[1]} if dh_lora is not None else set()
+    ranks = {lo[0].shape[1] for lo in (dh_lora, l1, l3) if lo is not None}
     if use_triton(dh) and (tiles if tiles is not None else tiles_fit(ranks)):
         blocks = triton.cdiv(f, TILE_N)
-        partial = torch.empty(n, blocks, dtype=torch.float32, device=dh.device) if dots is not None else u
-        g2, a2 = dh_lora if dh_lora is not None else (dh, dh)
+        partial = torch.empty(n, blocks, dtype=torch.float32, device=dh.device) if dots is not None else dh
+        r = ranks.pop() if ranks else 1
         if _launch(_swiglu_bwd, (triton.cdiv(n, TILE_M), blocks),
-                   dh, g2, a2, u, v, d13, hk, partial, n, f, g2.shape[1] if dh_lora is not None else 1, blocks,
-                   drop, seed, HAS_LORA=dh_lora is not None, DROP=drop > 0, DOTS=dots is not None,
-                   BM=TILE_M, BN=TILE_N, R=_rank_block(dh_lora)):
+                   dh, *_factors(dh_lora, dh), a13, *_factors(l1, a13), *_factors(l3, a13), d13, hk, partial,
+                   n, f, r, blocks, drop, seed, HAS_LORA=dh_lora is not None, HAS_L1=l1 is not None,
+                   HAS_L3=l3 is not None, DROP=drop > 0, DOTS=dots is not None,
+                   BM=TILE_M, BN=TILE_N, R=_rank_block(dh_lora, l1, l3)):
             if dots is not None:
                 dots += partial.sum(1)  # per-tile sums, added in a fixed order: the same bits every run
             return d13, hk
+    u, v = _torch_uv(a13, l1, l3)
     keep = keep_mask(n, f, drop, seed, dh) if drop else None
     g = dh.float()
     if dh_lora is not None:
         lora = dh_lora[0] @ dh_lora[1]
         g = g + (lora if keep is None else (lora.float() * keep).to(dh.dtype)).float()
     sig = torch.sigmoid(u)
-    silu = u * sig
+    silu = F.silu(u)  # the forward's, as autograd keeps it on the stock path (and h the forward's, bit for bit)
     d13[:, :f] = (g * v) * (sig * (1 + u * (1 - sig)))  # torch's silu_backward, after mul's
     d13[:, f:] = g * silu
     h = (silu * v).to(dh.dtype)
@@ -347,28 +364,34 @@ if triton is not None:
         return rows, cols, mask, rows[:, None] * f + cols[None, :], rows[:, None] * 2 * f + cols[None, :]
 
     @triton.jit
-    def _swiglu_fwd(a13, t1, b1, t3, b3, h, hk, u_out, v_out, n, f, r, drop, seed, HAS_L1: tl.constexpr,
-                    HAS_L3: tl.constexpr, SAVE: tl.constexpr, DROP: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, R: tl.constexpr):
-        rows, cols, mask, at, src = _tile(n, f, BM, BN)
-        dt = h.dtype.element_ty
+    def _uv(a13, t1, b1, t3, b3, rows, cols, mask, src, n, f, r, HAS_L1: tl.constexpr, HAS_L3: tl.constexpr,
+            R: tl.constexpr):
+        """The tile's fp32 u = a1 + l1 and v = a3 + l3, each LoRA term rounded to a13's dtype: the one
+        code both SwiGLU kernels compute them with (the backward's are the forward's)."""
+        dt = a13.dtype.element_ty
         u = tl.load(a13 + src, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(a13 + src + f, mask=mask, other=0.0).to(tl.float32)
         if HAS_L1:
             u += _lora_tile(t1, b1, rows, cols, n, f, r, R, True).to(dt).to(tl.float32)
         if HAS_L3:
             v += _lora_tile(t3, b3, rows, cols, n, f, r, R, True).to(dt).to(tl.float32)
+        return u, v
+
+    @triton.jit
+    def _swiglu_fwd(a13, t1, b1, t3, b3, h, hk, n, f, r, drop, seed, HAS_L1: tl.constexpr, HAS_L3: tl.constexpr,
+                    DROP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr):
+        rows, cols, mask, at, src = _tile(n, f, BM, BN)
+        dt = h.dtype.element_ty
+        u, v = _uv(a13, t1, b1, t3, b3, rows, cols, mask, src, n, f, r, HAS_L1, HAS_L3, R)
         out = (u * tl.sigmoid(u) * v).to(dt)
         tl.store(h + at, out, mask=mask)
         if DROP:
             tl.store(hk + at, (out * _keep(seed, at, drop)).to(dt), mask=mask)
-        if SAVE:
-            tl.store(u_out + at, u, mask=mask)
-            tl.store(v_out + at, v, mask=mask)
 
     @triton.jit
-    def _swiglu_bwd(dh, g2, a2, u_in, v_in, d13, hk, partial, n, f, r, blocks, drop, seed, HAS_LORA: tl.constexpr,
-                    DROP: tl.constexpr, DOTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr):
+    def _swiglu_bwd(dh, g2, a2, a13, t1, b1, t3, b3, d13, hk, partial, n, f, r, blocks, drop, seed,
+                    HAS_LORA: tl.constexpr, HAS_L1: tl.constexpr, HAS_L3: tl.constexpr, DROP: tl.constexpr,
+                    DOTS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr):
         rows, cols, mask, at, dst = _tile(n, f, BM, BN)
         dt = dh.dtype.element_ty
         g = tl.load(dh + at, mask=mask, other=0.0).to(tl.float32)
@@ -379,8 +402,7 @@ if triton is not None:
             if DROP:
                 gl = (gl * keep).to(dt)
             g += gl.to(tl.float32)
-        u = tl.load(u_in + at, mask=mask, other=0.0)
-        v = tl.load(v_in + at, mask=mask, other=0.0)
+        u, v = _uv(a13, t1, b1, t3, b3, rows, cols, mask, dst, n, f, r, HAS_L1, HAS_L3, R)
         sig = tl.sigmoid(u)
         silu = u * sig
         du = (g * v) * (sig * (1.0 + u * (1.0 - sig)))

@@ -15,8 +15,10 @@ fp32. Here one autograd Function does the whole expert computation of a layer:
   w1's and w3's input, in one pass; the SwiGLU kernel for w2's) and drawn again in backward,
   never stored;
 - SwiGLU is one elementwise pass each way (entrypoint.kernels: Triton on CUDA) with the
-  stock path's fp32 arithmetic; backward keeps only its fp32 inputs u and v, for the layer
-  being differentiated (the layer checkpointing around it drops them in the first forward).
+  stock path's fp32 arithmetic; backward keeps only w1's and w3's matmul output a13 (bf16/fp16)
+  and their LoRA terms' (tokens x rank) factors, from which its SwiGLU pass computes the fp32 u and
+  v again, for the layer being differentiated (the layer checkpointing around it drops them in the
+  first forward).
 
 Only forwards change: the modules, parameter names, PEFT adapter format and the
 4-bit check stay those of transformers + PEFT, so an adapter trained here loads with
@@ -253,22 +255,33 @@ def _order(selected: torch.Tensor, experts: int):
     return order, order // selected.shape[1], counts
 
 
+def saved_for_backward(xs: torch.Tensor, ffn: int, plan: list[list[Proj]], keep: bool):
+    """What the pass keeps for backward, for every routed row: w1's and w3's matmul output a13
+    (rows, 2 ffn) and their LoRA terms' first factors (2, rows, largest rank; zeros beyond an
+    expert's own rank), in the compute dtype. Not `keep` (the forward inside an offloaded checkpoint,
+    which drops what a layer saves): stand-ins of the same shape, which hold no memory."""
+    rank = max((p.lora_a.shape[0] for projs in plan for p in projs[:2] if p.lora_a is not None), default=0)
+    shapes = (xs.shape[0], 2 * ffn), (2, xs.shape[0], rank)
+    if keep:
+        return xs.new_empty(shapes[0]), xs.new_zeros(shapes[1])
+    return tuple(xs.new_empty(()).expand(shape) for shape in shapes)
+
+
 class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, selected, how, *params):
         plan, compute, backward, seed, skip, tiles = how
         ctx.plan, ctx.compute, ctx.seed, ctx.tiles = plan, compute, seed, tiles
         # Inside an offloaded checkpoint each pass skips what it would throw away: the forward
-        # does not write u, v (the checkpoint drops what a layer saves), the recomputation
-        # stops at u, v (only what the layer saves is used: not w2, not the output)
+        # keeps no a13 (the checkpoint drops what a layer saves), the recomputation stops at
+        # a13 (only what the layer saves is used: not h, not w2, not the output)
         phase = offload.phase() if skip else None
-        keep_uv, output = backward and phase != "forward", phase != "recompute"
+        keep, output = backward and phase != "forward", phase != "recompute"
         with torch.autocast(x.device.type, enabled=False):
             order, token, counts = _order(selected, len(plan))
             xs = kernels.gather_rows(x, token, compute)
             ffn = plan[0][0].base.out_features
-            # u, v for backward: fp32, like the tensors autograd keeps on the stock path
-            uv = xs.new_empty((2, xs.shape[0], ffn), dtype=torch.float32) if keep_uv else None
+            a13s, factors = saved_for_backward(xs, ffn, plan, keep)
             # each row's w2 output, base and LoRA parts in the compute dtype (summed in x's dtype
             # by sum_rows, as bitsandbytes + PEFT sum them)
             y_base = torch.empty_like(xs) if output else None
@@ -280,13 +293,15 @@ class _Experts(torch.autograd.Function):
                     w1, w3, w2 = projs
                     xe = xs[sl]
                     in1, in3 = lora_inputs(xe, (w1, w3), mask_keys((w1, w3), seed, xs.shape[0], start))
-                    a13 = xe @ _dequantize((w1, w3), compute).t()
-                    h, hk = kernels.swiglu_forward(
-                        a13, _lora_factors(in1, w1), _lora_factors(in3, w3),
-                        *((uv[0, sl], uv[1, sl]) if keep_uv else (None, None)),
-                        drop=_drop(w2) if output else 0.0, seed=seed + start, tiles=tiles)
-                    del a13, in1, in3
-                    if output:
+                    a13 = torch.matmul(xe, _dequantize((w1, w3), compute).t(), out=a13s[sl] if keep else None)
+                    l13 = (_lora_factors(in1, w1), _lora_factors(in3, w3))
+                    if keep:
+                        for j, lo in enumerate(l13):
+                            if lo is not None:
+                                factors[j, sl, :lo[0].shape[1]] = lo[0]
+                    if output:  # the recomputation needs no h: backward's SwiGLU pass computes it again
+                        h, hk = kernels.swiglu_forward(a13, *l13, drop=_drop(w2), seed=seed + start, tiles=tiles)
+                        del a13, in1, in3, l13
                         torch.matmul(h, _dequantize((w2,), compute).t(), out=y_base[sl])
                         if y_lora is not None:
                             lora = _lora(hk, w2)
@@ -299,15 +314,13 @@ class _Experts(torch.autograd.Function):
                 # is this pass's in SKIP_SAFE_LAYERS; NaN, so that a layer that read it anyway would give
                 # NaN gradients (the job's gradient-norm check stops on them) rather than stale memory
                 out = torch.full_like(x, float("nan"))
-        if backward and not keep_uv:  # the forward's stand-in: the checkpoint only records its metadata
-            uv = torch.empty((), dtype=torch.float32, device=x.device).expand(2, xs.shape[0], ffn)
         ctx.counts = counts
-        ctx.save_for_backward(x, weights, order, token, uv)
+        ctx.save_for_backward(x, weights, order, token, a13s, factors)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weights, order, token, uv = ctx.saved_tensors
+        x, weights, order, token, a13s, factors = ctx.saved_tensors
         plan, compute = ctx.plan, ctx.compute
         grads = [None] * (2 * 3 * len(plan))
         with torch.autocast(x.device.type, enabled=False):
@@ -323,7 +336,7 @@ class _Experts(torch.autograd.Function):
             for e, (projs, n) in enumerate(zip(plan, ctx.counts, strict=True)):
                 if n:
                     sl = slice(start, start + n)
-                    _expert_backward(xs[sl], gy_all[sl], uv[0, sl], uv[1, sl], projs, grads, 6 * e,
+                    _expert_backward(xs[sl], gy_all[sl], a13s[sl], factors[:, sl], projs, grads, 6 * e,
                                      (ctx.seed, xs.shape[0], start, ctx.tiles), dots[sl], dxs[sl])
                 start += n
             dx = kernels.sum_rows(dxs, order, weights.shape[1], x.dtype)
@@ -336,18 +349,21 @@ class _Experts(torch.autograd.Function):
         return (dx, grad_w.view_as(weights).to(weights.dtype), None, None, *grads)
 
 
-def _expert_backward(xe, gy, u, v, projs, grads, at: int, where: tuple[int, int, int, bool],
+def _expert_backward(xe, gy, a13, factors, projs, grads, at: int, where: tuple[int, int, int, bool],
                      dots: torch.Tensor, dx: torch.Tensor) -> None:
     """One expert's input gradient into dx (x's dtype; its parts summed in fp32 first, as the stock
-    path does) from its output gradient gy and the saved u, v; the
+    path does) from its output gradient gy and the saved a13 and w1's and w3's LoRA factors; the
     LoRA gradients go to grads[at:at+6], each row's gy . y to dots. Matmuls run in xe's compute
     dtype, as in the stock path. `where`: the pass's seed, its rows, this expert's first row
     (the forward's dropout masks are drawn again from them), whether the SwiGLU tiles run."""
     seed, rows, start, tiles = where
     w1, w3, w2 = projs
-    ffn = u.shape[1]
-    d13, hk = kernels.swiglu_backward(gy @ _dequantize((w2,), gy.dtype), _lora_input_factors(gy, w2), u, v,
+    ffn = a13.shape[1] // 2
+    l13 = [None if p.lora_a is None else (factors[j, :, :p.lora_a.shape[0]], p.lora_b.to(gy.dtype))
+           for j, p in enumerate((w1, w3))]
+    d13, hk = kernels.swiglu_backward(gy @ _dequantize((w2,), gy.dtype), _lora_input_factors(gy, w2), a13, *l13,
                                       drop=_drop(w2), seed=seed + start, dots=dots, tiles=tiles)
+    del l13
     _lora_weight_grads(gy, w2, hk, grads, at + 4)
     del hk
     acc = dx if dx.dtype == torch.float32 else torch.empty(dx.shape, dtype=torch.float32, device=dx.device)

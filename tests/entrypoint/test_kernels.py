@@ -2,7 +2,11 @@
 order; what runs on a GPU) against the torch arithmetic (what runs on CPU), executed on this CPU by
 Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported, hence a subprocess). fp32,
 because the interpreter rounds to bf16 by truncation where a GPU rounds to nearest; bf16 is compared
-on the H200 (bench/moe_layer.py)."""
+on the GPU (bench/moe_layer.py, bench/deep_speed.py's numerics).
+
+The same script and checks run the compiled kernels on a CUDA GPU where there is one (the `cuda`
+cases; skipped elsewhere, CI included): `pytest tests/entrypoint/test_kernels.py -k cuda` on the
+device (bench/README.md)."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,18 +43,20 @@ for n, f, lora, drop, r in [(37, 1500, True, 0.0, 8), (5, 1024, False, 0.0, 8), 
         saved = K.triton
         if path == "torch":
             K.triton = None
-        u, v = torch.full((2, n, f), float("nan"))
-        h, hk = K.swiglu_forward(a13, l1, l3, u, v, drop=drop, seed=11)
+        h, hk = K.swiglu_forward(a13, l1, l3, drop=drop, seed=11)
         dots = torch.full((n,), 0.5)  # added to, not overwritten
-        d13, hk_back = K.swiglu_backward(dh, dl, u, v, drop=drop, seed=11, dots=dots)
+        # backward computes u and v again from a13 and the same LoRA factors
+        d13, hk_back = K.swiglu_backward(dh, dl, a13, l1, l3, drop=drop, seed=11, dots=dots)
         K.triton = saved
-        got[path] = dict(h=h, hk=hk, u=u, v=v, d13=d13, hk_back=hk_back, dots=dots)
+        got[path] = dict(h=h, hk=hk, d13=d13, hk_back=hk_back, dots=dots)
     t, c = got["triton"], got["torch"]
+    u = a13[:, :f] + (l1[0] @ l1[1].t() if lora else 0)  # fp32 here: no rounding of the LoRA terms
+    v = a13[:, f:] + (l3[0] @ l3[1].t() if lora else 0)
     keep = torch.where(t["h"] != 0, t["hk"] / t["h"], torch.ones_like(t["h"]))  # the kernel's own mask
     # the torch arithmetic with the kernel's mask: what the kernel's backward must equal
     gsum = dh + (dl[0] @ dl[1] * keep if lora else 0)
-    sig = torch.sigmoid(c["u"])
-    d13 = torch.cat([(gsum * c["v"]) * (sig * (1 + c["u"] * (1 - sig))), gsum * c["u"] * sig], 1)
+    sig = torch.sigmoid(u)
+    d13 = torch.cat([(gsum * v) * (sig * (1 + u * (1 - sig))), gsum * u * sig], 1)
     dots_err = 0.0
     for r in (t, c):  # d(loss)/dh . h, row by row, each path with its own dropout mask
         mask = torch.where(r["h"] != 0, r["hk"] / r["h"], torch.ones_like(r["h"]))
@@ -58,9 +65,9 @@ for n, f, lora, drop, r in [(37, 1500, True, 0.0, 8), (5, 1024, False, 0.0, 8), 
     out[f"{n}x{f} lora={lora} drop={drop} r={r}"] = {
         "dots": dots_err,
         "h": (t["h"] - c["h"]).abs().max().item() if n else 0.0,
-        "uv": max((t[k] - c[k]).abs().max().item() for k in "uv") if n else 0.0,
+        "h_ref": max((r["h"] - torch.nn.functional.silu(u) * v).abs().max().item() for r in (t, c)) if n else 0.0,
         "d13": (t["d13"] - d13).abs().max().item() if n else 0.0,
-        "hk_replayed": torch.equal(t["hk"], t["hk_back"]),
+        "hk_replayed": torch.equal(t["hk"], t["hk_back"]) and torch.equal(c["hk"], c["hk_back"]),
         "keep_values": sorted({round(x, 5) for x in keep.flatten().tolist()}),
         "kept": (keep > 0).float().mean().item() if n else 1 - drop,
         "torch_kept": (c["hk"] != 0).float().mean().item() if n else 1 - drop,
@@ -121,10 +128,36 @@ print("RESULT " + json.dumps(out))
 """
 
 
+# On a GPU: every tensor the script makes (on CPU, from its seeded generators) is moved to CUDA as
+# it is made, so the same values go through the compiled kernels and through torch's CUDA ops.
+ON_CUDA = r"""
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+class OnCuda(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        return tree_map(lambda t: t.cuda() if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t, out)
+
+OnCuda().__enter__()
+"""
+
+WHERE = ["interpreter", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                     reason="no CUDA GPU here"))]
+
+
 @functools.cache
-def run_interpreted() -> dict:
-    env = os.environ | {"TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+def run_kernels(where: str = "interpreter") -> dict:
+    """The script's results, under Triton's interpreter on CPU or compiled on a CUDA GPU."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    script = SCRIPT
+    if where == "interpreter":
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+        script = ON_CUDA + SCRIPT
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
@@ -134,17 +167,23 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None and
                                   reason="triton (the dev extra, Linux x86_64) is not installed; CI always has it")
 
 
+# fp32 sums in another order (tl.dot against cuBLAS) on a GPU; the interpreter's follow torch's
+TOLERANCE = {"interpreter": 1e-5, "cuda": 1e-4}
+
+
 @needs_triton
-def test_triton_swiglu_matches_the_torch_arithmetic_and_replays_its_dropout():
-    results = dict(run_interpreted())
+@pytest.mark.parametrize("where", WHERE)
+def test_triton_swiglu_matches_the_torch_arithmetic_and_replays_its_dropout(where):
+    results = dict(run_kernels(where))
+    tol = TOLERANCE[where]
     results.pop("dropout_rows")
     results.pop("rows")
     assert results.pop("distinct_masks")
     for case, r in results.items():
-        assert r["h"] < 1e-5 and r["uv"] == 0.0, case
-        assert r["d13"] < 1e-5, case  # du, dv with the LoRA gradient masked as in forward
-        assert r["hk_replayed"], case  # backward redraws exactly the forward's mask
-        assert r["dots"] < 1e-5, case  # each row's output gradient . h, both paths
+        assert r["h"] < tol and r["h_ref"] < tol, case  # silu(u) v, u and v with their LoRA terms
+        assert r["d13"] < tol, case  # du, dv with the LoRA gradient masked as in forward
+        assert r["hk_replayed"], case  # backward's u, v and mask are the forward's: its h too, bit for bit
+        assert r["dots"] < tol, case  # each row's output gradient . h, both paths
         drop = float(case.split("drop=")[1].split()[0])
         if drop and case.startswith("64"):
             assert r["keep_values"] == [0.0, round(1 / (1 - drop), 5)], case
@@ -181,11 +220,12 @@ def test_a_triton_launch_that_fails_falls_back_to_torch_once(monkeypatch, capsys
 
 
 @needs_triton
-def test_lora_input_dropout_draws_each_mask_again_from_its_seed_on_both_paths():
+@pytest.mark.parametrize("where", WHERE)
+def test_lora_input_dropout_draws_each_mask_again_from_its_seed_on_both_paths(where):
     """kernels.dropout_rows (the LoRA inputs' dropout, drawn in-kernel) on Triton and on torch: each
     mask drops its share with 0 or 1/(1-p), three masks differ, the same seed gives the same mask
     for any shape of the same rows, and add_dropped takes gradients back through those masks."""
-    for path, r in run_interpreted()["dropout_rows"].items():
+    for path, r in run_kernels(where)["dropout_rows"].items():
         for drop, kept, values in zip((0.1, 0.3, 0.5), r["kept"], r["values"], strict=True):
             assert abs(kept - (1 - drop)) < 0.01, path
             assert values == [0.0, round(1 / (1 - drop), 4)], path
@@ -194,11 +234,12 @@ def test_lora_input_dropout_draws_each_mask_again_from_its_seed_on_both_paths():
 
 
 @needs_triton
-def test_the_gathers_and_sums_of_expert_order_match_the_torch_ops_they_replace():
+@pytest.mark.parametrize("where", WHERE)
+def test_the_gathers_and_sums_of_expert_order_match_the_torch_ops_they_replace(where):
     """kernels.gather_rows and sum_rows (the MoE pass's way into and out of expert order, with the
     routing weights and w2's LoRA part folded in) on Triton give the torch ops' values: bit for bit
     for top-1 and top-2 (Mixtral), within fp32 rounding for top-8, and empty for no tokens."""
-    for case, results in run_interpreted()["rows"].items():
+    for case, results in run_kernels(where)["rows"].items():
         tokens, k, d = (int(v) for v in case.split("x"))
         shapes = [[tokens, d], [tokens, d], [tokens * k, d], [tokens * k, d]]
         assert [shape for _, _, shape in results] == shapes, case

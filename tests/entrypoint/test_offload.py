@@ -54,33 +54,39 @@ def test_offloaded_checkpoints_give_the_same_gradients_over_three_steps(tiny_mod
 
 def test_each_offloaded_pass_of_the_fused_moe_skips_what_it_throws_away(tiny_model, monkeypatch):
     """In a checkpointed layer the forward's saved tensors are dropped and the recomputation's output
-    is not read: the forward writes no u, v (two fp32 tokens x ffn tensors) and the recomputation
-    runs no w2 projection, where GPU-held checkpoints run both in both passes (the gradients stay
-    bit for bit theirs: the test above)."""
-    from entrypoint import kernels, offload
+    is not read: the forward keeps no a13 (a tokens x 2 ffn tensor) and the recomputation runs no
+    SwiGLU and no w2 projection, where GPU-held checkpoints run all of them in both passes (the
+    gradients stay bit for bit theirs: the test above)."""
+    from entrypoint import kernels, moe, offload
 
     calls: list[tuple[str, str | None]] = []
-    sum_rows, swiglu = kernels.sum_rows, kernels.swiglu_forward
+    sum_rows, swiglu, saved = kernels.sum_rows, kernels.swiglu_forward, moe.saved_for_backward
 
     def counted_sum_rows(*args, weights=None, **kwargs):  # with weights: the output, from w2's rows
         if weights is not None:
             calls.append(("w2", offload.phase()))
         return sum_rows(*args, weights=weights, **kwargs)
 
-    def counted_swiglu(a13, l1, l3, u_out=None, v_out=None, **kwargs):
-        calls.append(("uv" if u_out is not None else "h only", offload.phase()))
-        return swiglu(a13, l1, l3, u_out, v_out, **kwargs)
+    def counted_swiglu(*args, **kwargs):
+        calls.append(("h", offload.phase()))
+        return swiglu(*args, **kwargs)
+
+    def counted_saved(xs, ffn, plan, keep):
+        calls.append(("a13 kept" if keep else "a13 not kept", offload.phase()))
+        return saved(xs, ffn, plan, keep)
 
     monkeypatch.setattr(kernels, "sum_rows", counted_sum_rows)
     monkeypatch.setattr(kernels, "swiglu_forward", counted_swiglu)
+    monkeypatch.setattr(moe, "saved_for_backward", counted_saved)
     ids = torch.randint(0, 2048, (2, 48), generator=torch.Generator().manual_seed(2))
     seen = {}
     for held in ("gpu", "host"):
         calls.clear()
         lora_net(tiny_model, held == "host", True)(input_ids=ids, labels=ids).loss.backward()
         seen[held] = sorted(set(calls)), sum(kind == "w2" for kind, _ in calls)
-    assert seen["gpu"][0] == [("uv", None), ("w2", None)]
-    assert seen["host"][0] == [("h only", "forward"), ("uv", "recompute"), ("w2", "forward")]
+    assert seen["gpu"][0] == [("a13 kept", None), ("h", None), ("w2", None)]
+    assert seen["host"][0] == [("a13 kept", "recompute"), ("a13 not kept", "forward"), ("h", "forward"),
+                               ("w2", "forward")]
     assert seen["host"][1] * 2 == seen["gpu"][1] > 0  # w2 once per layer, not twice
 
 
