@@ -124,7 +124,17 @@ def _torch_uv(a13: torch.Tensor, l1: Lora | None, l3: Lora | None) -> tuple[torc
 
 
 def _contiguous(lora: Lora | None) -> Lora | None:
-    return None if lora is None else tuple(t if t.is_contiguous() else t.contiguous() for t in lora)
+    return None if lora is None else tuple(t.contiguous() for t in lora)
+
+
+def _tiled_rank(like: torch.Tensor, loras: tuple[Lora | None, ...], tiles: bool | None) -> int | None:
+    """The LoRA rank the SwiGLU kernels' Triton tiles run at (1 without LoRA), or None where the
+    torch ops run: no Triton for `like`, or the tiles not to run (`tiles`, the caller's tiles_fit
+    over the whole layer; None: tiles_fit of these terms' ranks)."""
+    ranks = {lo[0].shape[1] for lo in loras if lo is not None}
+    if not use_triton(like) or not (tiles if tiles is not None else tiles_fit(ranks)):
+        return None
+    return ranks.pop() if ranks else 1
 
 
 def _factors(lora: Lora | None, like: torch.Tensor) -> Lora:
@@ -142,16 +152,14 @@ def swiglu_forward(a13: torch.Tensor, l1: Lora | None, l3: Lora | None, drop: fl
     dropout(drop) drawn from seed (the input of w2's LoRA; h itself when drop is 0); row i's mask is
     at offset i f of seed's stream. `tiles`: whether the Triton tiles may run (the caller's
     tiles_fit over the whole layer); None: tiles_fit of l1, l3."""
-    a13 = a13 if a13.is_contiguous() else a13.contiguous()
-    l1, l3 = _contiguous(l1), _contiguous(l3)
+    a13, l1, l3 = a13.contiguous(), _contiguous(l1), _contiguous(l3)
     n, f = a13.shape[0], a13.shape[1] // 2
     h = a13.new_empty(n, f)
     hk = a13.new_empty(n, f) if drop else h
     if n == 0:
         return h, hk
-    ranks = {lo[0].shape[1] for lo in (l1, l3) if lo is not None}
-    if use_triton(a13) and (tiles if tiles is not None else tiles_fit(ranks)):
-        r = ranks.pop() if ranks else 1
+    r = _tiled_rank(a13, (l1, l3), tiles)
+    if r is not None:
         if _launch(_swiglu_fwd, (triton.cdiv(n, TILE_M), triton.cdiv(f, TILE_N)),
                    a13, *_factors(l1, a13), *_factors(l3, a13), h, hk, n, f, r, drop, seed,
                    HAS_L1=l1 is not None, HAS_L3=l3 is not None, DROP=drop > 0,
@@ -174,19 +182,17 @@ def swiglu_backward(dh: torch.Tensor, dh_lora: Lora | None, a13: torch.Tensor, l
     dh's dtype. With `dots` (n, fp32), adds each row's d(loss)/dh . h to it: the output gradient
     times w2's output, y . dy = (dh W2) . h + the LoRA part, without y. `tiles` as for
     swiglu_forward (None: tiles_fit of all three LoRA terms)."""
-    dh = dh if dh.is_contiguous() else dh.contiguous()
-    a13 = a13 if a13.is_contiguous() else a13.contiguous()
+    dh, a13 = dh.contiguous(), a13.contiguous()
     dh_lora, l1, l3 = _contiguous(dh_lora), _contiguous(l1), _contiguous(l3)
     n, f = a13.shape[0], a13.shape[1] // 2
     d13 = dh.new_empty(n, 2 * f)
     hk = dh.new_empty(n, f)
     if n == 0:
         return d13, hk
-    ranks = {lo[0].shape[1] for lo in (dh_lora, l1, l3) if lo is not None}
-    if use_triton(dh) and (tiles if tiles is not None else tiles_fit(ranks)):
+    r = _tiled_rank(dh, (dh_lora, l1, l3), tiles)
+    if r is not None:
         blocks = triton.cdiv(f, TILE_N)
         partial = torch.empty(n, blocks, dtype=torch.float32, device=dh.device) if dots is not None else dh
-        r = ranks.pop() if ranks else 1
         if _launch(_swiglu_bwd, (triton.cdiv(n, TILE_M), blocks),
                    dh, *_factors(dh_lora, dh), a13, *_factors(l1, a13), *_factors(l3, a13), d13, hk, partial,
                    n, f, r, blocks, drop, seed, HAS_LORA=dh_lora is not None, HAS_L1=l1 is not None,
@@ -221,7 +227,7 @@ def dropout_rows(x: torch.Tensor, drops: tuple[float, ...], seeds: tuple[int, ..
     assert 1 <= len(drops) == len(seeds) <= 3
     dtype = dtype or x.dtype
     x2 = x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.is_contiguous() else x2.contiguous()
+    x2 = x2.contiguous()
     n, d = x2.shape
     outs = [x2.new_empty((n, d), dtype=dtype) for _ in drops]
     if n and use_triton(x2) and _launch(
@@ -238,7 +244,7 @@ def add_dropped(acc: torch.Tensor, grads: list[torch.Tensor], drops: tuple[float
     """acc (fp32) += the sum over j of keep_j * grads[j] (dropout_rows' masks for the same
     seeds and shape), in fp32: the gradients that reach the input through the dropped copies."""
     assert 1 <= len(grads) == len(drops) == len(seeds) <= 3 and acc.dtype == torch.float32
-    grads = [g.reshape(acc.shape) if g.is_contiguous() else g.reshape(acc.shape).contiguous() for g in grads]
+    grads = [g.reshape(acc.shape).contiguous() for g in grads]
     if not acc.is_contiguous():  # the kernel's masks, on a contiguous copy
         whole = acc.contiguous()
         add_dropped(whole, grads, drops, seeds)
@@ -258,7 +264,7 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, dtype: torch.dtype,
     """src[index] in `dtype`, each row times weights[i] first when given: what
     `(src.index_select(0, index) * weights[:, None].to(src.dtype)).to(dtype)` gives (the product
     rounded to src's dtype, then to dtype), in one pass."""
-    src = src if src.is_contiguous() else src.contiguous()
+    src = src.contiguous()
     n, d = index.shape[0], src.shape[1]
     out = src.new_empty((n, d), dtype=dtype)
     if n and use_triton(src) and _launch(
@@ -279,7 +285,7 @@ def sum_rows(rows: torch.Tensor, order: torch.Tensor, k: int, dtype: torch.dtype
     gathered back to token order and summed over k gives, in one pass (no expert-order copy in dtype)."""
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    rows, extra = (t if t is None or t.is_contiguous() else t.contiguous() for t in (rows, extra))
+    rows, extra = rows.contiguous(), None if extra is None else extra.contiguous()
     tokens, d = order.numel() // k, rows.shape[1]
     if tokens and use_triton(rows):
         out = rows.new_empty((tokens, d), dtype=dtype)
