@@ -25,9 +25,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
 import json, torch
+import contextlib
 from entrypoint import kernels as K
 assert K.triton is not None
 out = {}
+
+@contextlib.contextmanager
+def on(path):  # the kernels' Triton path, or ("torch") their torch ops, for the block
+    saved = K.triton
+    K.triton = saved if path == "triton" else None
+    try:
+        yield
+    finally:
+        K.triton = saved
+
 # LoRA terms go in as factors (rank 8 and 20: padded to 16 and 32 in the kernels' tiles)
 for n, f, lora, drop, r in [(37, 1500, True, 0.0, 8), (5, 1024, False, 0.0, 8), (64, 700, True, 0.3, 20),
                             (0, 256, True, 0.1, 16)]:
@@ -40,14 +51,11 @@ for n, f, lora, drop, r in [(37, 1500, True, 0.0, 8), (5, 1024, False, 0.0, 8), 
         l1 = l3 = dl = None
     got = {}
     for path in ("triton", "torch"):
-        saved = K.triton
-        if path == "torch":
-            K.triton = None
-        h, hk = K.swiglu_forward(a13, l1, l3, drop=drop, seed=11)
-        dots = torch.full((n,), 0.5)  # added to, not overwritten
-        # backward computes u and v again from a13 and the same LoRA factors
-        d13, hk_back = K.swiglu_backward(dh, dl, a13, l1, l3, drop=drop, seed=11, dots=dots)
-        K.triton = saved
+        with on(path):
+            h, hk = K.swiglu_forward(a13, l1, l3, drop=drop, seed=11)
+            dots = torch.full((n,), 0.5)  # added to, not overwritten
+            # backward computes u and v again from a13 and the same LoRA factors
+            d13, hk_back = K.swiglu_backward(dh, dl, a13, l1, l3, drop=drop, seed=11, dots=dots)
         got[path] = dict(h=h, hk=hk, d13=d13, hk_back=hk_back, dots=dots)
     t, c = got["triton"], got["torch"]
     u = a13[:, :f] + (l1[0] @ l1[1].t() if lora else 0)  # fp32 here: no rounding of the LoRA terms
@@ -87,16 +95,13 @@ x = torch.randn(300, 1100, generator=torch.Generator().manual_seed(3))
 drops, seeds = (0.1, 0.3, 0.5), (7, 7 + 300, 7 + 600)
 out["dropout_rows"] = {}
 for path in ("triton", "torch"):
-    saved = K.triton
-    if path == "torch":
-        K.triton = None
-    outs = K.dropout_rows(x, drops, seeds)
-    again = K.dropout_rows(x.view(3, 100, 1100), drops[1:2], seeds[1:2])[0]
-    grads = [torch.randn(x.shape, generator=torch.Generator().manual_seed(j)) for j in range(3)]
-    acc = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
-    base = acc.clone()
-    K.add_dropped(acc, grads, drops, seeds)
-    K.triton = saved
+    with on(path):
+        outs = K.dropout_rows(x, drops, seeds)
+        again = K.dropout_rows(x.view(3, 100, 1100), drops[1:2], seeds[1:2])[0]
+        grads = [torch.randn(x.shape, generator=torch.Generator().manual_seed(j)) for j in range(3)]
+        acc = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+        base = acc.clone()
+        K.add_dropped(acc, grads, drops, seeds)
     keeps = [o / x for o in outs]
     out["dropout_rows"][path] = {
         "kept": [(k > 0).float().mean().item() for k in keeps],
@@ -115,12 +120,10 @@ for tokens, k, d in [(37, 2, 1500), (9, 8, 300), (5, 1, 64), (0, 2, 64)]:
     w, src = torch.rand(tokens * k, generator=g), torch.randn(tokens, d, generator=g)
     got = {}
     for path in ("triton", "torch"):
-        saved = K.triton
-        if path == "torch":
-            K.triton = None
-        got[path] = [K.sum_rows(rows, order, k, torch.float32, extra, weights=w), K.sum_rows(rows, order, k, torch.float32),
-                     K.gather_rows(src, order // k, torch.float32, w), K.gather_rows(src, order // k, torch.float32)]
-        K.triton = saved
+        with on(path):
+            got[path] = [K.sum_rows(rows, order, k, torch.float32, extra, weights=w),
+                         K.sum_rows(rows, order, k, torch.float32),
+                         K.gather_rows(src, order // k, torch.float32, w), K.gather_rows(src, order // k, torch.float32)]
     out["rows"][f"{tokens}x{k}x{d}"] = [
         [torch.equal(a, b), (a - b).abs().max().item() if a.numel() else 0.0, list(a.shape)]
         for a, b in zip(got["triton"], got["torch"])]
