@@ -23,8 +23,9 @@ Each recipe is the same model switched in place, so all of them run on identical
 - ours-flex, ours-compiled-flex: ours and ours-compiled with training.flex_attention (FlexAttention
   with q, k, v cast as SDPA's are under autocast; entrypoint.model.use_flex_attention);
 - ours-noskip, ours-compiled-proj-noskip: ours and ours-compiled-proj without the MoE pass's skip,
-  inside offloaded checkpoints, of what each pass throws away (u, v in the forward, w2 and the
-  output in the recomputation; entrypoint.offload.phase). Not quite the step before the skip: the
+  inside offloaded checkpoints, of what each pass throws away (what backward keeps, in the
+  forward: a13 since d3f8733, u and v before; the SwiGLU pass, w2 and the output in the
+  recomputation; entrypoint.offload.phase). Not quite the step before the skip: the
   backward's routing-weight gradient, which came with it, keeps no expert outputs (0.5 GiB less).
 - ours-bnb-adamw: ours with bitsandbytes' own AdamW8bit, which waits for the GPU after each
   parameter (the job's, entrypoint.optim, does not);
@@ -108,6 +109,8 @@ def on_torch(fn):
         finally:
             kernels.triton = saved
     return run
+
+
 EAGER_ROTARY: dict = {}
 
 
@@ -388,7 +391,6 @@ def phases(net, recipe: str, batches: list[dict], steps: int = 4) -> dict:
     """Median seconds of each phase of a step (forward, backward, clipping, optimizer step, zeroing
     the gradients), each synced; for the optimizer also the host time before its sync (its launch
     time: the GPU waits where that is not below the GPU time). The first step is left out."""
-
     switch(net, recipe)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = optimizer(recipe)(params, lr=2e-4)
