@@ -26,8 +26,8 @@ SDK3_TESTS := tests/launcher tests/e2e/test_submit_moto.py tests/e2e/test_sdk_ma
 # The second stack (HF image 2.9.0-transformers5.3.0): the entrypoint tests of the transformers 5 path.
 VENV5 := .venv-tf5
 STAMP5 := $(VENV5)/.installed-stamp
-# what differs there: the experts' loading, LoRA format, fused pass, merge, the compiled norms, the fused projections and the offloaded checkpoints (the rest of the suite runs on 4.56.2)
-TF5_TESTS := tests/entrypoint/test_tf5.py tests/entrypoint/test_card.py tests/e2e/test_merge.py tests/entrypoint/test_small_ops.py tests/entrypoint/test_projections.py tests/entrypoint/test_offload.py
+# what differs there: the experts' loading, LoRA format, fused pass, merge, the compiled norms, the fused projections and the offloaded checkpoints, the chunked head (the rest of the suite runs on 4.56.2)
+TF5_TESTS := tests/entrypoint/test_tf5.py tests/entrypoint/test_head.py tests/entrypoint/test_card.py tests/e2e/test_merge.py tests/entrypoint/test_small_ops.py tests/entrypoint/test_projections.py tests/entrypoint/test_offload.py
 
 .PHONY: install demo test test-main test-sdk3 test-tf5 test-without-avx512-bf16 lint clean
 

@@ -31,6 +31,8 @@ Each recipe is the same model switched in place, so all of them run on identical
   parameter (the job's, entrypoint.optim, does not);
 - ours-torch-rows: ours with the MoE pass's gathers into and sums out of expert order as torch ops
   (index_select, casts, products, sum: what kernels.gather_rows and sum_rows do in one pass each);
+- ours-chunked, ours-compiled-chunked: ours and ours-compiled with training.chunked_loss (the head
+  and its loss a chunk of tokens at a time, no [tokens, vocab] logits: entrypoint.head);
 
 Both recipes draw example lengths from one distribution (log-normal, median ~545 tokens, capped
 at 2048: profile_step.packed_batch); tokens/s counts real tokens only. Every step is LoRA r16 on
@@ -60,7 +62,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from deep_memory import checkpoints, compare, lora_model, random_model, timed_step  # noqa: E402
 from profile_step import packed_batch  # noqa: E402
 
-from entrypoint import kernels, moe, offload, projections  # noqa: E402
+from entrypoint import head, kernels, moe, offload, projections  # noqa: E402
 from entrypoint import model as M  # noqa: E402
 from entrypoint.kernels import SeededDropout  # noqa: E402
 from entrypoint.optim import adamw_8bit  # noqa: E402
@@ -77,6 +79,7 @@ class Recipe(NamedTuple):
     seeded: bool = True  # PEFT's LoRA dropout as kernels.SeededDropout (else nn.Dropout, PEFT's own)
     optimizer: str = "job"  # "job": entrypoint.optim's AdamW8bit; "bnb": bitsandbytes'; "paged": its paged one
     rows: bool = True  # the MoE pass's gathers and sums on Triton (kernels.gather_rows, sum_rows), else torch ops
+    head: bool = False  # training.chunked_loss (entrypoint.head)
 
 
 RECIPES = {
@@ -95,6 +98,8 @@ RECIPES = {
     "ours-bnb-adamw": Recipe(True, True, False, "sdpa", False, optimizer="bnb"),
     "ours-torch-rows": Recipe(True, True, False, "sdpa", False, rows=False),
     "ours-compiled-proj-noskip": Recipe(True, True, False, "sdpa", True, True, False),
+    "ours-chunked": Recipe(True, True, False, "sdpa", False, head=True),
+    "ours-compiled-chunked": Recipe(True, True, False, "sdpa", True, head=True),
 }
 PHASE = offload.phase
 ROWS = {"gather_rows": kernels.gather_rows, "sum_rows": kernels.sum_rows}
@@ -145,7 +150,7 @@ def deep_model(shape: str, layers: int, unique: int, precision: M.Precision):
 
 def switch(net, recipe: str) -> None:
     """The same model and LoRA weights, run as `recipe` says."""
-    fused, offloaded, bf16, attention, compiled, fused_projections, skip, seeded, _, rows = RECIPES[recipe]
+    fused, offloaded, bf16, attention, compiled, fused_projections, skip, seeded, _, rows, chunked = RECIPES[recipe]
     offload.phase = PHASE if skip else (lambda: None)
     for name, fn in ROWS.items():
         setattr(kernels, name, fn if rows else on_torch(fn))
@@ -160,6 +165,11 @@ def switch(net, recipe: str) -> None:
         moe.use_fused_moe(net)
     if fused_projections:
         projections.use_fused_attention(net)
+    causal = net.get_base_model()
+    if chunked:
+        head.use_chunked_loss(net)
+    elif "_unchunked_forward" in vars(causal):
+        del causal.forward, causal._unchunked_forward
     checkpoints(net, offloaded)
     M.set_residual_dtype(net, torch.bfloat16 if bf16 else torch.float32)
     # packed rows: transformers builds the document mask from the position ids, dense for SDPA,

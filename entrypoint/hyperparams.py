@@ -124,6 +124,12 @@ class TrainingSpec(Strict):
     # the defaults at 2 layers and 0.4-0.6 GiB less peak memory at 32; speed within the noise of the
     # defaults (r5: the same; r8: -1% and +4%).
     fused_attention: bool = False
+    # The head and its loss a chunk of tokens at a time, the loss's gradient taken in forward
+    # (entrypoint.head): no [tokens, vocab] logits (15.7 bytes per token per vocabulary entry: 7.7 GiB
+    # at 8 packed rows of 2048 with Mixtral's 32,000 entries, 31 GiB with Llama 3's 128,256), so more
+    # rows fit where the head is the larger transient. The same loss and gradients on the CPU (tests);
+    # off by default until it is measured on a GPU. CHUNKED_LOSS_MODELS only; others keep the stock head.
+    chunked_loss: bool = False
     # CUDA: attention through FlexAttention with the packed rows' document mask as a BlockMask, so the
     # blocks across examples are skipped (entrypoint.model.use_flex_attention): +5-6% tokens/s at 32
     # layers of Mixtral on an H100. Off by default: at 2 layers its LoRA gradients are at cosine 0.9947
@@ -142,6 +148,11 @@ class TrainingSpec(Strict):
     # Also checkpoint on a clock: a SIGKILL or a lost instance (no SIGTERM) loses at most this.
     checkpoint_minutes: float = Field(30, gt=0, le=7 * 24 * 60)
 
+
+# training.chunked_loss: the architectures whose stock head and loss are lm_head(hidden) and
+# transformers' ForCausalLMLoss (Mixtral adding its router's load-balancing loss), which
+# entrypoint.head reproduces; the launcher's plan counts the chunked head for these alone.
+CHUNKED_LOSS_MODELS = frozenset({"mixtral", "mistral", "llama", "qwen2"})
 
 # Offloaded checkpoints are pinned (never swapped out): the launcher's plan and the job both keep
 # them to this share of the host's memory, the rest being the model load, data and the processes.

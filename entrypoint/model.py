@@ -195,7 +195,8 @@ def attach_lora(model, lora, training):
     keeps the residual stream in bf16 where the model was loaded in bf16 (set_residual_dtype);
     training.compile_small_ops compiles the norms and rotary embedding on CUDA (compile_small_ops);
     training.fused_attention runs the 4-bit attention projections as entrypoint.projections does;
-    training.flex_attention runs attention through FlexAttention on CUDA (use_flex_attention)."""
+    training.flex_attention runs attention through FlexAttention on CUDA (use_flex_attention);
+    training.chunked_loss runs the head and its loss a chunk of tokens at a time (entrypoint.head)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     loaded = model.get_input_embeddings().weight.dtype
@@ -238,6 +239,10 @@ def attach_lora(model, lora, training):
         model.compiled_small_ops = compile_small_ops(model)
     if training.flex_attention and model.get_input_embeddings().weight.is_cuda:
         use_flex_attention(model)
+    if training.chunked_loss:
+        from entrypoint.head import use_chunked_loss
+
+        use_chunked_loss(model)
     return model
 
 

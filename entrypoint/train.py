@@ -460,6 +460,7 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
     import torch
 
     from entrypoint import model as models
+    from entrypoint.head import describe as describe_loss
     from entrypoint.moe import describe as describe_moe
     from entrypoint.offload import describe as describe_checkpoints
     from entrypoint.projections import describe as describe_projections
@@ -487,7 +488,8 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
             checkpoints=describe_checkpoints(peft_model),
             **({"moe": moe_path.replace(" ", "_")} if moe_path else {}),
             **({"projections": projections.replace(" ", "_")} if projections else {}),
-            **({"small_ops": "compiled"} if getattr(peft_model, "compiled_small_ops", 0) else {}))
+            **({"small_ops": "compiled"} if getattr(peft_model, "compiled_small_ops", 0) else {}),
+            **({"loss": describe_loss(peft_model)} if describe_loss(peft_model) else {}))
     net = peft_model
     if ctx.world > 1:
         # find_unused_parameters: an expert that no token was routed to gets no gradient.

@@ -44,6 +44,7 @@ NOTES = {
     "training.bf16_residual": "bf16 GPUs: keep the residual stream in bf16 (+9% tokens/s on an H100; opt-in, docs/speed.md)",
     "training.fused_attention": "q/k/v as one matmul, NF4 dequantized once per pass (0.6 GiB less, no speed change measured; opt-in, docs/speed.md)",
     "training.flex_attention": "CUDA: FlexAttention skipping the blocks across packed examples (+6% tokens/s on an H100; opt-in, docs/speed.md)",
+    "training.chunked_loss": "the head and its loss a chunk of tokens at a time: no [tokens, vocab] logits (large vocabularies: Llama 3 8B fits 6 rows on an A10G, not 3, by the plan; not yet measured on a GPU; opt-in, docs/speed.md)",
     "training.optimizer": "auto: 8-bit AdamW on GPUs, torch AdamW on CPU",
     "training.eval_steps": "evaluate every N steps (default: every save_steps, when there is validation data)",
     "training.save_total_limit": "checkpoints kept; older ones are deleted",

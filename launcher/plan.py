@@ -12,7 +12,8 @@ Memory per GPU for QLoRA is a sum of parts (bytes):
   layer keeps its activations (an estimate, not calibrated);
 - the larger of two transients that are never alive together, since the head's buffers are
   freed before backward reaches the first decoder layer: the logits with their
-  loss/gradient buffers (HEAD_BYTES per token per vocabulary entry), or one decoder layer's
+  loss/gradient buffers (HEAD_BYTES per token per vocabulary entry; with training.chunked_loss
+  only the hidden states' gradient and a few chunks of logits, CHUNKED_HEAD_BYTES), or one decoder layer's
   backward (its MLP or MoE block as measured alone, per routed token per ffn unit, for the
   path the job takes, training.fused_moe; plus the rest of the layer, per token per hidden
   unit: LAYER_BACKWARD_BYTES);
@@ -38,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from entrypoint.data import chat_messages
-from entrypoint.hyperparams import PINNED_HOST_SHARE, Strategy, offload_fits_host
+from entrypoint.hyperparams import CHUNKED_LOSS_MODELS, PINNED_HOST_SHARE, Strategy, offload_fits_host
 from launcher import images
 from launcher.config import JobConfig
 from launcher.datafiles import READERS, RowError, have_pyarrow
@@ -52,6 +53,11 @@ EMBED_BYTES = 4
 LORA_BYTES = 4 + 4 + 2
 CKPT_BYTES = 4  # per token per layer per hidden unit kept with checkpointing (measured ~3.7 on Mistral-7B)
 HEAD_BYTES = 15.7  # per token per vocabulary entry: least squares over the eight runs before the fused MoE path
+# training.chunked_loss (entrypoint.head), per token per hidden unit: the hidden states' gradient and
+# their compute-dtype copy; plus, once, three chunks' logits and the head's compute-dtype copy. From
+# the design, not measured (issue 22).
+CHUNKED_HEAD_BYTES = 4
+CHUNK_BYTES = 256 * 2**20
 # One MLP or MoE block's forward + backward, per routed token per ffn unit: bench/moe_layer.py on
 # one full-width Mixtral layer, 16,384 tokens, LoRA dropout 0.05 (h200-2026-11-29-fused-moe-layer.json).
 # fused: 6.11 GiB, of which u and v (fp32, 8 bytes) are kept for backward, the rest being the
@@ -163,7 +169,8 @@ def mlp_path(shape: Shape, fused_moe: bool) -> str:
 
 
 def memory_parts_gib(shape: Shape, tokens: int, r: int, layers: int | None = None, checkpointing: bool = True,
-                     split: int = 1, fused_moe: bool = True, offload: bool = True) -> dict[str, float]:
+                     split: int = 1, fused_moe: bool = True, offload: bool = True,
+                     chunked_loss: bool = False) -> dict[str, float]:
     """Peak allocated bytes by part, for one GPU holding 1/split of the layers (and, in
     the worst case, the embeddings, head and logits as well). The last part is the larger
     transient, "logits" or "layer_backward" (see the module docstring)."""
@@ -180,7 +187,10 @@ def memory_parts_gib(shape: Shape, tokens: int, r: int, layers: int | None = Non
     else:
         parts["activations"] = tokens * per_gpu_layers * (
             shape.hidden * NO_CKPT_BYTES_PER_HIDDEN + shape.experts_per_token * shape.intermediate * 8)
-    head = tokens * shape.vocab * HEAD_BYTES
+    if chunked_loss and shape.model_type in CHUNKED_LOSS_MODELS:
+        head = tokens * shape.hidden * CHUNKED_HEAD_BYTES + 3 * CHUNK_BYTES + shape.vocab * shape.hidden * 2
+    else:
+        head = tokens * shape.vocab * HEAD_BYTES
     layer = tokens * (shape.hidden * LAYER_BACKWARD_BYTES + shape.experts_per_token * shape.intermediate
                       * MLP_BACKWARD_BYTES[mlp_path(shape, fused_moe)])
     parts["logits" if head >= layer else "layer_backward"] = max(head, layer)
@@ -389,7 +399,8 @@ def _fit(shape: Shape, inst: Instance, cfg: JobConfig, rows: int) -> tuple[Strat
     def kw(processes: int) -> dict:  # processes on the host, each pinning its own checkpoints
         offload = t.offload_checkpoints and offload_fits_host(tokens, shape.layers, shape.hidden, processes,
                                                               inst.host_memory_gib * GIB * HOST_USABLE)
-        return {"checkpointing": t.gradient_checkpointing, "fused_moe": t.fused_moe, "offload": offload}
+        return {"checkpointing": t.gradient_checkpointing, "fused_moe": t.fused_moe, "offload": offload,
+                "chunked_loss": t.chunked_loss}
 
     extra = transformers5_extra_gib(cfg, shape, tokens)
     single = needed_gib(shape, tokens, cfg.lora.r, **kw(inst.gpu_count if c.strategy in ("auto", "ddp") else 1)) + extra

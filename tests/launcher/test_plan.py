@@ -245,6 +245,21 @@ def test_the_fused_moe_path_fits_more_rows_than_the_stock_one(job_dict):
     assert fused > stock >= 1
 
 
+def test_chunked_loss_fits_more_rows_where_the_head_is_the_peak(job_dict):
+    """Llama 3's 128,256-entry head at 8 rows of 2048: ~31 GiB of logits and their gradients, the
+    peak's largest part; training.chunked_loss keeps a few chunks of them, so an A10G holds more
+    rows. Mixtral's peak is one layer's backward, which the flag leaves as it is."""
+    a10g = catalog().get("ml.g5.xlarge")
+    llama = ["model.id=meta-llama/Meta-Llama-3-8B", "training.per_device_batch_size=auto"]
+    stock = P.auto_batch_size(load_config(job_dict, llama), a10g)
+    chunked = P.auto_batch_size(load_config(job_dict, [*llama, "training.chunked_loss=true"]), a10g)
+    assert 1 <= stock < chunked
+    parts = P.memory_parts_gib(BUILT_IN["llama-3-8b"], 8 * 2048, 16, chunked_loss=True)
+    assert "logits" not in parts and parts["layer_backward"] < 8
+    mixtral = BUILT_IN["mixtral-8x7b"]
+    assert P.peak_allocated_gib(mixtral, 8 * 2048, 16, chunked_loss=True) == P.peak_allocated_gib(mixtral, 8 * 2048, 16)
+
+
 def test_the_transformers5_image_is_budgeted_its_measured_extra_peak(job_dict):
     """0.62 GiB more at 8 rows of 2048 on an H100 (bench/README.md), scaled with the tokens: the
     plan asks that much more of a GPU on the 5.3.0 image, and no more for a dense model."""
