@@ -41,7 +41,10 @@ def use_chunked_loss(model) -> bool:
         stock = causal.forward
 
         def forward(*args, labels=None, **kwargs):
-            if args or labels is None or kwargs.get("return_dict") is False:
+            # positional inputs, a tuple asked for, or labels already shifted / another ignore index
+            # (transformers' loss takes those): the stock forward
+            if (args or labels is None or kwargs.get("return_dict") is False
+                    or {"shift_labels", "ignore_index"} & kwargs.keys()):
                 return stock(*args, labels=labels, **kwargs)
             return _forward(causal, labels, kwargs)
 
@@ -55,6 +58,7 @@ def applies(causal) -> bool:
     return (getattr(causal.config, "model_type", None) in CHUNKED_LOSS_MODELS
             and isinstance(head, torch.nn.Linear) and head.bias is None and head.weight.is_floating_point()
             and not head.weight.requires_grad  # a 4-bit head (packed uint8) or a trained one keeps the stock path
+            and head.weight.device.type != "meta"  # offloaded by accelerate: its hook loads it for the stock call
             and isinstance(getattr(causal, "model", None), torch.nn.Module))
 
 
@@ -75,7 +79,10 @@ def _forward(causal, labels, kwargs: dict):
         router = kwargs.get("output_router_logits")
         kwargs["output_router_logits"] = causal.config.output_router_logits if router is None else router
     outputs = causal.model(**kwargs)
-    loss = chunked_loss(outputs.last_hidden_state, causal.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
+    # on the head's GPU, as accelerate's hook on lm_head would move them (device_map="auto" may put a
+    # tied head beside the embeddings, far from the last layer)
+    hidden = outputs.last_hidden_state.to(causal.lm_head.weight.device)
+    loss = chunked_loss(hidden, causal.lm_head.weight, labels, kwargs.get("num_items_in_batch"))
     if not moe:
         return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
@@ -123,9 +130,10 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad, denominator = ctx.saved_tensors
-        # no token counted (every label ignored): the stock loss is nan and its gradient zero
-        scale = torch.where(denominator > 0, grad_output.float() / denominator, 0.0).to(grad.dtype)
-        return grad * scale, None, None, None
+        # no token counted (every label ignored): the stock loss is nan and its gradient zero. The
+        # product in fp32, as the stock path scales before it rounds (a bf16 scale is off by up to 0.4%)
+        scale = torch.where(denominator > 0, grad_output.float() / denominator, 0.0)
+        return (grad.float() * scale).to(grad.dtype), None, None, None
 
 
 def _chunks(flat, head, shifted, with_grad: bool):
@@ -142,6 +150,7 @@ def _chunks(flat, head, shifted, with_grad: bool):
         lse = torch.logsumexp(logits, dim=1, keepdim=True)
         total += ((lse - logits.gather(1, target)) * keep).sum()
         if with_grad:  # softmax minus the one-hot target: the token loss's gradient for its logits
-            probs = logits.sub_(lse).exp_().scatter_add_(1, target, -keep.float()).mul_(keep)
-            grad[start:start + step] = probs.to(flat.dtype) @ head
+            logits.sub_(lse).exp_().scatter_add_(1, target, -keep.float()).mul_(keep)
+            grad[start:start + step] = logits.to(flat.dtype) @ head
+        del logits  # before the next chunk's are made
     return total, grad

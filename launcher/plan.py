@@ -53,10 +53,10 @@ EMBED_BYTES = 4
 LORA_BYTES = 4 + 4 + 2
 CKPT_BYTES = 4  # per token per layer per hidden unit kept with checkpointing (measured ~3.7 on Mistral-7B)
 HEAD_BYTES = 15.7  # per token per vocabulary entry: least squares over the eight runs before the fused MoE path
-# training.chunked_loss (entrypoint.head), per token per hidden unit: the hidden states' gradient and
-# their compute-dtype copy; plus, once, three chunks' logits and the head's compute-dtype copy. From
-# the design, not measured (issue 22).
-CHUNKED_HEAD_BYTES = 4
+# training.chunked_loss (entrypoint.head), per token per hidden unit: the last hidden states (fp32),
+# their compute-dtype copy and their gradient (bf16); plus, once, three chunks' logits and the head's
+# compute-dtype copy. From the design, not measured (issue 22).
+CHUNKED_HEAD_BYTES = 8
 CHUNK_BYTES = 256 * 2**20
 # One MLP or MoE block's forward + backward, per routed token per ffn unit: bench/moe_layer.py on
 # one full-width Mixtral layer, 16,384 tokens, LoRA dropout 0.05 (h200-2026-11-29-fused-moe-layer.json).
@@ -272,7 +272,8 @@ ASSUMPTIONS = [
     "training.bf16_residual, so counted high: 33.4 GiB measured at 32 layers and 8 rows on an H100), "
     "LoRA with grads and 8-bit AdamW, "
     f"checkpointed activations ({OFFLOAD_LAYERS_ON_GPU} layers' worth on the GPU with training.offload_checkpoints, "
-    f"the rest pinned in host memory where it fits in {PINNED_HOST_SHARE:.0%} of {HOST_USABLE:.0%} of the instance's), then the larger of the logits' buffers and one layer's backward (its "
+    f"the rest pinned in host memory where it fits in {PINNED_HOST_SHARE:.0%} of {HOST_USABLE:.0%} of the instance's), then the larger of the logits' buffers (with "
+    "training.chunked_loss a few chunks of them, from its design, not measured) and one layer's backward (its "
     f"MoE block by training.fused_moe); x{SLACK} allocator slack + {CUDA_CONTEXT_GIB} GiB CUDA context; "
     "an MoE on the transformers 5 image +0.62 GiB per 16,384 tokens (measured at 2 layers on an H100)",
 ]

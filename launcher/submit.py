@@ -49,9 +49,9 @@ REQUIREMENTS = "bitsandbytes>=0.46\n"
 # git checkout, and a stray or planted file next to them never travels. A test holds this
 # list equal to the tracked entrypoint/*.py. `merge` is the merge job's module (issue 12);
 # a module of this list that is absent is left out.
-SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "data", "hyperparams", "kernels",
-                  "merge", "model", "moe", "offload", "optim", "progress", "projections", "stopping", "train",
-                  "experts_tf5")
+SOURCE_MODULES = ("__init__", "__main__", "card", "checkpoints", "container", "data", "head", "hyperparams",
+                  "kernels", "merge", "model", "moe", "offload", "optim", "progress", "projections", "stopping",
+                  "train", "experts_tf5")
 REDACTED = "***redacted***"
 SENSITIVE = ("TOKEN", "SECRET_VALUE", "PASSWORD", "API_KEY", "ACCESS_KEY")
 
