@@ -8,7 +8,8 @@ on one chunk of tokens at a time and takes the loss's gradient while that chunk'
 forward keeps only the gradient with respect to the hidden states ([tokens, hidden], the compute
 dtype) and backward scales it. The matmuls are the stock path's (one per chunk for the logits, one
 for the hidden states' gradient); the loss is taken in fp32 from the compute dtype's logits, as
-transformers' ForCausalLMLoss takes it, with its label shift, ignore index and num_items_in_batch.
+transformers' ForCausalLMLoss takes it, with its label shift, ignore index and num_items_in_batch
+(and, for Mixtral and Qwen3-MoE, the router's load-balancing loss where the config asks for it).
 
 Only the loss changes: a forward given labels returns no logits (the job reads only the loss), a
 forward without labels is the stock one. The head's weight stays frozen (LoRA never targets it);
@@ -29,6 +30,7 @@ from entrypoint.hyperparams import CHUNKED_LOSS_MODELS
 
 IGNORE = -100
 CHUNK_BYTES = 256 * 2**20  # one chunk's fp32 logits
+ROUTED = {"mixtral", "qwen3_moe"}  # their forward adds the router's load-balancing loss where asked
 
 
 def use_chunked_loss(model) -> bool:
@@ -74,7 +76,7 @@ def _forward(causal, labels, kwargs: dict):
 
     kwargs.pop("logits_to_keep", None)
     kwargs.pop("return_dict", None)
-    moe = causal.config.model_type == "mixtral"
+    moe = causal.config.model_type in ROUTED
     if moe:
         router = kwargs.get("output_router_logits")
         kwargs["output_router_logits"] = causal.config.output_router_logits if router is None else router

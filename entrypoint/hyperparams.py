@@ -150,9 +150,9 @@ class TrainingSpec(Strict):
 
 
 # training.chunked_loss: the architectures whose stock head and loss are lm_head(hidden) and
-# transformers' ForCausalLMLoss (Mixtral adding its router's load-balancing loss), which
+# transformers' ForCausalLMLoss (the MoEs adding their router's load-balancing loss), which
 # entrypoint.head reproduces; the launcher's plan counts the chunked head for these alone.
-CHUNKED_LOSS_MODELS = frozenset({"mixtral", "mistral", "llama", "qwen2"})
+CHUNKED_LOSS_MODELS = frozenset({"mixtral", "qwen3_moe", "mistral", "llama", "qwen2"})
 
 # Offloaded checkpoints are pinned (never swapped out): the launcher's plan and the job both keep
 # them to this share of the host's memory, the rest being the model load, data and the processes.

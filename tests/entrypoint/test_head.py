@@ -182,18 +182,24 @@ def test_evaluation_generation_and_router_loss_stay_the_stock_models(tiny_model,
     assert got.loss.item() == pytest.approx(want.loss.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_dense_architectures_give_their_stock_loss_and_gradients(kind, monkeypatch):
+ROUTED = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 8,
+          "output_router_logits": True, "router_aux_loss_coef": 0.1}  # the aux loss in the loss, weighed high
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3_moe"])
+def test_other_architectures_give_their_stock_loss_and_gradients(kind, monkeypatch):
     """The other CHUNKED_LOSS_MODELS, as tiny random models in fp32 (head frozen, as LoRA leaves
-    it): the same loss and gradients as their own forward; an architecture outside the list
-    (Gemma, its head's logits scaled) keeps its stock forward."""
+    it; Qwen3-MoE with its router's load-balancing loss): the same loss and gradients as their own
+    forward; an architecture outside the list (Gemma, its head's logits scaled) keeps its stock
+    forward."""
     import copy
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     monkeypatch.setattr(head, "CHUNK_BYTES", 24 * 4 * 300)
     config = AutoConfig.for_model(kind, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2)
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  **(ROUTED if kind == "qwen3_moe" else {}))
     torch.manual_seed(0)
     stock = AutoModelForCausalLM.from_config(config)
     stock.lm_head.weight.requires_grad_(False)
@@ -208,6 +214,10 @@ def test_dense_architectures_give_their_stock_loss_and_gradients(kind, monkeypat
     (want, want_grads), (got, got_grads) = seen
     assert got == pytest.approx(want, rel=1e-6)
     assert (got_grads - want_grads).norm() <= 1e-5 * want_grads.norm()
+    if kind == "qwen3_moe":  # the aux loss was in both
+        with torch.no_grad():
+            aux = chunked(**batch, use_cache=False).aux_loss
+        assert aux is not None and 0.1 * aux.item() > 1e-3 * got
     gemma = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "gemma2", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8))
