@@ -47,6 +47,7 @@ from launcher.instances import catalog
 JOB_NAME_SUFFIX_FORMAT = "%Y%m%d-%H%M%S"
 JOB_NAME_SUFFIX_LEN = 1 + len(time.strftime(JOB_NAME_SUFFIX_FORMAT, time.gmtime(0)))  # "-" + timestamp
 JOB_NAME_MAX = 63 - JOB_NAME_SUFFIX_LEN
+HUB_NAME_MAX = 96  # the hub's limit on a repo name (huggingface_hub's validate_repo_id)
 JOB_NAME_RE = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")  # always fullmatch: `$` would pass "x\n"
 
 
@@ -568,8 +569,10 @@ def _location_problems(raw: dict[str, Any], base_dir: Path | None) -> list[tuple
     elif near := _near_model_dir(model_id, base_dir):
         problems.append(("model.id", f"{model_id!r} is not a local directory; did you mean {near!r}? "
                                      "(as a hub id it would be tried only inside the job)"))
-    elif not re.match(HUB_ID_PATTERN, model_id):
-        problems.append(("model.id", f"{model_id!r} is not a hub id (org/name), an s3:// prefix or a local directory"))
+    elif not re.match(HUB_ID_PATTERN, model_id) or any(len(part) > HUB_NAME_MAX for part in model_id.split("/")):
+        shown = model_id if len(model_id) <= 80 else f"{model_id[:60]}... ({len(model_id)} characters)"
+        problems.append(("model.id", f"{shown!r} is not a hub id (org/name, at most {HUB_NAME_MAX} characters "
+                                     "each), an s3:// prefix or a local directory"))
     return problems
 
 

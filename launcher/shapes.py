@@ -144,7 +144,11 @@ def from_hub(model_id: str, timeout_s: float = 3.0) -> Shape | None:
 def resolve(model_id: str, network: bool = True) -> Shape | None:
     """Local directory, then the hub (if `network` and reachable), then the built-in table."""
     path = Path(model_id)
-    if (path / "config.json").is_file():
+    try:
+        local = (path / "config.json").is_file()
+    except OSError:  # a name the system refuses (too long): not a local directory
+        local = False
+    if local:
         return from_config(json.loads((path / "config.json").read_text()), path.name, f"{path}/config.json")
     if network:
         shape = from_hub(model_id)

@@ -42,6 +42,10 @@ BAD = [
     ("data.train=https://example.com/x.jsonl", "data.train", "local file, an s3:// URI or an hf:// dataset"),
     ("model.id=./no-such-model", "model.id", "model directory './no-such-model' not found"),
     ("model.id=not a model!", "model.id", "is not a hub id"),
+    # longer than the hub allows, and than a file name may be (the fuzz test's find: it once reached
+    # the planner's lookup of <id>/config.json, an OSError)
+    ("model.id=" + "x" * 300, "model.id", "'" + "x" * 60 + "... (300 characters)' is not a hub id (org/name, at most 96"),
+    ("model.id=org/" + "y" * 97, "model.id", "is not a hub id"),
     ("lorra.r=8", "lorra", "unknown key"),
     ("training.lr=1e-4", "training.lr", "unknown key"),
 ]
