@@ -26,17 +26,16 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from entrypoint.hyperparams import CHUNKED_LOSS_MODELS
+from entrypoint.hyperparams import CHUNKED_LOSS_MODELS, LOSS_CHUNK_BYTES
 
 IGNORE = -100
-CHUNK_BYTES = 256 * 2**20  # one chunk's fp32 logits
 ROUTED = {"mixtral", "qwen3_moe"}  # their forward adds the router's load-balancing loss where asked
 
 
 def use_chunked_loss(model) -> bool:
     """Route the causal LM under `model` (a PeftModel or the bare model) through the chunked head
     and loss when labels are given. Returns whether it was switched."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = _causal(model)
     if not applies(causal):
         return False
     if not hasattr(causal, "_unchunked_forward"):
@@ -66,8 +65,12 @@ def applies(causal) -> bool:
 
 def describe(model) -> str | None:
     """The [model] line's loss= part: "chunked" where the head runs in chunks, else None."""
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "chunked" if hasattr(causal, "_unchunked_forward") else None
+    return "chunked" if hasattr(_causal(model), "_unchunked_forward") else None
+
+
+def _causal(model):
+    """The causal LM under a PeftModel, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _forward(causal, labels, kwargs: dict):
@@ -141,7 +144,7 @@ class _ChunkedLoss(torch.autograd.Function):
 def _chunks(flat, head, shifted, with_grad: bool):
     """The fp32 sum of the token losses and, with_grad, d(sum)/d(flat) in flat's dtype."""
     tokens, vocab = flat.shape[0], head.shape[0]
-    step = max(1, CHUNK_BYTES // (4 * vocab))
+    step = max(1, LOSS_CHUNK_BYTES // (4 * vocab))
     total = torch.zeros((), dtype=torch.float32, device=flat.device)
     grad = torch.empty_like(flat) if with_grad else None
     for start in range(0, tokens, step):

@@ -153,6 +153,7 @@ class TrainingSpec(Strict):
 # transformers' ForCausalLMLoss (the MoEs adding their router's load-balancing loss), which
 # entrypoint.head reproduces; the launcher's plan counts the chunked head for these alone.
 CHUNKED_LOSS_MODELS = frozenset({"mixtral", "qwen3_moe", "mistral", "llama", "qwen2"})
+LOSS_CHUNK_BYTES = 256 * 2**20  # one chunk's fp32 logits (the plan counts three chunks alive)
 
 # Offloaded checkpoints are pinned (never swapped out): the launcher's plan and the job both keep
 # them to this share of the host's memory, the rest being the model load, data and the processes.

@@ -480,7 +480,7 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
     offload = hp.training.offload_checkpoints and _host_holds_checkpoints(hp, ctx, base.config)
     peft_model = models.attach_lora(base, hp.lora, hp.training.model_copy(update={"offload_checkpoints": offload}))
     trainable, total = models.parameter_counts(peft_model)
-    moe_path, projections = describe_moe(peft_model), describe_projections(peft_model)
+    moe_path, projections, loss_path = describe_moe(peft_model), describe_projections(peft_model), describe_loss(peft_model)
     lora = peft_model.peft_config["default"]
     ctx.say("model", **quant, trainable=trainable, total=total,  # quant: experts=nf4 expert_matrices=N on MoE
             trainable_pct=f"{100 * trainable / total:.3f}",
@@ -489,7 +489,7 @@ def setup_model(hp: Hyperparameters, ctx: DistContext, token: str | None) -> Mod
             **({"moe": moe_path.replace(" ", "_")} if moe_path else {}),
             **({"projections": projections.replace(" ", "_")} if projections else {}),
             **({"small_ops": "compiled"} if getattr(peft_model, "compiled_small_ops", 0) else {}),
-            **({"loss": describe_loss(peft_model)} if describe_loss(peft_model) else {}))
+            **({"loss": loss_path} if loss_path else {}))
     net = peft_model
     if ctx.world > 1:
         # find_unused_parameters: an expert that no token was routed to gets no gradient.

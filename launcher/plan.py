@@ -39,7 +39,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from entrypoint.data import chat_messages
-from entrypoint.hyperparams import CHUNKED_LOSS_MODELS, PINNED_HOST_SHARE, Strategy, offload_fits_host
+from entrypoint.hyperparams import (
+    CHUNKED_LOSS_MODELS,
+    LOSS_CHUNK_BYTES,
+    PINNED_HOST_SHARE,
+    Strategy,
+    offload_fits_host,
+)
 from launcher import images
 from launcher.config import JobConfig
 from launcher.datafiles import READERS, RowError, have_pyarrow
@@ -57,7 +63,6 @@ HEAD_BYTES = 15.7  # per token per vocabulary entry: least squares over the eigh
 # their compute-dtype copy and their gradient (bf16); plus, once, three chunks' logits and the head's
 # compute-dtype copy. From the design, not measured (issue 22).
 CHUNKED_HEAD_BYTES = 8
-CHUNK_BYTES = 256 * 2**20
 # One MLP or MoE block's forward + backward, per routed token per ffn unit: bench/moe_layer.py on
 # one full-width Mixtral layer, 16,384 tokens, LoRA dropout 0.05 (h200-2026-11-29-fused-moe-layer.json).
 # fused: 6.11 GiB, of which u and v (fp32, 8 bytes) are kept for backward, the rest being the
@@ -188,7 +193,7 @@ def memory_parts_gib(shape: Shape, tokens: int, r: int, layers: int | None = Non
         parts["activations"] = tokens * per_gpu_layers * (
             shape.hidden * NO_CKPT_BYTES_PER_HIDDEN + shape.experts_per_token * shape.intermediate * 8)
     if chunked_loss and shape.model_type in CHUNKED_LOSS_MODELS:
-        head = tokens * shape.hidden * CHUNKED_HEAD_BYTES + 3 * CHUNK_BYTES + shape.vocab * shape.hidden * 2
+        head = tokens * shape.hidden * CHUNKED_HEAD_BYTES + 3 * LOSS_CHUNK_BYTES + shape.vocab * shape.hidden * 2
     else:
         head = tokens * shape.vocab * HEAD_BYTES
     layer = tokens * (shape.hidden * LAYER_BACKWARD_BYTES + shape.experts_per_token * shape.intermediate

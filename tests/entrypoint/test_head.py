@@ -25,7 +25,7 @@ def stock_and_chunked(hidden, weight, labels, num_items, chunk: int, scale: floa
     for chunked in (False, True):
         h = hidden.detach().clone().requires_grad_(True)
         if chunked:
-            with mock.patch.object(head, "CHUNK_BYTES", chunk * 4 * weight.shape[0]):
+            with mock.patch.object(head, "LOSS_CHUNK_BYTES", chunk * 4 * weight.shape[0]):
                 loss = head.chunked_loss(h, weight, labels, num_items)
         else:
             loss = ForCausalLMLoss(torch.nn.functional.linear(h, weight), labels, weight.shape[0],
@@ -102,7 +102,7 @@ def test_training_with_chunked_loss_tracks_the_stock_head_for_3_steps(tiny_model
     """3 AdamW steps on packed rows, the chunked net taking the stock net's LoRA weights after each
     (checkpointed layers recomputed as in the job; chunks of 40 tokens of 192): the loss within
     1e-6 (fp32) or 0.1% (bf16) and the LoRA gradients at cosine >= 0.999999 (fp32) or 0.9999."""
-    monkeypatch.setattr(head, "CHUNK_BYTES", 40 * 4 * 2048)
+    monkeypatch.setattr(head, "LOSS_CHUNK_BYTES", 40 * 4 * 2048)
     stock, chunked = (lora_net(tiny_model, c, dtype) for c in (False, True))
     assert (head.describe(stock), head.describe(chunked)) == (None, "chunked")
     trainable = [[p for p in n.parameters() if p.requires_grad] for n in (stock, chunked)]
@@ -130,7 +130,7 @@ def test_training_with_chunked_loss_tracks_the_stock_head_for_3_steps(tiny_model
 def test_no_logits_are_kept_for_backward(tiny_model, monkeypatch):
     """What backward keeps: the stock head saves [tokens, vocab] logits (and their log-softmax),
     the chunked one nothing that large; its loss is the same."""
-    monkeypatch.setattr(head, "CHUNK_BYTES", 32 * 4 * 2048)
+    monkeypatch.setattr(head, "LOSS_CHUNK_BYTES", 32 * 4 * 2048)
     batch = packed(torch.Generator().manual_seed(3), rows=2, seq=128)
     logits = batch["input_ids"].numel() * 2048
     largest, losses = [], []
@@ -168,7 +168,7 @@ def test_evaluation_generation_and_router_loss_stay_the_stock_models(tiny_model,
     """Under no_grad (evaluation) the loss is the stock one and nothing is kept; without labels
     (generation, merge checks) the forward is the stock one with its logits; with the router's
     load-balancing loss asked for, the loss adds it as transformers does."""
-    monkeypatch.setattr(head, "CHUNK_BYTES", 50 * 4 * 2048)
+    monkeypatch.setattr(head, "LOSS_CHUNK_BYTES", 50 * 4 * 2048)
     batch = packed(torch.Generator().manual_seed(4))
     stock, chunked = (lora_net(tiny_model, c).eval() for c in (False, True))
     with torch.no_grad():
@@ -196,7 +196,7 @@ def test_other_architectures_give_their_stock_loss_and_gradients(kind, monkeypat
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    monkeypatch.setattr(head, "CHUNK_BYTES", 24 * 4 * 300)
+    monkeypatch.setattr(head, "LOSS_CHUNK_BYTES", 24 * 4 * 300)
     config = AutoConfig.for_model(kind, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2,
                                   **(ROUTED if kind == "qwen3_moe" else {}))
